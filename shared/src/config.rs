@@ -1,0 +1,406 @@
+//! Settings come from two places. Process settings and secrets are
+//! environment variables (`BOTLINE_*`), so compose and Kubernetes can set
+//! them per container. Behaviour (rules, templates, limits, schedules) is
+//! one TOML file: the shipped [`DEFAULTS`] with the file named by
+//! `BOTLINE_CONFIG` laid over it, table by table. A bad setting stops the
+//! binary at start with an error that names it.
+
+use crate::streams::{Streams, DEFAULT_PREFIX};
+use crate::Error;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The shipped behaviour settings, every one documented in place.
+pub const DEFAULTS: &str = include_str!("../defaults.toml");
+
+/// Where a binary's process settings come from: the real environment in
+/// `main`, a map in tests.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|value| !value.is_empty())
+    }
+}
+
+impl<const N: usize> Env for [(&str, &str); N] {
+    fn get(&self, name: &str) -> Option<String> {
+        self.iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings every binary reads from its environment.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// `BOTLINE_REDIS_URL`: where the streams live. Default `redis://127.0.0.1:6379`.
+    pub redis_url: String,
+    /// `BOTLINE_PREFIX`: key prefix of every stream. Default `{botline}`.
+    pub prefix: String,
+    /// `BOTLINE_CONSUMER`: this replica's consumer name, used as is.
+    /// Default: stage + host name + the lowest free number on this host.
+    pub consumer: Option<String>,
+    /// `BOTLINE_METRICS_ADDR`: where `/metrics`, `/healthz`, `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    /// `BOTLINE_LOG_FORMAT`: `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// `BOTLINE_CONFIG`: the behaviour TOML laid over the defaults.
+    pub config_path: Option<PathBuf>,
+}
+
+impl ProcessConfig {
+    pub fn from_env(env: &impl Env, default_metrics_addr: &str) -> Result<Self, Error> {
+        let redis_url = env
+            .get("BOTLINE_REDIS_URL")
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+        redis::Client::open(redis_url.as_str())
+            .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))?;
+        let prefix = env
+            .get("BOTLINE_PREFIX")
+            .unwrap_or_else(|| DEFAULT_PREFIX.into());
+        if prefix.chars().any(char::is_whitespace) {
+            return Err(Error::config("BOTLINE_PREFIX", "must not contain spaces"));
+        }
+        let metrics_addr = parse_env(env, "BOTLINE_METRICS_ADDR", default_metrics_addr)?;
+        let log_format = match env.get("BOTLINE_LOG_FORMAT").as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(Error::config(
+                    "BOTLINE_LOG_FORMAT",
+                    format!("{other:?} is neither `text` nor `json`"),
+                ))
+            }
+        };
+        Ok(ProcessConfig {
+            redis_url,
+            prefix,
+            consumer: env.get("BOTLINE_CONSUMER"),
+            metrics_addr,
+            log_format,
+            config_path: env.get("BOTLINE_CONFIG").map(PathBuf::from),
+        })
+    }
+
+    pub fn streams(&self) -> Streams {
+        Streams::new(self.prefix.clone())
+    }
+
+    /// The behaviour settings: defaults with `BOTLINE_CONFIG` laid over them.
+    pub fn settings(&self) -> Result<Settings, Error> {
+        Settings::load(self.config_path.as_deref())
+    }
+
+    /// The settings worth logging at start; secrets are never among them.
+    pub fn redacted(&self) -> String {
+        format!(
+            "redis={} prefix={} metrics={} config={}",
+            redact_url(&self.redis_url),
+            self.prefix,
+            self.metrics_addr,
+            self.config_path
+                .as_deref()
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|| "(defaults)".into()),
+        )
+    }
+}
+
+/// Parse an environment variable, naming it in the error.
+pub fn parse_env<T: std::str::FromStr>(
+    env: &impl Env,
+    name: &str,
+    default: &str,
+) -> Result<T, Error>
+where
+    T::Err: std::fmt::Display,
+{
+    let value = env.get(name).unwrap_or_else(|| default.into());
+    value
+        .parse()
+        .map_err(|error| Error::config(name, format!("{value:?}: {error}")))
+}
+
+/// A secret from the environment, required to be present and non-trivial.
+pub fn secret_env(env: &impl Env, name: &str, min_len: usize) -> Result<String, Error> {
+    let value = env
+        .get(name)
+        .ok_or_else(|| Error::config(name, "is not set"))?;
+    if value.len() < min_len {
+        return Err(Error::config(
+            name,
+            format!("must be at least {min_len} bytes long"),
+        ));
+    }
+    Ok(value)
+}
+
+/// `redis://user:password@host` shown as `redis://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The behaviour settings as one TOML table: defaults, then the user's file.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    table: toml::Table,
+}
+
+impl Settings {
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        let overlay = match path {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|error| {
+                    Error::config("BOTLINE_CONFIG", format!("{}: {error}", path.display()))
+                })?;
+                Some(text)
+            }
+        };
+        Self::from_overlay(overlay.as_deref())
+    }
+
+    /// Defaults with `overlay` (TOML text) laid over them.
+    pub fn from_overlay(overlay: Option<&str>) -> Result<Self, Error> {
+        let mut table: toml::Table = DEFAULTS.parse().expect("shipped defaults parse");
+        if let Some(text) = overlay {
+            let user: toml::Table = text.parse().map_err(|error: toml::de::Error| {
+                let line = error
+                    .span()
+                    .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
+                Error::config(
+                    "BOTLINE_CONFIG",
+                    format!("line {line}: {}", error.message()),
+                )
+            })?;
+            for section in user.keys() {
+                if !table.contains_key(section) {
+                    return Err(Error::config(
+                        section.as_str(),
+                        format!(
+                            "unknown section; known: {}",
+                            table.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+            merge(&mut table, user);
+        }
+        Ok(Settings { table })
+    }
+
+    /// One section, deserialized; an error names the setting by its path.
+    pub fn section<T: DeserializeOwned>(&self, name: &str) -> Result<T, Error> {
+        let value = self
+            .table
+            .get(name)
+            .cloned()
+            .unwrap_or(toml::Value::Table(toml::Table::new()));
+        serde_path_to_error::deserialize(value).map_err(|error| {
+            let path = error.path().to_string();
+            let setting = if path == "." {
+                name.to_string()
+            } else {
+                format!("{name}.{path}")
+            };
+            Error::config(setting, error.into_inner().message())
+        })
+    }
+}
+
+/// Lay `overlay` over `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// `[runner]`: how every stage reads, retries and gives up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerSettings {
+    pub batch_size: usize,
+    pub block_ms: u64,
+    pub claim_idle_ms: u64,
+    pub claim_interval_ms: u64,
+    pub max_deliveries: u64,
+    pub shutdown_deadline_ms: u64,
+    pub lease_ttl_ms: u64,
+}
+
+impl RunnerSettings {
+    pub fn block(&self) -> Duration {
+        Duration::from_millis(self.block_ms)
+    }
+    pub fn claim_idle(&self) -> Duration {
+        Duration::from_millis(self.claim_idle_ms)
+    }
+    pub fn claim_interval(&self) -> Duration {
+        Duration::from_millis(self.claim_interval_ms)
+    }
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_millis(self.shutdown_deadline_ms)
+    }
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let positive = [
+            ("runner.batch_size", self.batch_size as u64),
+            ("runner.block_ms", self.block_ms),
+            ("runner.claim_idle_ms", self.claim_idle_ms),
+            ("runner.claim_interval_ms", self.claim_interval_ms),
+            ("runner.max_deliveries", self.max_deliveries),
+            ("runner.lease_ttl_ms", self.lease_ttl_ms),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::config(name, "must be greater than 0"));
+            }
+        }
+        if self.claim_idle_ms <= self.block_ms {
+            return Err(Error::config(
+                "runner.claim_idle_ms",
+                "must be longer than runner.block_ms, or entries in hand are taken over",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[streams]`: how long streams may grow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    pub retention_ms: u64,
+    pub trim_interval_ms: u64,
+    pub dead_max_len: usize,
+    pub delivered_max_len: usize,
+    pub metrics_interval_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let settings = Settings::from_overlay(None).unwrap();
+        let runner: RunnerSettings = settings.section("runner").unwrap();
+        runner.validate().unwrap();
+        let _: StreamSettings = settings.section("streams").unwrap();
+    }
+
+    #[test]
+    fn overlay_replaces_only_what_it_names() {
+        let settings = Settings::from_overlay(Some("[runner]\nbatch_size = 7\n")).unwrap();
+        let runner: RunnerSettings = settings.section("runner").unwrap();
+        assert_eq!(runner.batch_size, 7);
+        let defaults: RunnerSettings = Settings::from_overlay(None)
+            .unwrap()
+            .section("runner")
+            .unwrap();
+        assert_eq!(runner.block_ms, defaults.block_ms);
+    }
+
+    fn check_error(overlay: &str, expected: &str) {
+        let error = Settings::from_overlay(Some(overlay))
+            .and_then(|settings| {
+                let runner: RunnerSettings = settings.section("runner")?;
+                runner.validate()
+            })
+            .unwrap_err();
+        assert_eq!(error.to_string(), expected);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        check_error(
+            "[runner]\nbatch_size = \"many\"\n",
+            "setting runner.batch_size: invalid type: string \"many\", expected usize",
+        );
+        check_error(
+            "[runner]\nbatch_sise = 3\n",
+            "setting runner.batch_sise: unknown field `batch_sise`, expected one of `batch_size`, `block_ms`, `claim_idle_ms`, `claim_interval_ms`, `max_deliveries`, `shutdown_deadline_ms`, `lease_ttl_ms`",
+        );
+        check_error(
+            "[runer]\n",
+            &format!(
+                "setting runer: unknown section; known: {}",
+                known_sections()
+            ),
+        );
+        check_error(
+            "[runner]\nmax_deliveries = 0\n",
+            "setting runner.max_deliveries: must be greater than 0",
+        );
+        check_error(
+            "[runner]\n[runner\n",
+            "setting BOTLINE_CONFIG: line 2: unclosed table, expected `]`",
+        );
+    }
+
+    fn known_sections() -> String {
+        let table: toml::Table = DEFAULTS.parse().unwrap();
+        table.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    #[test]
+    fn process_settings_are_named_when_bad() {
+        let error = ProcessConfig::from_env(&[("BOTLINE_METRICS_ADDR", "nowhere")], "127.0.0.1:0")
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("setting BOTLINE_METRICS_ADDR: \"nowhere\""),
+            "{error}"
+        );
+        let error = ProcessConfig::from_env(&[("BOTLINE_REDIS_URL", "http://x")], "127.0.0.1:0")
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with("setting BOTLINE_REDIS_URL"),
+            "{error}"
+        );
+        let error =
+            ProcessConfig::from_env(&[("BOTLINE_LOG_FORMAT", "xml")], "127.0.0.1:0").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "setting BOTLINE_LOG_FORMAT: \"xml\" is neither `text` nor `json`"
+        );
+        let ok =
+            ProcessConfig::from_env(&[("BOTLINE_REDIS_URL", "redis://u:pw@h:1")], "127.0.0.1:0")
+                .unwrap();
+        assert!(ok.redacted().contains("redis://u:***@h:1"));
+        assert!(!ok.redacted().contains("pw"));
+    }
+}

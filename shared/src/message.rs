@@ -1,0 +1,259 @@
+//! The records that travel between stages. Only these types derive
+//! `Serialize`: they are the boundary, everything else is internal.
+//!
+//! Each record is written as a MessagePack map (field names included), so a
+//! field added later with `#[serde(default)]` does not break readers of
+//! older entries; a change that does break them bumps
+//! [`crate::codec::SCHEMA_VERSION`].
+
+use serde::{Deserialize, Serialize};
+
+/// A message from a person (or a scheduler) on some platform, in one shape
+/// whatever the platform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnifiedMessage {
+    /// ULID given by ingest; sorts by arrival.
+    pub id: String,
+    /// Platform name as used in stream names (`web`, `webhook`, `telegram`, …).
+    pub platform: String,
+    /// The bot account on that platform that received the message.
+    pub bot: String,
+    pub chat: Chat,
+    /// Thread or topic inside the chat, when the platform has them.
+    #[serde(default)]
+    pub thread: Option<String>,
+    pub sender: Sender,
+    /// UTF-8 text with platform mention syntax already turned into `@<user id>`.
+    pub text: String,
+    #[serde(default)]
+    pub mentions: Mentions,
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+    /// Platform id of the message this one answers, if any.
+    #[serde(default)]
+    pub reply_to: Option<String>,
+    /// When the platform says the message was sent (UTC ms), if it says.
+    #[serde(default)]
+    pub platform_ts_ms: Option<i64>,
+    /// When ingest accepted it (UTC ms); end-to-end latency counts from here.
+    pub received_at_ms: i64,
+    /// Carried through every stage and every log line about this message.
+    pub trace_id: String,
+    #[serde(default)]
+    pub origin: Origin,
+    /// Set on copies made by a replay; egress sends these only when asked.
+    #[serde(default)]
+    pub replay: bool,
+    /// The platform's own event, truncated to [`RAW_EVENT_LIMIT`] bytes, for debugging.
+    #[serde(default)]
+    pub raw: Option<String>,
+}
+
+/// How much of a platform's raw event a message keeps.
+pub const RAW_EVENT_LIMIT: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Chat {
+    pub id: String,
+    pub kind: ChatKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatKind {
+    Direct,
+    Group,
+    Channel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub is_bot: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mentions {
+    /// Normalized user ids mentioned in the text.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Whether the bot itself is among them (or the message is addressed to it).
+    #[serde(default)]
+    pub bot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub kind: AttachmentKind,
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The platform's own handle for the file when there is no URL.
+    #[serde(default)]
+    pub file_id: Option<String>,
+    #[serde(default)]
+    pub mime: Option<String>,
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachmentKind {
+    Image,
+    Audio,
+    Video,
+    File,
+    Sticker,
+}
+
+/// Who made a message: a person, the scheduler, or a broadcast call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Origin {
+    #[default]
+    User,
+    Scheduled {
+        job: String,
+    },
+    Broadcast {
+        id: String,
+    },
+}
+
+impl Origin {
+    /// Scheduled and broadcast messages are announcements: the bot says
+    /// their text to the chat rather than answering it.
+    pub fn is_announcement(&self) -> bool {
+        !matches!(self, Origin::User)
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Origin::User => "user",
+            Origin::Scheduled { .. } => "scheduled",
+            Origin::Broadcast { .. } => "broadcast",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Urgent,
+    Normal,
+    Batch,
+}
+
+impl Priority {
+    /// In the order respond serves them.
+    pub const ALL: [Priority; 3] = [Priority::Urgent, Priority::Normal, Priority::Batch];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Urgent => "urgent",
+            Priority::Normal => "normal",
+            Priority::Batch => "batch",
+        }
+    }
+}
+
+/// What classify concluded about a message's purpose.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Intent {
+    pub name: String,
+    /// 0..=1; rules give 1 for a hit.
+    pub confidence: f32,
+}
+
+/// A message with classify's verdicts attached; read by respond.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifiedMessage {
+    pub message: UnifiedMessage,
+    pub priority: Priority,
+    pub intent: Intent,
+    /// Sensitive words found in the text (as configured, lower-cased).
+    #[serde(default)]
+    pub audit: Vec<String>,
+}
+
+/// A reply to deliver; read by egress from `out:<platform>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// ULID; also the idempotency key of the delivery.
+    pub id: String,
+    /// The message this answers (its ULID).
+    pub in_reply_to: String,
+    pub platform: String,
+    pub bot: String,
+    pub chat: Chat,
+    #[serde(default)]
+    pub thread: Option<String>,
+    /// Platform id of the inbound message, for platforms that quote replies.
+    #[serde(default)]
+    pub reply_to: Option<String>,
+    pub text: String,
+    /// User ids to mention, rendered the platform's way by egress.
+    #[serde(default)]
+    pub mentions: Vec<String>,
+    pub priority: Priority,
+    /// When ingest accepted the message this answers.
+    pub received_at_ms: i64,
+    pub created_at_ms: i64,
+    pub trace_id: String,
+    #[serde(default)]
+    pub replay: bool,
+}
+
+/// Written by egress to `delivered` once a reply is out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub reply_id: String,
+    pub message_id: String,
+    pub platform: String,
+    pub chat: String,
+    /// From ingest accepting the message to the platform accepting the reply.
+    pub latency_ms: i64,
+    pub attempts: u32,
+    #[serde(default)]
+    pub platform_message_id: Option<String>,
+    pub delivered_at_ms: i64,
+    pub trace_id: String,
+}
+
+/// One turn of a conversation, kept by respond in `ctx:<platform>:<chat>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    pub role: Role,
+    pub speaker_id: String,
+    pub speaker_name: String,
+    pub text: String,
+    pub message_id: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Bot,
+}
+
+/// An entry no stage could handle: the original fields, who gave up on it
+/// and why. Written to `dead`; `botline dead requeue` puts it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub stage: String,
+    /// The stream the entry was read from (full key).
+    pub stream: String,
+    pub entry_id: String,
+    pub error: String,
+    pub deliveries: u64,
+    /// The entry's fields exactly as read (any bytes, kept as MessagePack
+    /// binary), so it can be put back unchanged.
+    pub fields: Vec<(String, serde_bytes::ByteBuf)>,
+    pub at_ms: i64,
+}

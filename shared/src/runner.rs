@@ -1,0 +1,751 @@
+//! The read-process-acknowledge loop every stage runs. A stage only says how
+//! a batch of decoded inputs becomes outcomes ([`Stage::handle`]); the
+//! runner owns every Redis call around it:
+//!
+//! - the group is created at `0` with `MKSTREAM`, so a new group misses nothing;
+//! - a consumer first re-reads its own pending entries (`0`), then new ones
+//!   (`>`), in batches, blocking on a connection of its own;
+//! - an entry's outputs and its `XACK` are written by one script that adds
+//!   the outputs only if the `XACK` acknowledged something, so a crash leaves
+//!   both or neither and an entry taken over from a slow consumer is not
+//!   forwarded twice;
+//! - entries idle in any consumer's pending list longer than
+//!   `claim_idle_ms` are taken over with `XAUTOCLAIM`; one delivered more
+//!   than `max_deliveries` times goes to `dead` with the reason;
+//! - entries that do not decode go to `dead` at once, the stage keeps going;
+//! - on shutdown the batch in hand is finished and acknowledged.
+
+use crate::codec::{self, Fields, Record};
+use crate::config::{RunnerSettings, StreamSettings};
+use crate::message::DeadLetter;
+use crate::redis_conn::{self, id_order, Pool, RawEntry};
+use crate::streams::Streams;
+use crate::telemetry::Health;
+use crate::{now_ms, Error};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// A stream a stage reads, with its share of each batch when it reads several.
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub stream: String,
+    pub weight: usize,
+}
+
+/// A decoded input entry.
+#[derive(Debug, Clone)]
+pub struct Envelope<T> {
+    pub stream: String,
+    pub entry_id: String,
+    /// How many times this entry has been delivered, this time included.
+    pub deliveries: u64,
+    pub record: T,
+}
+
+/// What became of one input entry.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Acknowledge it and make these writes, atomically.
+    Done(Vec<Write>),
+    /// Acknowledge it and put it in `dead` with this reason.
+    Dead(String),
+    /// Leave it pending: it is delivered again after `claim_idle_ms`, and
+    /// goes to `dead` after `max_deliveries`.
+    Retry(String),
+}
+
+/// One write made together with an entry's acknowledgement.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// `XADD stream * fields`, optionally capped (`MAXLEN ~`) and expiring.
+    /// Never cap a pipeline stream: trimming ignores pending lists.
+    Add {
+        stream: String,
+        fields: Fields,
+        cap: Option<usize>,
+        expire: Option<Duration>,
+    },
+    /// `SET key value PX expire`.
+    Set {
+        key: String,
+        value: String,
+        expire: Duration,
+    },
+    /// `PUBLISH channel message`.
+    Publish { channel: String, message: String },
+}
+
+impl Write {
+    pub fn add<R: Record>(stream: impl Into<String>, record: &R) -> Write {
+        Write::Add {
+            stream: stream.into(),
+            fields: codec::encode(record),
+            cap: None,
+            expire: None,
+        }
+    }
+
+    /// A capped, expiring side stream (context, transcript): never a pipeline stream.
+    pub fn add_capped<R: Record>(
+        stream: impl Into<String>,
+        record: &R,
+        cap: usize,
+        expire: Duration,
+    ) -> Write {
+        Write::Add {
+            stream: stream.into(),
+            fields: codec::encode(record),
+            cap: Some(cap),
+            expire: Some(expire),
+        }
+    }
+}
+
+/// A stage of the pipeline: how a batch of inputs becomes outcomes.
+pub trait Stage: Send + Sync + 'static {
+    type In: Record;
+
+    /// The consumer group; also the `stage` label of metrics.
+    fn group(&self) -> &'static str;
+
+    /// The streams to read, most important first.
+    fn inputs(&self) -> Vec<Input>;
+
+    /// One outcome per envelope, in the same order.
+    fn handle(&self, batch: Vec<Envelope<Self::In>>) -> impl Future<Output = Vec<Outcome>> + Send;
+}
+
+/// What a runner needs from outside: connections, names and settings.
+#[derive(Clone)]
+pub struct Plumbing {
+    pub client: redis::Client,
+    pub pool: Pool,
+    pub streams: Streams,
+    pub runner: RunnerSettings,
+    pub stream_settings: StreamSettings,
+    /// A fixed consumer name, or `None` to pick one from the host name.
+    pub consumer: Option<String>,
+    pub health: Health,
+}
+
+const ACK_SCRIPT: &str = r#"
+-- KEYS: every key written. ARGV: group, entry count, then per entry:
+-- input key index, entry id, write count, then per write one of
+--   add <key index> <cap> <expire ms> <field count> <field> <value> ...
+--   set <key index> <value> <expire ms>
+--   pub <channel> <message>
+-- Writes happen only if XACK acknowledged the entry. Returns 1/0 per entry.
+local group = ARGV[1]
+local count = tonumber(ARGV[2])
+local p = 3
+local acked = {}
+for i = 1, count do
+  local stream = KEYS[tonumber(ARGV[p])]
+  local ok = redis.call('XACK', stream, group, ARGV[p + 1])
+  local writes = tonumber(ARGV[p + 2])
+  p = p + 3
+  acked[i] = ok
+  for _ = 1, writes do
+    local op = ARGV[p]
+    if op == 'add' then
+      local key = KEYS[tonumber(ARGV[p + 1])]
+      local cap = tonumber(ARGV[p + 2])
+      local expire = tonumber(ARGV[p + 3])
+      local fields = tonumber(ARGV[p + 4])
+      p = p + 5
+      if ok == 1 then
+        local args = {'XADD', key}
+        if cap > 0 then
+          args[#args + 1] = 'MAXLEN'
+          args[#args + 1] = '~'
+          args[#args + 1] = cap
+        end
+        args[#args + 1] = '*'
+        for k = 0, fields * 2 - 1 do
+          args[#args + 1] = ARGV[p + k]
+        end
+        redis.call(unpack(args))
+        if expire > 0 then
+          redis.call('PEXPIRE', key, expire)
+        end
+      end
+      p = p + fields * 2
+    elseif op == 'set' then
+      if ok == 1 then
+        redis.call('SET', KEYS[tonumber(ARGV[p + 1])], ARGV[p + 2], 'PX', ARGV[p + 3])
+      end
+      p = p + 4
+    elseif op == 'pub' then
+      if ok == 1 then
+        redis.call('PUBLISH', ARGV[p + 1], ARGV[p + 2])
+      end
+      p = p + 3
+    else
+      return redis.error_reply('unknown write ' .. tostring(op))
+    end
+  end
+end
+return acked
+"#;
+
+/// Deletes a consumer only if it has nothing pending (DELCONSUMER would drop it).
+const RETIRE_CONSUMER_SCRIPT: &str = r#"
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"#;
+
+/// The script arguments for one batch of outcomes.
+struct AckCall {
+    keys: Vec<String>,
+    key_index: HashMap<String, usize>,
+    args: Vec<Vec<u8>>,
+    entries: usize,
+}
+
+impl AckCall {
+    fn new(group: &str) -> Self {
+        AckCall {
+            keys: Vec::new(),
+            key_index: HashMap::new(),
+            args: vec![group.as_bytes().to_vec(), Vec::new()],
+            entries: 0,
+        }
+    }
+
+    fn key(&mut self, key: &str) -> Vec<u8> {
+        let next = self.keys.len() + 1;
+        let index = *self.key_index.entry(key.to_string()).or_insert_with(|| {
+            self.keys.push(key.to_string());
+            next
+        });
+        index.to_string().into_bytes()
+    }
+
+    fn push(&mut self, arg: impl Into<Vec<u8>>) {
+        self.args.push(arg.into());
+    }
+
+    fn entry(&mut self, stream: &str, id: &str, writes: &[Write]) {
+        self.entries += 1;
+        let index = self.key(stream);
+        self.push(index);
+        self.push(id);
+        self.push(writes.len().to_string());
+        for write in writes {
+            match write {
+                Write::Add {
+                    stream,
+                    fields,
+                    cap,
+                    expire,
+                } => {
+                    self.push("add");
+                    let index = self.key(stream);
+                    self.push(index);
+                    self.push(cap.unwrap_or(0).to_string());
+                    self.push(expire.map_or(0, |d| d.as_millis()).to_string());
+                    self.push(fields.len().to_string());
+                    for (name, value) in fields {
+                        self.push(name.as_bytes());
+                        self.push(value.as_slice());
+                    }
+                }
+                Write::Set { key, value, expire } => {
+                    self.push("set");
+                    let index = self.key(key);
+                    self.push(index);
+                    self.push(value.as_bytes());
+                    self.push(expire.as_millis().to_string());
+                }
+                Write::Publish { channel, message } => {
+                    self.push("pub");
+                    self.push(channel.as_bytes());
+                    self.push(message.as_bytes());
+                }
+            }
+        }
+    }
+
+    async fn run(mut self, pool: &Pool) -> Result<Vec<bool>, Error> {
+        if self.entries == 0 {
+            return Ok(Vec::new());
+        }
+        self.args[1] = self.entries.to_string().into_bytes();
+        let script = redis::Script::new(ACK_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        for key in &self.keys {
+            invocation.key(key);
+        }
+        for arg in &self.args {
+            invocation.arg(arg.as_slice());
+        }
+        let mut connection = pool.get().await?;
+        let acked: Vec<i64> = invocation.invoke_async(&mut connection).await?;
+        Ok(acked.into_iter().map(|ack| ack == 1).collect())
+    }
+}
+
+/// Counts outcomes into `botline_stage_messages_total{stage, outcome}`.
+fn count(stage: &'static str, outcome: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!("botline_stage_messages_total", "stage" => stage, "outcome" => outcome)
+            .increment(n as u64);
+    }
+}
+
+pub struct Runner<S: Stage> {
+    stage: S,
+    group: &'static str,
+    inputs: Vec<Input>,
+    plumbing: Plumbing,
+    consumer: String,
+}
+
+/// Run `stage` until `shutdown`: the whole loop described at the top of this module.
+pub async fn run<S: Stage>(
+    stage: S,
+    plumbing: Plumbing,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    plumbing.runner.validate()?;
+    let group = stage.group();
+    let inputs = stage.inputs();
+    let lease = crate::lease::ConsumerLease::acquire(&plumbing, group).await?;
+    let runner = Runner {
+        consumer: lease.consumer().to_string(),
+        stage,
+        group,
+        inputs,
+        plumbing,
+    };
+    runner.ensure_groups().await?;
+    info!(
+        message = "stage started",
+        stage = group,
+        consumer = %runner.consumer,
+        inputs = ?runner.inputs.iter().map(|i| i.stream.as_str()).collect::<Vec<_>>()
+    );
+    let maintenance = tokio::spawn(crate::lease::maintain(
+        lease.clone(),
+        runner.plumbing.clone(),
+        runner.inputs.iter().map(|i| i.stream.clone()).collect(),
+        shutdown.child_token(),
+    ));
+    runner.read_loop(&shutdown).await;
+    shutdown.cancel();
+    let _ = maintenance.await;
+    runner.retire().await;
+    lease.release(&runner.plumbing.pool).await;
+    info!(message = "stage stopped", stage = group, consumer = %runner.consumer);
+    Ok(())
+}
+
+impl<S: Stage> Runner<S> {
+    async fn ensure_groups(&self) -> Result<(), Error> {
+        let mut connection = self.plumbing.pool.get().await?;
+        for input in &self.inputs {
+            let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&input.stream)
+                .arg(self.group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut connection)
+                .await;
+            match created {
+                Ok(()) => {
+                    info!(message = "group created", stream = %input.stream, group = self.group)
+                }
+                Err(error) if error.code() == Some("BUSYGROUP") => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_loop(&self, shutdown: &CancellationToken) {
+        let mut connection: Option<MultiplexedConnection> = None;
+        let mut own_pending_first = true;
+        let mut next_claim = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let step = async {
+                let conn = match connection.as_mut() {
+                    Some(conn) => conn,
+                    None => connection.insert(
+                        redis_conn::blocking_connection(
+                            &self.plumbing.client,
+                            self.plumbing.runner.block(),
+                        )
+                        .await?,
+                    ),
+                };
+                if own_pending_first {
+                    self.drain_own_pending(conn).await?;
+                    own_pending_first = false;
+                }
+                if Instant::now() >= next_claim {
+                    self.claim_idle().await?;
+                    next_claim = Instant::now() + self.plumbing.runner.claim_interval();
+                }
+                let entries = tokio::select! {
+                    entries = self.read_new(conn) => entries?,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                self.plumbing.health.set(self.group, true);
+                self.process(entries, true).await
+            };
+            match step.await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    warn!(message = "stage step failed; re-reading own pending entries", stage = self.group, %error);
+                    metrics::counter!("botline_stage_errors_total", "stage" => self.group)
+                        .increment(1);
+                    self.plumbing.health.set(self.group, false);
+                    connection = None;
+                    own_pending_first = true;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Re-read this consumer's own pending entries, from the start, until none are left.
+    async fn drain_own_pending(&self, conn: &mut MultiplexedConnection) -> Result<(), Error> {
+        for input in &self.inputs {
+            let mut after = "0".to_string();
+            loop {
+                let reply: Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(self.group)
+                    .arg(&self.consumer)
+                    .arg("COUNT")
+                    .arg(self.plumbing.runner.batch_size)
+                    .arg("STREAMS")
+                    .arg(&input.stream)
+                    .arg(&after)
+                    .query_async(conn)
+                    .await?;
+                let entries = redis_conn::parse_read_reply(reply)?;
+                let Some(last) = entries.last() else { break };
+                after = last.id.clone();
+                debug!(
+                    message = "re-reading own pending entries",
+                    stage = self.group,
+                    count = entries.len()
+                );
+                self.process(entries, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Take over entries idle too long in any consumer's pending list.
+    async fn claim_idle(&self) -> Result<(), Error> {
+        const PAGES_PER_CLAIM: usize = 10;
+        for input in &self.inputs {
+            let mut cursor = "0-0".to_string();
+            for _ in 0..PAGES_PER_CLAIM {
+                let mut connection = self.plumbing.pool.get().await?;
+                let reply: Value = redis::cmd("XAUTOCLAIM")
+                    .arg(&input.stream)
+                    .arg(self.group)
+                    .arg(&self.consumer)
+                    .arg(self.plumbing.runner.claim_idle_ms)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(self.plumbing.runner.batch_size)
+                    .query_async(&mut connection)
+                    .await?;
+                let Value::Array(mut parts) = reply else {
+                    return Err(Error::Garbage("XAUTOCLAIM reply is not an array".into()));
+                };
+                if parts.len() < 2 {
+                    return Err(Error::Garbage("XAUTOCLAIM reply too short".into()));
+                }
+                let deleted = if parts.len() > 2 { parts.pop() } else { None };
+                let claimed =
+                    redis_conn::parse_entries(&input.stream, parts.pop().unwrap_or(Value::Nil))?;
+                cursor = redis_conn::string(parts.pop().unwrap_or(Value::Nil))?;
+                if let Some(Value::Array(deleted)) = deleted {
+                    if !deleted.is_empty() {
+                        let ids = deleted
+                            .into_iter()
+                            .map(redis_conn::string)
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let _: i64 = redis::cmd("XACK")
+                            .arg(&input.stream)
+                            .arg(self.group)
+                            .arg(&ids)
+                            .query_async(&mut connection)
+                            .await?;
+                        warn!(
+                            message = "pending entries had been deleted from the stream",
+                            stage = self.group,
+                            count = ids.len()
+                        );
+                        count(self.group, "deleted", ids.len());
+                    }
+                }
+                drop(connection);
+                if !claimed.is_empty() {
+                    info!(message = "took over idle entries", stage = self.group, stream = %input.stream, count = claimed.len());
+                    count(self.group, "claimed", claimed.len());
+                    self.process(claimed, false).await?;
+                }
+                if cursor == "0-0" {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// New entries, most important input first; blocks only when all are empty.
+    async fn read_new(&self, conn: &mut MultiplexedConnection) -> Result<Vec<RawEntry>, Error> {
+        let batch_size = self.plumbing.runner.batch_size;
+        if self.inputs.len() > 1 {
+            let total_weight: usize = self.inputs.iter().map(|i| i.weight.max(1)).sum();
+            let mut entries = Vec::new();
+            let mut spare = 0;
+            for input in &self.inputs {
+                let share = (batch_size * input.weight.max(1)).div_ceil(total_weight) + spare;
+                let reply: Value = self
+                    .xreadgroup(share, None, &[input.stream.as_str()])
+                    .query_async(conn)
+                    .await?;
+                let got = redis_conn::parse_read_reply(reply)?;
+                spare = share - got.len().min(share);
+                entries.extend(got);
+            }
+            if !entries.is_empty() {
+                return Ok(entries);
+            }
+        }
+        let streams: Vec<&str> = self.inputs.iter().map(|i| i.stream.as_str()).collect();
+        let reply: Value = self
+            .xreadgroup(batch_size, Some(self.plumbing.runner.block_ms), &streams)
+            .query_async(conn)
+            .await?;
+        let mut entries = redis_conn::parse_read_reply(reply)?;
+        // A blocking read over several streams returns them in any order.
+        entries.sort_by_key(|entry| streams.iter().position(|s| *s == entry.stream));
+        Ok(entries)
+    }
+
+    fn xreadgroup(&self, count: usize, block_ms: Option<u64>, streams: &[&str]) -> redis::Cmd {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(block_ms) = block_ms {
+            cmd.arg("BLOCK").arg(block_ms);
+        }
+        cmd.arg("STREAMS").arg(streams);
+        for _ in streams {
+            cmd.arg(">");
+        }
+        cmd
+    }
+
+    /// How many times each of `entries` has been delivered (`XPENDING … IDLE` gives it).
+    async fn delivery_counts(&self, entries: &[RawEntry]) -> Result<HashMap<String, u64>, Error> {
+        let mut counts = HashMap::new();
+        let mut connection = self.plumbing.pool.get().await?;
+        let mut by_stream: HashMap<&str, Vec<&RawEntry>> = HashMap::new();
+        for entry in entries {
+            by_stream
+                .entry(entry.stream.as_str())
+                .or_default()
+                .push(entry);
+        }
+        for (stream, entries) in by_stream {
+            let (first, last) = (&entries[0].id, &entries[entries.len() - 1].id);
+            let (low, high) = if id_order(first) <= id_order(last) {
+                (first, last)
+            } else {
+                (last, first)
+            };
+            let reply: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(self.group)
+                .arg(low)
+                .arg(high)
+                .arg(entries.len().max(1) * 2)
+                .arg(&self.consumer)
+                .query_async(&mut connection)
+                .await?;
+            counts.extend(
+                reply
+                    .into_iter()
+                    .map(|(id, _, _, deliveries)| (id, deliveries)),
+            );
+        }
+        Ok(counts)
+    }
+
+    /// Decode, hand to the stage, and acknowledge with the outputs in one script.
+    async fn process(&self, entries: Vec<RawEntry>, fresh: bool) -> Result<(), Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let deliveries = if fresh {
+            HashMap::new()
+        } else {
+            self.delivery_counts(&entries).await?
+        };
+        let max_deliveries = self.plumbing.runner.max_deliveries;
+        // Per entry: its outcome, decided here or by the stage.
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(entries.len());
+        let mut envelopes = Vec::new();
+        let mut handed = Vec::new();
+        for (index, entry) in entries.iter().enumerate() {
+            let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
+            let Some(fields) = &entry.fields else {
+                count(self.group, "deleted", 1);
+                outcomes.push(Some(Outcome::Done(Vec::new())));
+                continue;
+            };
+            if delivered > max_deliveries {
+                outcomes.push(Some(Outcome::Dead(format!(
+                    "delivered {delivered} times (max {max_deliveries}) without being acknowledged"
+                ))));
+                continue;
+            }
+            match codec::decode::<S::In>(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))) {
+                Ok(record) => {
+                    envelopes.push(Envelope {
+                        stream: entry.stream.clone(),
+                        entry_id: entry.id.clone(),
+                        deliveries: delivered,
+                        record,
+                    });
+                    handed.push(index);
+                    outcomes.push(None);
+                }
+                Err(error) => outcomes.push(Some(Outcome::Dead(error.to_string()))),
+            }
+        }
+        let batch_size = envelopes.len();
+        if !envelopes.is_empty() {
+            let decided = self.stage.handle(envelopes).await;
+            assert_eq!(
+                decided.len(),
+                handed.len(),
+                "a stage returns one outcome per envelope"
+            );
+            for (index, outcome) in handed.into_iter().zip(decided) {
+                outcomes[index] = Some(outcome);
+            }
+        }
+        let mut call = AckCall::new(self.group);
+        let mut acked_kinds = Vec::new();
+        let mut retried = 0;
+        for (entry, outcome) in entries.iter().zip(outcomes) {
+            match outcome.expect("every entry has an outcome") {
+                Outcome::Done(writes) => {
+                    call.entry(&entry.stream, &entry.id, &writes);
+                    acked_kinds.push("forwarded");
+                }
+                Outcome::Dead(reason) => {
+                    let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
+                    warn!(message = "entry sent to dead", stage = self.group, stream = %entry.stream, id = %entry.id, reason = %reason, deliveries = delivered);
+                    let letter = DeadLetter {
+                        stage: self.group.to_string(),
+                        stream: entry.stream.clone(),
+                        entry_id: entry.id.clone(),
+                        error: reason,
+                        deliveries: delivered,
+                        fields: entry
+                            .fields
+                            .iter()
+                            .flatten()
+                            .map(|(k, v)| (k.clone(), serde_bytes::ByteBuf::from(v.clone())))
+                            .collect(),
+                        at_ms: now_ms(),
+                    };
+                    let mut write = Write::add(self.plumbing.streams.dead(), &letter);
+                    if let Write::Add { cap, .. } = &mut write {
+                        *cap = Some(self.plumbing.stream_settings.dead_max_len);
+                    }
+                    call.entry(&entry.stream, &entry.id, &[write]);
+                    acked_kinds.push("dead");
+                }
+                Outcome::Retry(reason) => {
+                    debug!(message = "entry left pending for a retry", stage = self.group, id = %entry.id, reason = %reason);
+                    retried += 1;
+                }
+            }
+        }
+        let acked = call.run(&self.plumbing.pool).await?;
+        let mut tally: HashMap<&'static str, usize> = HashMap::new();
+        for (kind, acked) in acked_kinds.into_iter().zip(acked) {
+            *tally.entry(if acked { kind } else { "stale" }).or_default() += 1;
+        }
+        tally.insert("retry", retried);
+        for (kind, n) in tally {
+            count(self.group, kind, n);
+        }
+        metrics::histogram!("botline_stage_batch_size", "stage" => self.group)
+            .record(batch_size as f64);
+        metrics::histogram!("botline_stage_duration_seconds", "stage" => self.group)
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// On a clean stop, remove this consumer from its groups if it has nothing pending,
+    /// so scaling down leaves no ghosts in `XINFO CONSUMERS`.
+    async fn retire(&self) {
+        let Ok(mut connection) = self.plumbing.pool.get().await else {
+            return;
+        };
+        for input in &self.inputs {
+            let retired: Result<i64, _> = redis::Script::new(RETIRE_CONSUMER_SCRIPT)
+                .key(&input.stream)
+                .arg(self.group)
+                .arg(&self.consumer)
+                .invoke_async(&mut connection)
+                .await;
+            if let Ok(-1) = retired {
+                info!(message = "consumer keeps pending entries for its next start", stream = %input.stream, consumer = %self.consumer);
+            }
+        }
+    }
+}
+
+impl Plumbing {
+    /// Connections and settings for a binary, from its process config and settings.
+    pub fn connect(
+        process: &crate::config::ProcessConfig,
+        settings: &crate::config::Settings,
+        health: Health,
+    ) -> Result<Self, Error> {
+        let runner: RunnerSettings = settings.section("runner")?;
+        runner.validate()?;
+        Ok(Plumbing {
+            client: redis::Client::open(process.redis_url.as_str())
+                .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))?,
+            pool: redis_conn::pool(process, 16)?,
+            streams: process.streams(),
+            runner,
+            stream_settings: settings.section("streams")?,
+            consumer: process.consumer.clone(),
+            health,
+        })
+    }
+}

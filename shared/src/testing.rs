@@ -1,0 +1,133 @@
+//! A throwaway `redis-server` for tests: its own port and folder, stopped
+//! (and its folder removed) on drop, its log printed if the test failed.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port on loopback")
+}
+
+impl RedisServer {
+    /// Start a server with no persistence.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Start a server with extra `redis-server` arguments (`--appendonly yes`, …).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let dir =
+                std::env::temp_dir().join(format!("botline-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("redis folder");
+            match Self::spawn(port, &dir, extra) {
+                Ok(child) => {
+                    let mut server = RedisServer { child, port, dir };
+                    match server.wait_ready(Duration::from_secs(10)) {
+                        Ok(()) => return server,
+                        Err(error) => last_error = error,
+                    }
+                }
+                Err(error) => last_error = error.to_string(),
+            }
+        }
+        panic!("could not start redis-server (is it installed? scripts/test installs it): {last_error}");
+    }
+
+    fn spawn(port: u16, dir: &Path, extra: &[&str]) -> std::io::Result<Child> {
+        Command::new("redis-server")
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    }
+
+    fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "redis-server exited: {status}; log: {}",
+                    self.log()
+                ));
+            }
+            if let Ok(mut connection) =
+                redis::Client::open(self.url()).and_then(|c| c.get_connection())
+            {
+                if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!(
+            "redis-server did not answer within {within:?}; log: {}",
+            self.log()
+        ))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("client")
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        self.client().get_connection().expect("connection")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- redis-server log (port {}) ---\n{}",
+                self.port,
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
