@@ -307,6 +307,8 @@ pub struct StreamSettings {
     pub dead_max_len: usize,
     pub delivered_max_len: usize,
     pub metrics_interval_ms: u64,
+    pub transcript_max_len: usize,
+    pub transcript_ttl_ms: u64,
 }
 
 #[cfg(test)]
