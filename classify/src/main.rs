@@ -1,1 +1,14 @@
-fn main() {}
+use botline_shared::service::Service;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let service = Service::start("classify", "127.0.0.1:9102", |streams| {
+        vec![streams.inbound()]
+    })
+    .await?;
+    service
+        .run(|settings, plumbing, shutdown| async move {
+            classify::run(settings, plumbing, shutdown).await
+        })
+        .await
+}

@@ -14,6 +14,7 @@ pub mod lease;
 pub mod message;
 pub mod redis_conn;
 pub mod runner;
+pub mod service;
 pub mod streams;
 pub mod telemetry;
 #[cfg(feature = "test-support")]

@@ -131,3 +131,81 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Wait until `done` holds, checking every 20 ms; panic naming `what` after `within`.
+pub async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every record in `stream`, oldest first, decoded.
+pub fn read_stream<R: crate::codec::Record>(
+    connection: &mut redis::Connection,
+    stream: &str,
+) -> Vec<R> {
+    let entries: redis::Value = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(connection)
+        .expect("XRANGE");
+    crate::redis_conn::parse_entries(stream, entries)
+        .expect("entries")
+        .into_iter()
+        .map(|entry| {
+            let fields = entry.fields.expect("entry has fields");
+            crate::codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .expect("entry decodes")
+        })
+        .collect()
+}
+
+/// `XADD stream * fields`.
+pub fn add_entry(
+    connection: &mut redis::Connection,
+    stream: &str,
+    fields: &[(String, Vec<u8>)],
+) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (name, value) in fields {
+        cmd.arg(name).arg(value.as_slice());
+    }
+    cmd.query(connection).expect("XADD")
+}
+
+/// A plain direct-chat message from a person, for tests.
+pub fn sample_message(n: usize, text: &str) -> crate::message::UnifiedMessage {
+    use crate::message::*;
+    UnifiedMessage {
+        id: format!("m{n}"),
+        platform: "web".into(),
+        bot: "botline".into(),
+        chat: Chat {
+            id: format!("c{}", n % 3),
+            kind: ChatKind::Direct,
+        },
+        thread: None,
+        sender: Sender {
+            id: format!("u{}", n % 3),
+            name: "Ada".into(),
+            is_bot: false,
+        },
+        text: text.into(),
+        mentions: Mentions::default(),
+        attachments: vec![],
+        reply_to: None,
+        platform_ts_ms: None,
+        received_at_ms: crate::now_ms(),
+        trace_id: format!("t{n}"),
+        origin: Origin::User,
+        replay: false,
+        raw: None,
+    }
+}
