@@ -1,0 +1,228 @@
+//! `[egress]`: how replies are delivered. Every default lives in
+//! `egress/defaults.toml`, documented key by key.
+
+use botline_shared::config::Settings;
+use botline_shared::Error;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// The `[egress]` defaults, until they move into `shared/defaults.toml`.
+pub const DEFAULTS: &str = include_str!("../defaults.toml");
+
+/// `[egress]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressSettings {
+    /// Attempts at one reply within one delivery of its entry.
+    pub max_attempts: u32,
+    /// First backoff ceiling; doubles per attempt.
+    pub backoff_base_ms: u64,
+    /// Largest backoff ceiling.
+    pub backoff_cap_ms: u64,
+    /// All attempts at one reply, waits included, end within this long.
+    pub send_budget_ms: u64,
+    /// Replies being sent at once, over all chats.
+    pub max_in_flight: usize,
+    /// How long a delivered reply's id is remembered.
+    pub sent_ttl_ms: u64,
+    /// Whether replies marked `replay` are sent (otherwise acknowledged unsent).
+    pub send_replays: bool,
+    pub web: WebSettings,
+    pub webhook: WebhookSettings,
+}
+
+/// `[egress.web]`: the browser chat served by ingest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSettings {
+    /// Whether `out:web` is read.
+    pub enabled: bool,
+    /// Shown beside the bot's replies.
+    pub bot_name: String,
+}
+
+/// `[egress.webhook]`: replies POSTed to one URL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Empty: the webhook sender is off.
+    pub url: String,
+    /// One request's timeout.
+    pub timeout_ms: u64,
+}
+
+impl EgressSettings {
+    /// `[egress]` from the behaviour settings.
+    ///
+    /// While `[egress]` is not yet in `shared/defaults.toml`, its defaults come
+    /// from `egress/defaults.toml` with whatever `[egress]` the settings hold
+    /// laid over them. Once the section has moved, this body becomes
+    /// `let egress: EgressSettings = settings.section("egress")?;` + validate.
+    pub fn from_settings(settings: &Settings) -> Result<Self, Error> {
+        let overlay: toml::Table = settings.section("egress")?;
+        let egress = Self::from_tables(overlay)?;
+        egress.validate()?;
+        Ok(egress)
+    }
+
+    /// The shipped defaults with `overlay` (TOML text of an `[egress]` table) over them.
+    pub fn from_overlay(overlay: &str) -> Result<Self, Error> {
+        let mut table: toml::Table = overlay
+            .parse()
+            .map_err(|error: toml::de::Error| Error::config("egress", error.message()))?;
+        let section = match table.remove("egress") {
+            Some(toml::Value::Table(section)) => section,
+            _ => toml::Table::new(),
+        };
+        let egress = Self::from_tables(section)?;
+        egress.validate()?;
+        Ok(egress)
+    }
+
+    fn from_tables(overlay: toml::Table) -> Result<Self, Error> {
+        let mut defaults: toml::Table = DEFAULTS.parse().expect("egress defaults parse");
+        let mut section = match defaults.remove("egress") {
+            Some(toml::Value::Table(section)) => section,
+            _ => unreachable!("egress/defaults.toml has an [egress] table"),
+        };
+        merge(&mut section, overlay);
+        serde_path_to_error::deserialize(toml::Value::Table(section)).map_err(|error| {
+            let path = error.path().to_string();
+            let setting = if path == "." {
+                "egress".to_string()
+            } else {
+                format!("egress.{path}")
+            };
+            Error::config(setting, error.into_inner().message())
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let positive = [
+            ("egress.max_attempts", u64::from(self.max_attempts)),
+            ("egress.backoff_base_ms", self.backoff_base_ms),
+            ("egress.backoff_cap_ms", self.backoff_cap_ms),
+            ("egress.send_budget_ms", self.send_budget_ms),
+            ("egress.max_in_flight", self.max_in_flight as u64),
+            ("egress.sent_ttl_ms", self.sent_ttl_ms),
+            ("egress.webhook.timeout_ms", self.webhook.timeout_ms),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::config(name, "must be greater than 0"));
+            }
+        }
+        if self.backoff_base_ms > self.backoff_cap_ms {
+            return Err(Error::config(
+                "egress.backoff_base_ms",
+                "must not be greater than egress.backoff_cap_ms",
+            ));
+        }
+        if !self.webhook.url.is_empty() {
+            let url = reqwest::Url::parse(&self.webhook.url)
+                .map_err(|error| Error::config("egress.webhook.url", error))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(Error::config(
+                    "egress.webhook.url",
+                    format!("{:?} is not an http(s) URL", self.webhook.url),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn send_budget(&self) -> Duration {
+        Duration::from_millis(self.send_budget_ms)
+    }
+
+    pub fn backoff_base(&self) -> Duration {
+        Duration::from_millis(self.backoff_base_ms)
+    }
+
+    pub fn backoff_cap(&self) -> Duration {
+        Duration::from_millis(self.backoff_cap_ms)
+    }
+
+    pub fn sent_ttl(&self) -> Duration {
+        Duration::from_millis(self.sent_ttl_ms)
+    }
+
+    /// The settings worth logging at start (no secrets among them).
+    pub fn summary(&self) -> String {
+        format!(
+            "max_attempts={} backoff={}..{}ms budget={}ms in_flight={} send_replays={} web={} webhook={}",
+            self.max_attempts,
+            self.backoff_base_ms,
+            self.backoff_cap_ms,
+            self.send_budget_ms,
+            self.max_in_flight,
+            self.send_replays,
+            self.web.enabled,
+            if self.webhook.url.is_empty() { "(off)" } else { &self.webhook.url },
+        )
+    }
+}
+
+/// Lay `overlay` over `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let egress = EgressSettings::from_settings(&Settings::from_overlay(None).unwrap()).unwrap();
+        assert!(egress.webhook.url.is_empty());
+        assert_eq!(egress.web.bot_name, "botline");
+    }
+
+    fn check_error(overlay: &str, expected: &str) {
+        let error = EgressSettings::from_overlay(overlay).unwrap_err();
+        assert_eq!(error.to_string(), expected);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        check_error(
+            "[egress]\nmax_attempts = 0\n",
+            "setting egress.max_attempts: must be greater than 0",
+        );
+        check_error(
+            "[egress]\nmax_attempts = \"x\"\n",
+            "setting egress.max_attempts: invalid type: string \"x\", expected u32",
+        );
+        check_error(
+            "[egress.webhook]\nurll = \"x\"\n",
+            "setting egress.webhook.urll: unknown field `urll`, expected `url` or `timeout_ms`",
+        );
+        check_error(
+            "[egress.webhook]\nurl = \"ftp://example.com/\"\n",
+            "setting egress.webhook.url: \"ftp://example.com/\" is not an http(s) URL",
+        );
+        check_error(
+            "[egress]\nbackoff_base_ms = 5\nbackoff_cap_ms = 4\n",
+            "setting egress.backoff_base_ms: must not be greater than egress.backoff_cap_ms",
+        );
+    }
+
+    #[test]
+    fn overlay_replaces_only_what_it_names() {
+        let egress =
+            EgressSettings::from_overlay("[egress.webhook]\nurl = \"http://h/x\"\n").unwrap();
+        assert_eq!(egress.webhook.url, "http://h/x");
+        assert_eq!(egress.webhook.timeout_ms, 10000);
+        assert_eq!(egress.max_attempts, 5);
+    }
+}
