@@ -1,1 +1,320 @@
+//! respond reads classified messages from `q:urgent`, `q:normal` and
+//! `q:batch` (group `respond`, urgent first without starving the others),
+//! keeps each conversation's turns in `ctx:<platform>:<chat>` (capped,
+//! expiring after the last turn), and writes replies to `out:<platform>`.
+//! Replies come from [`backend::ReplyBackend`]s in order, then a fallback
+//! that always answers. In group chats it answers only when mentioned;
+//! it never answers bots; scheduled and broadcast messages are said as they are.
 
+pub mod backend;
+pub mod templates;
+
+use backend::{ReplyBackend, ReplyRequest};
+use botline_shared::codec;
+use botline_shared::config::Settings;
+use botline_shared::message::{ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn};
+use botline_shared::now_ms;
+use botline_shared::redis_conn::{self, Pool};
+use botline_shared::runner::{self, Envelope, Input, Outcome, Plumbing, Stage, Write};
+use botline_shared::streams::{group, Streams};
+use botline_shared::Error;
+use futures_util::future::join_all;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use templates::{Template, Templates};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// `[respond]`. Every default is in the shipped defaults.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondSettings {
+    /// How the bot names itself in replies and in the context.
+    pub bot_name: String,
+    /// Turns kept per chat (both sides counted).
+    pub context_max_turns: usize,
+    /// A chat's context is forgotten this long after its last turn.
+    pub context_ttl_ms: u64,
+    /// In group chats, answer only messages that mention the bot.
+    pub group_requires_mention: bool,
+    /// Share of each read given to urgent, normal and batch.
+    pub weights: Weights,
+    /// Per-intent replies; `unknown` is the fallback and must exist.
+    pub templates: BTreeMap<String, Template>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    pub urgent: usize,
+    pub normal: usize,
+    pub batch: usize,
+}
+
+pub struct RespondStage {
+    settings: RespondSettings,
+    backends: Vec<Arc<dyn ReplyBackend>>,
+    templates: Arc<Templates>,
+    streams: Streams,
+    pool: Pool,
+}
+
+/// What became of one message, before it is written.
+enum Answer {
+    Reply { text: String, backend: &'static str },
+    Silent(&'static str),
+}
+
+impl RespondStage {
+    pub fn new(settings: RespondSettings, streams: Streams, pool: Pool) -> Result<Self, Error> {
+        for (name, weight) in [
+            ("respond.weights.urgent", settings.weights.urgent),
+            ("respond.weights.normal", settings.weights.normal),
+            ("respond.weights.batch", settings.weights.batch),
+        ] {
+            if weight == 0 {
+                return Err(Error::config(
+                    name,
+                    "must be greater than 0, or that queue starves",
+                ));
+            }
+        }
+        if settings.context_max_turns == 0 {
+            return Err(Error::config(
+                "respond.context_max_turns",
+                "must be greater than 0",
+            ));
+        }
+        let templates = Arc::new(Templates::new(settings.templates.clone())?);
+        let backends: Vec<Arc<dyn ReplyBackend>> = vec![templates.clone()];
+        Ok(RespondStage {
+            settings,
+            backends,
+            templates,
+            streams,
+            pool,
+        })
+    }
+
+    fn context_ttl(&self) -> Duration {
+        Duration::from_millis(self.settings.context_ttl_ms)
+    }
+
+    /// The last `context_max_turns` turns of each chat, oldest first.
+    async fn contexts(&self, keys: &[String]) -> Result<HashMap<String, Vec<Turn>>, Error> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("XREVRANGE")
+                .arg(key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(self.settings.context_max_turns);
+        }
+        let mut connection = self.pool.get().await?;
+        let replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
+        let mut contexts = HashMap::new();
+        for (key, reply) in keys.iter().zip(replies) {
+            let mut turns = Vec::new();
+            for entry in redis_conn::parse_entries(key, reply)?.into_iter().rev() {
+                let Some(fields) = entry.fields else { continue };
+                match codec::decode::<Turn>(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                {
+                    Ok(turn) => turns.push(turn),
+                    Err(error) => {
+                        warn!(message = "context turn skipped", stream = %key, id = %entry.id, %error)
+                    }
+                }
+            }
+            contexts.insert(key.clone(), turns);
+        }
+        Ok(contexts)
+    }
+
+    async fn answer(&self, classified: &ClassifiedMessage, context: &[Turn]) -> Answer {
+        let message = &classified.message;
+        if message.origin.is_announcement() {
+            return Answer::Reply {
+                text: message.text.clone(),
+                backend: "announcement",
+            };
+        }
+        if message.sender.is_bot {
+            return Answer::Silent("from_bot");
+        }
+        if message.chat.kind != ChatKind::Direct
+            && self.settings.group_requires_mention
+            && !message.mentions.bot
+        {
+            return Answer::Silent("not_mentioned");
+        }
+        let request = ReplyRequest {
+            message: classified,
+            context,
+            bot_name: &self.settings.bot_name,
+        };
+        for backend in &self.backends {
+            match backend.reply(&request).await {
+                Ok(Some(text)) => {
+                    return Answer::Reply {
+                        text,
+                        backend: backend.name(),
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    warn!(message = "reply backend failed; trying the next", backend = backend.name(), %error, trace_id = %message.trace_id)
+                }
+            }
+        }
+        Answer::Reply {
+            text: self.templates.fallback(&request),
+            backend: "fallback",
+        }
+    }
+
+    /// One chat's messages, in order: each sees the turns before it.
+    async fn handle_chat(
+        &self,
+        mut context: Vec<Turn>,
+        messages: Vec<&ClassifiedMessage>,
+    ) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for classified in messages {
+            let message = &classified.message;
+            let ctx_key = self.streams.context(&message.platform, &message.chat.id);
+            let cap = self.settings.context_max_turns;
+            let mut writes = Vec::new();
+            let answer = self.answer(classified, &context).await;
+            if !message.origin.is_announcement() {
+                let turn = Turn {
+                    role: Role::User,
+                    speaker_id: message.sender.id.clone(),
+                    speaker_name: message.sender.name.clone(),
+                    text: message.text.clone(),
+                    message_id: message.id.clone(),
+                    at_ms: message.received_at_ms,
+                };
+                writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
+                context.push(turn);
+            }
+            match answer {
+                Answer::Silent(reason) => {
+                    metrics::counter!("botline_respond_silent_total", "reason" => reason)
+                        .increment(1);
+                }
+                Answer::Reply { text, backend } => {
+                    metrics::counter!("botline_respond_replies_total", "backend" => backend)
+                        .increment(1);
+                    let reply = Reply {
+                        id: ulid::Ulid::new().to_string(),
+                        in_reply_to: message.id.clone(),
+                        platform: message.platform.clone(),
+                        bot: message.bot.clone(),
+                        chat: message.chat.clone(),
+                        thread: message.thread.clone(),
+                        reply_to: None,
+                        mentions: if message.chat.kind == ChatKind::Direct
+                            || message.origin.is_announcement()
+                        {
+                            Vec::new()
+                        } else {
+                            vec![message.sender.id.clone()]
+                        },
+                        text,
+                        priority: classified.priority,
+                        received_at_ms: message.received_at_ms,
+                        created_at_ms: now_ms(),
+                        trace_id: message.trace_id.clone(),
+                        replay: message.replay,
+                    };
+                    let turn = Turn {
+                        role: Role::Bot,
+                        speaker_id: message.bot.clone(),
+                        speaker_name: self.settings.bot_name.clone(),
+                        text: reply.text.clone(),
+                        message_id: reply.id.clone(),
+                        at_ms: reply.created_at_ms,
+                    };
+                    writes.push(Write::add(self.streams.outbound(&reply.platform), &reply));
+                    writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
+                    context.push(turn);
+                }
+            }
+            outcomes.push(Outcome::Done(writes));
+        }
+        outcomes
+    }
+}
+
+impl Stage for RespondStage {
+    type In = ClassifiedMessage;
+
+    fn group(&self) -> &'static str {
+        group::RESPOND
+    }
+
+    fn inputs(&self) -> Vec<Input> {
+        let weights = &self.settings.weights;
+        [
+            (Priority::Urgent, weights.urgent),
+            (Priority::Normal, weights.normal),
+            (Priority::Batch, weights.batch),
+        ]
+        .into_iter()
+        .map(|(priority, weight)| Input {
+            stream: self.streams.queue(priority),
+            weight,
+        })
+        .collect()
+    }
+
+    async fn handle(&self, batch: Vec<Envelope<ClassifiedMessage>>) -> Vec<Outcome> {
+        // Group by chat, keeping each chat's messages in the order read.
+        let mut chats: Vec<(String, Vec<usize>)> = Vec::new();
+        for (index, envelope) in batch.iter().enumerate() {
+            let message = &envelope.record.message;
+            let key = self.streams.context(&message.platform, &message.chat.id);
+            match chats.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, indexes)) => indexes.push(index),
+                None => chats.push((key, vec![index])),
+            }
+        }
+        let keys: Vec<String> = chats.iter().map(|(key, _)| key.clone()).collect();
+        let mut contexts = match self.contexts(&keys).await {
+            Ok(contexts) => contexts,
+            Err(error) => {
+                return vec![Outcome::Retry(format!("reading context: {error}")); batch.len()]
+            }
+        };
+        let handled = join_all(chats.iter().map(|(key, indexes)| {
+            let context = contexts.remove(key).unwrap_or_default();
+            let messages = indexes.iter().map(|i| &batch[*i].record).collect();
+            self.handle_chat(context, messages)
+        }))
+        .await;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        for ((_, indexes), chat_outcomes) in chats.iter().zip(handled) {
+            for (index, outcome) in indexes.iter().zip(chat_outcomes) {
+                outcomes[*index] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every message handled"))
+            .collect()
+    }
+}
+
+/// Run respond until `shutdown`.
+pub async fn run(
+    settings: Settings,
+    plumbing: Plumbing,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let respond: RespondSettings = settings.section("respond")?;
+    let stage = RespondStage::new(respond, plumbing.streams.clone(), plumbing.pool.clone())?;
+    runner::run(stage, plumbing, shutdown).await
+}

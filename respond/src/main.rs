@@ -1,1 +1,15 @@
-fn main() {}
+use botline_shared::message::Priority;
+use botline_shared::service::Service;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let service = Service::start("respond", "127.0.0.1:9103", |streams| {
+        Priority::ALL.iter().map(|p| streams.queue(*p)).collect()
+    })
+    .await?;
+    service
+        .run(|settings, plumbing, shutdown| async move {
+            respond::run(settings, plumbing, shutdown).await
+        })
+        .await
+}

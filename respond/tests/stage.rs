@@ -1,0 +1,190 @@
+//! respond through the shared runner against a real redis-server.
+
+use botline_shared::codec;
+use botline_shared::config::{ProcessConfig, Settings};
+use botline_shared::message::{
+    ChatKind, ClassifiedMessage, Intent, Origin, Priority, Reply, Role, Turn,
+};
+use botline_shared::runner::Plumbing;
+use botline_shared::telemetry::Health;
+use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
+use redis::Commands;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn classified(n: usize, chat: &str, text: &str, intent: &str) -> ClassifiedMessage {
+    let mut message = sample_message(n, text);
+    message.id = format!("m{n:03}");
+    message.chat.id = chat.into();
+    message.sender.id = "u0".into();
+    ClassifiedMessage {
+        message,
+        priority: Priority::Normal,
+        intent: Intent {
+            name: intent.into(),
+            confidence: 1.0,
+        },
+        audit: vec![],
+    }
+}
+
+const OVERLAY: &str = r#"
+[runner]
+block_ms = 100
+[respond.templates.greeting]
+en = "hi {sender_name}; before: [{previous_text}] turns={turns}"
+zh = "你好 {sender_name}"
+"#;
+
+async fn start(
+    redis: &RedisServer,
+) -> (
+    Plumbing,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), botline_shared::Error>>,
+) {
+    let process = ProcessConfig::from_env(
+        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
+        "127.0.0.1:0",
+    )
+    .unwrap();
+    let settings = Settings::from_overlay(Some(OVERLAY)).unwrap();
+    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(respond::run(settings, plumbing.clone(), shutdown.clone()));
+    (plumbing, shutdown, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_follow_the_conversation_and_groups_need_a_mention() {
+    let redis = RedisServer::start();
+    let mut connection = redis.connection();
+    let (plumbing, shutdown, task) = start(&redis).await;
+    let streams = plumbing.streams.clone();
+    let normal = streams.queue(Priority::Normal);
+
+    add_entry(
+        &mut connection,
+        &normal,
+        &codec::encode(&classified(1, "a", "hello", "greeting")),
+    );
+    add_entry(
+        &mut connection,
+        &normal,
+        &codec::encode(&classified(2, "a", "hello again", "greeting")),
+    );
+    add_entry(
+        &mut connection,
+        &normal,
+        &codec::encode(&classified(3, "b", "你好", "greeting")),
+    );
+    add_entry(
+        &mut connection,
+        &normal,
+        &codec::encode(&classified(4, "b", "blah", "unknown")),
+    );
+    let mut group = classified(5, "g", "hello all", "greeting");
+    group.message.chat.kind = ChatKind::Group;
+    add_entry(&mut connection, &normal, &codec::encode(&group));
+    let mut mentioned = classified(6, "g", "hello bot", "greeting");
+    mentioned.message.chat.kind = ChatKind::Group;
+    mentioned.message.mentions.bot = true;
+    add_entry(&mut connection, &normal, &codec::encode(&mentioned));
+    let mut from_bot = classified(7, "a", "hello", "greeting");
+    from_bot.message.sender.is_bot = true;
+    add_entry(&mut connection, &normal, &codec::encode(&from_bot));
+    let mut announcement = classified(8, "a", "Maintenance at 22:00", "unknown");
+    announcement.message.origin = Origin::Scheduled {
+        job: "notice".into(),
+    };
+    announcement.priority = Priority::Batch;
+    add_entry(
+        &mut connection,
+        &streams.queue(Priority::Batch),
+        &codec::encode(&announcement),
+    );
+
+    let out = streams.outbound("web");
+    wait_for("six replies", Duration::from_secs(20), || {
+        connection.xlen::<_, usize>(&out).unwrap() == 6
+    })
+    .await;
+    wait_for("all acknowledged", Duration::from_secs(20), || {
+        let pending: redis::streams::StreamPendingReply =
+            connection.xpending(&normal, "respond").unwrap();
+        pending.count() == 0
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    let replies: Vec<Reply> = read_stream(&mut connection, &out);
+    let text_for = |id: &str| {
+        replies
+            .iter()
+            .find(|r| r.in_reply_to == id)
+            .map(|r| r.text.clone())
+    };
+    assert_eq!(text_for("m001").unwrap(), "hi Ada; before: [] turns=0");
+    assert_eq!(text_for("m002").unwrap(), "hi Ada; before: [hello] turns=2");
+    assert_eq!(text_for("m003").unwrap(), "你好 Ada");
+    assert!(
+        text_for("m004").unwrap().starts_with("Sorry Ada"),
+        "fallback"
+    );
+    assert_eq!(text_for("m005"), None, "group message without a mention");
+    let group_reply = replies.iter().find(|r| r.in_reply_to == "m006").unwrap();
+    assert_eq!(
+        group_reply.mentions,
+        vec!["u0".to_string()],
+        "a group reply mentions the sender"
+    );
+    assert_eq!(text_for("m007"), None, "bots are not answered");
+    assert_eq!(text_for("m008").unwrap(), "Maintenance at 22:00");
+
+    let context: Vec<Turn> = read_stream(&mut connection, &streams.context("web", "a"));
+    let roles: Vec<(Role, &str)> = context.iter().map(|t| (t.role, t.text.as_str())).collect();
+    assert_eq!(
+        roles,
+        vec![
+            (Role::User, "hello"),
+            (Role::Bot, "hi Ada; before: [] turns=0"),
+            (Role::User, "hello again"),
+            (Role::Bot, "hi Ada; before: [hello] turns=2"),
+            (Role::User, "hello"),
+            (Role::Bot, "Maintenance at 22:00"),
+        ]
+    );
+    let group_context: Vec<Turn> = read_stream(&mut connection, &streams.context("web", "g"));
+    assert_eq!(
+        group_context.len(),
+        3,
+        "the unmentioned group turn is still context"
+    );
+    let ttl: i64 = connection.pttl(streams.context("web", "a")).unwrap();
+    assert!(ttl > 0 && ttl <= 1_800_000, "context expires: {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_template_is_named_at_start() {
+    let redis = RedisServer::start();
+    let process = ProcessConfig::from_env(
+        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
+        "127.0.0.1:0",
+    )
+    .unwrap();
+    let settings = Settings::from_overlay(Some(
+        "[respond.templates.thanks]\nen = \"hi {nme}\"\nzh = \"\"\n",
+    ))
+    .unwrap();
+    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let error = respond::run(settings, plumbing, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("setting respond.templates.thanks.en: unknown variable {nme}"),
+        "{error}"
+    );
+}
