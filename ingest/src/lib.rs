@@ -1,1 +1,177 @@
+//! Ingest is botline's front door. It reads messages from outside (the
+//! generic JSON API for custom integrations, the web chat's WebSocket, and
+//! its own scheduler), turns each into a [`UnifiedMessage`] and adds it to
+//! `in` for classify. It writes only `in`, the dedup keys, and the person's
+//! turns of web chat transcripts; it reads the `classify` group's lag to
+//! push back (429) rather than let `in` grow without bound, and follows the
+//! transcripts (pub/sub) to show the bot's replies in the web chat.
+//!
+//! Owns: `POST /v1/messages`, `POST /v1/broadcast`, `/` (the chat page),
+//! `/ws` (the chat socket). Never calls another stage.
+//!
+//! [`UnifiedMessage`]: botline_shared::message::UnifiedMessage
 
+pub mod api;
+pub mod auth;
+pub mod backlog;
+pub mod config;
+pub mod error;
+pub mod generic;
+pub mod inbox;
+pub mod scheduler;
+pub mod webchat;
+
+use crate::auth::JwtAuth;
+use crate::backlog::Backlog;
+use crate::config::{IngestSettings, Schedule};
+use crate::error::IngestError;
+use crate::inbox::Inbox;
+use crate::webchat::Notice;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use botline_shared::config::{ProcessConfig, Settings, StreamSettings};
+use botline_shared::redis_conn::Pool;
+use botline_shared::streams::Streams;
+use botline_shared::telemetry::Health;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Everything ingest needs from outside, built by `main` (or a test).
+pub struct Ingest {
+    pub settings: IngestSettings,
+    /// The scheduler's entries, parsed from `settings.schedule`.
+    pub schedules: Vec<Schedule>,
+    pub stream_settings: StreamSettings,
+    pub streams: Streams,
+    /// For the one pub/sub connection following transcripts.
+    pub client: redis::Client,
+    pub pool: Pool,
+    /// `BOTLINE_JWT_SECRET`; `None` disables the generic API.
+    pub jwt_secret: Option<String>,
+    pub health: Health,
+}
+
+impl Ingest {
+    /// Settings and connections for the binary: `[ingest]` and `[streams]`
+    /// from `settings`, a pool and a client for `process.redis_url`.
+    pub fn connect(
+        process: &ProcessConfig,
+        settings: &Settings,
+        jwt_secret: Option<String>,
+        health: Health,
+    ) -> Result<Self, botline_shared::Error> {
+        let ingest_settings = IngestSettings::load(settings)?;
+        Ok(Ingest {
+            schedules: ingest_settings.schedules()?,
+            settings: ingest_settings,
+            stream_settings: settings.section("streams")?,
+            streams: process.streams(),
+            client: redis::Client::open(process.redis_url.as_str())
+                .map_err(|error| botline_shared::Error::config("BOTLINE_REDIS_URL", error))?,
+            pool: botline_shared::redis_conn::pool(process, 16)?,
+            jwt_secret,
+            health,
+        })
+    }
+}
+
+/// What request handlers share.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    pub settings: IngestSettings,
+    pub inbox: Inbox,
+    pub auth: Option<JwtAuth>,
+    pub backlog: Backlog,
+    /// Chats whose transcript changed, from the pub/sub listener to the sockets.
+    pub notices: broadcast::Sender<Notice>,
+    pub shutdown: CancellationToken,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(ingest: &Ingest, shutdown: CancellationToken) -> Self {
+        let settings = ingest.settings.clone();
+        let (notices, _) = broadcast::channel(1024);
+        AppState(Arc::new(Shared {
+            inbox: Inbox::new(
+                ingest.pool.clone(),
+                ingest.streams.clone(),
+                settings.dedup_ttl_ms,
+                &ingest.stream_settings,
+                settings.retry_after_secs,
+            ),
+            auth: ingest
+                .jwt_secret
+                .as_deref()
+                .map(|secret| JwtAuth::new(secret, settings.audience())),
+            backlog: Backlog::default(),
+            notices,
+            shutdown,
+            settings,
+        }))
+    }
+
+    /// 429 while `in` is over its backlog limit.
+    pub fn check_backlog(&self) -> Result<(), IngestError> {
+        if self.backlog.get() > self.settings.in_max_backlog {
+            return Err(IngestError::Busy {
+                retry_after_secs: self.settings.retry_after_secs,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Every route of the front door.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.settings.max_body_bytes;
+    Router::new()
+        .route("/", get(webchat::page))
+        .route("/ws", get(webchat::socket))
+        .route("/v1/messages", post(api::post_message))
+        .route("/v1/broadcast", post(api::post_broadcast))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Serve on `listener`, follow transcripts, watch the backlog and run the
+/// scheduler, until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    ingest: Ingest,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = AppState::new(&ingest, shutdown.clone());
+    tokio::spawn(backlog::watch_backlog(
+        ingest.pool.clone(),
+        ingest.streams.inbound(),
+        state.backlog.clone(),
+        ingest.settings.backlog_poll(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(webchat::follow_transcripts(
+        ingest.client.clone(),
+        ingest.streams.transcript_channel(),
+        state.notices.clone(),
+        ingest.health.clone(),
+        shutdown.clone(),
+    ));
+    scheduler::start(ingest.schedules, state.inbox.clone(), shutdown.clone());
+    info!(message = "ingest listening", addr = %listener.local_addr()?);
+    ingest.health.set("http", true);
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,130 @@
+//! The one error type of ingest's front door. Each variant is a cause, knows
+//! its status code and its `reason` label, and is logged and counted in
+//! `botline_ingest_rejected_total{reason}` from one place ([`IngestError::record`]).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use thiserror::Error;
+use tracing::{debug, warn};
+
+#[derive(Debug, Error)]
+pub enum IngestError {
+    /// No usable bearer token; the reason says which check failed.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The generic API has no secret to check tokens against.
+    #[error("generic API disabled: BOTLINE_JWT_SECRET is not set")]
+    Disabled,
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    /// The input is not JSON of the expected shape (syntax, unknown field, wrong type).
+    #[error("{0}")]
+    Malformed(String),
+    /// The input has the right shape but a value is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// `in` is over its backlog limit.
+    #[error("ingest is busy, retry in {retry_after_secs} s")]
+    Busy { retry_after_secs: u64 },
+    /// Redis answered OOM: back-pressure as well, nothing was added.
+    #[error("storage is full, retry in {retry_after_secs} s")]
+    StorageFull { retry_after_secs: u64 },
+    /// Redis is unreachable or failed; the details go to the log only.
+    #[error("storage unavailable, retry in {retry_after_secs} s")]
+    Unavailable {
+        retry_after_secs: u64,
+        #[source]
+        cause: botline_shared::Error,
+    },
+}
+
+impl IngestError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngestError::Unauthorized(_) | IngestError::Disabled => StatusCode::UNAUTHORIZED,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
+            IngestError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::StorageFull { .. } | IngestError::Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The `reason` label of `botline_ingest_rejected_total`: a small fixed set.
+    pub fn label(&self) -> &'static str {
+        match self {
+            IngestError::Unauthorized(_) => "unauthorized",
+            IngestError::Disabled => "disabled",
+            IngestError::TooLarge { .. } => "too_large",
+            IngestError::Malformed(_) => "malformed",
+            IngestError::Invalid(_) => "invalid",
+            IngestError::Busy { .. } => "backpressure",
+            IngestError::StorageFull { .. } => "redis_oom",
+            IngestError::Unavailable { .. } => "redis_unavailable",
+        }
+    }
+
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            IngestError::Busy { retry_after_secs }
+            | IngestError::StorageFull { retry_after_secs }
+            | IngestError::Unavailable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    /// Log and count this refusal; called once per refused request or frame.
+    pub fn record(&self, route: &'static str) {
+        metrics::counter!("botline_ingest_rejected_total", "reason" => self.label()).increment(1);
+        match self {
+            IngestError::Unavailable { cause, .. } => {
+                warn!(message = "request refused", route, reason = self.label(), error = %cause)
+            }
+            IngestError::StorageFull { .. } | IngestError::Busy { .. } => {
+                warn!(message = "request refused", route, reason = self.label())
+            }
+            _ => debug!(message = "request refused", route, reason = self.label(), error = %self),
+        }
+    }
+
+    /// A Redis failure: OOM is back-pressure, anything else is unavailability.
+    pub fn from_redis(cause: botline_shared::Error, retry_after_secs: u64) -> Self {
+        let oom =
+            matches!(&cause, botline_shared::Error::Redis(error) if error.code() == Some("OOM"));
+        if oom {
+            IngestError::StorageFull { retry_after_secs }
+        } else {
+            IngestError::Unavailable {
+                retry_after_secs,
+                cause,
+            }
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        self.record("http");
+        let mut response = (
+            self.status(),
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
+        if let Some(seconds) = self.retry_after_secs() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status() == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
