@@ -158,8 +158,17 @@ impl EgressSettings {
             self.max_in_flight,
             self.send_replays,
             self.web.enabled,
-            if self.webhook.url.is_empty() { "(off)" } else { &self.webhook.url },
+            webhook_origin(&self.webhook.url),
         )
+    }
+}
+
+/// The scheme and host of a webhook URL: its path or query may hold a token.
+fn webhook_origin(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        _ if url.is_empty() => "(off)".into(),
+        Ok(url) => format!("{}://{}/…", url.scheme(), url.authority()),
+        Err(_) => "(invalid)".into(),
     }
 }
 
@@ -215,6 +224,20 @@ mod tests {
             "[egress]\nbackoff_base_ms = 5\nbackoff_cap_ms = 4\n",
             "setting egress.backoff_base_ms: must not be greater than egress.backoff_cap_ms",
         );
+    }
+
+    #[test]
+    fn the_summary_hides_the_webhook_path() {
+        let egress = EgressSettings::from_overlay(
+            "[egress.webhook]\nurl = \"https://h:8/hooks/T0K3N?k=s\"\n",
+        )
+        .unwrap();
+        assert!(
+            egress.summary().ends_with("webhook=https://h:8/…"),
+            "{}",
+            egress.summary()
+        );
+        assert!(!egress.summary().contains("T0K3N"));
     }
 
     #[test]

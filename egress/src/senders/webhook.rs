@@ -246,6 +246,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_webhook_without_its_secret_stops_egress_naming_the_variable() {
+        let settings = WebhookSettings {
+            url: "http://127.0.0.1:1/hook".into(),
+            timeout_ms: 1000,
+        };
+        let missing = WebhookSender::new(&settings, &[]).err().unwrap();
+        assert_eq!(
+            missing.to_string(),
+            "setting BOTLINE_WEBHOOK_SECRET: is not set"
+        );
+        let short = WebhookSender::new(&settings, &[(SECRET_ENV, "short")])
+            .err()
+            .unwrap();
+        assert_eq!(
+            short.to_string(),
+            "setting BOTLINE_WEBHOOK_SECRET: must be at least 16 bytes long"
+        );
+        assert!(WebhookSender::new(&settings, &[(SECRET_ENV, "0123456789abcdef")]).is_ok());
+    }
+
     fn check_judge(status: u16, retry_after: Option<u64>, body: &str, expected: &str) {
         let verdict = judge(
             StatusCode::from_u16(status).unwrap(),
