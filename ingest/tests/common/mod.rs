@@ -1,0 +1,145 @@
+//! A running ingest against its own redis-server, on a free port.
+#![allow(dead_code)]
+
+use botline_ingest::config::Schedule;
+use botline_ingest::Ingest;
+use botline_shared::codec;
+use botline_shared::config::{ProcessConfig, Settings};
+use botline_shared::message::UnifiedMessage;
+use botline_shared::redis_conn::parse_entries;
+use botline_shared::streams::Streams;
+use botline_shared::telemetry::Health;
+use botline_shared::testing::RedisServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+pub struct Harness {
+    pub redis: RedisServer,
+    pub addr: SocketAddr,
+    pub streams: Streams,
+    pub shutdown: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Ingest with its settings, as `main` builds it, for the redis at `url`.
+pub fn ingest_for(url: &str, jwt_secret: Option<&str>) -> Ingest {
+    let process = ProcessConfig::from_env(&[("BOTLINE_REDIS_URL", url)], "127.0.0.1:0").unwrap();
+    let settings = Settings::from_overlay(None).unwrap();
+    Ingest::connect(
+        &process,
+        &settings,
+        jwt_secret.map(str::to_owned),
+        Health::default(),
+    )
+    .unwrap()
+}
+
+/// Start ingest with the generic API enabled; `adjust` may change its settings.
+pub async fn start(adjust: impl FnOnce(&mut Ingest)) -> Harness {
+    start_with(Some(SECRET), adjust).await
+}
+
+pub async fn start_with(secret: Option<&str>, adjust: impl FnOnce(&mut Ingest)) -> Harness {
+    let redis = RedisServer::start();
+    let mut ingest = ingest_for(&redis.url(), secret);
+    ingest.settings.backlog_poll_ms = 20;
+    adjust(&mut ingest);
+    let streams = ingest.streams.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(botline_ingest::run(listener, ingest, shutdown.clone()));
+    Harness {
+        redis,
+        addr,
+        streams,
+        shutdown,
+    }
+}
+
+pub fn schedules(toml_entries: &str) -> Vec<Schedule> {
+    let text = botline_ingest::config::DEFAULTS.replace("schedule = []\n", "");
+    botline_ingest::config::IngestSettings::from_toml(&format!("{text}\n{toml_entries}"))
+        .unwrap()
+        .schedules()
+        .unwrap()
+}
+
+impl Harness {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Every entry of `in`, decoded.
+    pub fn inbound(&self) -> Vec<UnifiedMessage> {
+        read_stream(&self.redis, &self.streams.inbound())
+    }
+
+    pub fn redis_cmd<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        cmd.query(&mut self.redis.connection()).unwrap()
+    }
+}
+
+pub fn read_stream<R: codec::Record>(redis: &RedisServer, key: &str) -> Vec<R> {
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(&mut redis.connection())
+        .unwrap();
+    parse_entries(key, reply)
+        .unwrap()
+        .into_iter()
+        .map(|entry| {
+            let fields = entry.fields.unwrap();
+            codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).unwrap()
+        })
+        .collect()
+}
+
+/// A token signed like a real client's: HS256, `exp` in an hour.
+pub fn token(claims: serde_json::Value) -> String {
+    token_signed(claims, SECRET)
+}
+
+pub fn token_signed(claims: serde_json::Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn now_secs() -> i64 {
+    botline_shared::now_ms() / 1000
+}
+
+pub fn valid_token() -> String {
+    token(serde_json::json!({ "sub": "integration", "exp": now_secs() + 3600 }))
+}
+
+/// Wait for `condition` to hold, polling, up to `within`.
+pub async fn wait_for<F, Fut>(within: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
