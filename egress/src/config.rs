@@ -1,13 +1,10 @@
 //! `[egress]`: how replies are delivered. Every default lives in
-//! `egress/defaults.toml`, documented key by key.
+//! `shared/defaults.toml`, documented key by key.
 
 use botline_shared::config::Settings;
 use botline_shared::Error;
 use serde::Deserialize;
 use std::time::Duration;
-
-/// The `[egress]` defaults, until they move into `shared/defaults.toml`.
-pub const DEFAULTS: &str = include_str!("../defaults.toml");
 
 /// `[egress]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,49 +49,16 @@ pub struct WebhookSettings {
 }
 
 impl EgressSettings {
-    /// `[egress]` from the behaviour settings.
-    ///
-    /// While `[egress]` is not yet in `shared/defaults.toml`, its defaults come
-    /// from `egress/defaults.toml` with whatever `[egress]` the settings hold
-    /// laid over them. Once the section has moved, this body becomes
-    /// `let egress: EgressSettings = settings.section("egress")?;` + validate.
+    /// `[egress]` from the behaviour settings, checked.
     pub fn from_settings(settings: &Settings) -> Result<Self, Error> {
-        let overlay: toml::Table = settings.section("egress")?;
-        let egress = Self::from_tables(overlay)?;
+        let egress: EgressSettings = settings.section("egress")?;
         egress.validate()?;
         Ok(egress)
     }
 
-    /// The shipped defaults with `overlay` (TOML text of an `[egress]` table) over them.
+    /// The shipped defaults with `overlay` (TOML text) laid over them.
     pub fn from_overlay(overlay: &str) -> Result<Self, Error> {
-        let mut table: toml::Table = overlay
-            .parse()
-            .map_err(|error: toml::de::Error| Error::config("egress", error.message()))?;
-        let section = match table.remove("egress") {
-            Some(toml::Value::Table(section)) => section,
-            _ => toml::Table::new(),
-        };
-        let egress = Self::from_tables(section)?;
-        egress.validate()?;
-        Ok(egress)
-    }
-
-    fn from_tables(overlay: toml::Table) -> Result<Self, Error> {
-        let mut defaults: toml::Table = DEFAULTS.parse().expect("egress defaults parse");
-        let mut section = match defaults.remove("egress") {
-            Some(toml::Value::Table(section)) => section,
-            _ => unreachable!("egress/defaults.toml has an [egress] table"),
-        };
-        merge(&mut section, overlay);
-        serde_path_to_error::deserialize(toml::Value::Table(section)).map_err(|error| {
-            let path = error.path().to_string();
-            let setting = if path == "." {
-                "egress".to_string()
-            } else {
-                format!("egress.{path}")
-            };
-            Error::config(setting, error.into_inner().message())
-        })
+        Self::from_settings(&Settings::from_overlay(Some(overlay))?)
     }
 
     pub fn validate(&self) -> Result<(), Error> {
@@ -169,20 +133,6 @@ fn webhook_origin(url: &str) -> String {
         _ if url.is_empty() => "(off)".into(),
         Ok(url) => format!("{}://{}/…", url.scheme(), url.authority()),
         Err(_) => "(invalid)".into(),
-    }
-}
-
-/// Lay `overlay` over `base`: tables merge key by key, anything else replaces.
-fn merge(base: &mut toml::Table, overlay: toml::Table) {
-    for (key, value) in overlay {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
-                merge(base_table, overlay_table)
-            }
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
     }
 }
 
