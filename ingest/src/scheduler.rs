@@ -12,7 +12,7 @@ use crate::generic::{announcement, Stamp};
 use crate::inbox::{Admission, Inbox, Submission};
 use botline_shared::message::{Chat, Origin};
 use botline_shared::now_ms;
-use chrono::{DateTime, FixedOffset, TimeZone, Utc};
+use chrono::{DateTime, FixedOffset, TimeZone, Timelike, Utc};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -28,9 +28,16 @@ pub fn start(schedules: Vec<Schedule>, inbox: Inbox, shutdown: CancellationToken
 }
 
 /// The tick after `after` (exclusive), in the entry's offset.
+/// Ticks fall on whole seconds whatever the clock's milliseconds, so every
+/// replica computes the same tick (and the same event id).
 pub fn next_tick(schedule: &Schedule, after_ms: i64) -> Option<DateTime<FixedOffset>> {
-    let after = schedule.offset.timestamp_millis_opt(after_ms).single()?;
-    schedule.cron.find_next_occurrence(&after, false).ok()
+    let whole_second = after_ms.div_euclid(1000) * 1000;
+    let after = schedule
+        .offset
+        .timestamp_millis_opt(whole_second)
+        .single()?;
+    let tick = schedule.cron.find_next_occurrence(&after, false).ok()?;
+    tick.with_nanosecond(0)
 }
 
 /// The dedup event id of one tick.
