@@ -12,10 +12,6 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// The `[ingest]` section's shipped defaults, until they move into
-/// `shared/defaults.toml`.
-pub const DEFAULTS: &str = include_str!("../defaults.toml");
-
 /// A JWT secret shorter than this is refused at start: HS256 with a guessable
 /// secret is no authentication.
 pub const MIN_JWT_SECRET_BYTES: usize = 16;
@@ -80,35 +76,15 @@ pub struct Schedule {
 
 impl IngestSettings {
     /// The `[ingest]` section of `settings`, validated.
-    ///
-    /// Until the section moves into `shared/defaults.toml` it is read from
-    /// ingest's own [`DEFAULTS`]; after the move, replace the body's first
-    /// line with `let settings: IngestSettings = settings.section("ingest")?;`.
     pub fn load(settings: &Settings) -> Result<Self, Error> {
-        let _ = settings;
-        let settings = Self::from_toml(DEFAULTS)?;
+        let settings: IngestSettings = settings.section("ingest")?;
         settings.validate()?;
         Ok(settings)
     }
 
-    /// The `[ingest]` section of a TOML text, errors named by setting path.
+    /// The `[ingest]` section of the defaults with `text` (TOML) laid over them, unvalidated.
     pub fn from_toml(text: &str) -> Result<Self, Error> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|error: toml::de::Error| Error::config("ingest", error.message()))?;
-        let section = table
-            .get("ingest")
-            .cloned()
-            .unwrap_or(toml::Value::Table(toml::Table::new()));
-        serde_path_to_error::deserialize(section).map_err(|error| {
-            let path = error.path().to_string();
-            let setting = if path == "." {
-                "ingest".to_string()
-            } else {
-                format!("ingest.{path}")
-            };
-            Error::config(setting, error.into_inner().message())
-        })
+        Settings::from_overlay(Some(text))?.section("ingest")
     }
 
     /// Limits that must be positive, and every schedule entry parses.
@@ -256,6 +232,7 @@ impl std::fmt::Debug for HttpConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use botline_shared::config::DEFAULTS;
 
     #[test]
     fn shipped_defaults_load() {

@@ -1,1 +1,360 @@
+//! The end-to-end harness: a real `redis-server`, the four real stage
+//! binaries as child processes (killable, stoppable, restartable), a local
+//! HTTP sink standing in for the generic outbound webhook, and a client for
+//! the generic inbound API. The tests in `tests/` and the `bench` binary use it.
+//!
+//! The binaries are taken from `BOTLINE_BIN_DIR`, else from the workspace's
+//! `target/release` (when `BOTLINE_RELEASE` is set) or `target/debug`:
+//! `scripts/test` builds them first.
 
+pub mod browser;
+pub mod sink;
+
+use botline_shared::testing::{free_port, RedisServer};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const JWT_SECRET: &str = "test-secret-for-the-generic-api-0123456789";
+pub const WEBHOOK_SECRET: &str = "test-secret-for-the-outbound-webhook-0123";
+
+pub const STAGES: [&str; 4] = ["ingest", "classify", "respond", "egress"];
+
+/// Where the stage binaries are.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("BOTLINE_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let profile = if std::env::var_os("BOTLINE_RELEASE").is_some() {
+        "release"
+    } else {
+        "debug"
+    };
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join(profile)
+}
+
+/// One stage process, restartable with the same settings.
+pub struct StageProcess {
+    pub stage: &'static str,
+    pub metrics_port: u16,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl StageProcess {
+    fn spawn(&mut self) {
+        let binary = bin_dir().join(format!("botline-{}", self.stage));
+        assert!(
+            binary.exists(),
+            "{} is missing: build the binaries first (scripts/test does: cargo build --bins)",
+            binary.display()
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("stage log");
+        let child = Command::new(&binary)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(
+                "BOTLINE_METRICS_ADDR",
+                format!("127.0.0.1:{}", self.metrics_port),
+            )
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting {}: {error}", binary.display()));
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// `kill -9`, and wait for it to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within {within:?} of SIGTERM",
+                self.stage
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.stage);
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.metrics_port)
+    }
+}
+
+impl Drop for StageProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
+        }
+        self.kill9();
+    }
+}
+
+/// The four stages on one Redis, with a webhook sink.
+pub struct Pipeline {
+    pub dir: PathBuf,
+    pub http_port: u16,
+    pub processes: Vec<StageProcess>,
+    config: PathBuf,
+    redis_url: String,
+}
+
+impl Pipeline {
+    /// Start every stage with `overlay` laid over the default settings.
+    /// `{sink}` in `overlay` becomes the sink's URL.
+    pub fn start(redis: &RedisServer, overlay: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "botline-e2e-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("test folder");
+        let config = dir.join("botline.toml");
+        std::fs::write(&config, overlay).expect("config");
+        let mut pipeline = Pipeline {
+            dir,
+            http_port: free_port(),
+            processes: Vec::new(),
+            config,
+            redis_url: redis.url(),
+        };
+        for stage in STAGES {
+            pipeline.add(stage);
+        }
+        pipeline
+    }
+
+    /// Start one more replica of `stage`; returns its index in `processes`.
+    pub fn add(&mut self, stage: &'static str) -> usize {
+        let index = self.processes.len();
+        let mut env: Vec<(String, String)> = vec![
+            ("BOTLINE_REDIS_URL".into(), self.redis_url.clone()),
+            ("BOTLINE_CONFIG".into(), self.config.display().to_string()),
+            ("BOTLINE_JWT_SECRET".into(), JWT_SECRET.into()),
+            ("BOTLINE_WEBHOOK_SECRET".into(), WEBHOOK_SECRET.into()),
+            ("BOTLINE_LOG".into(), "info".into()),
+        ];
+        if stage == "ingest" {
+            env.push((
+                "BOTLINE_HTTP_ADDR".into(),
+                format!("127.0.0.1:{}", self.http_port),
+            ));
+        }
+        let mut process = StageProcess {
+            stage,
+            metrics_port: free_port(),
+            env,
+            log: self.dir.join(format!("{stage}-{index}.log")),
+            child: None,
+        };
+        process.spawn();
+        self.processes.push(process);
+        index
+    }
+
+    pub fn stage(&mut self, stage: &str) -> &mut StageProcess {
+        self.processes
+            .iter_mut()
+            .find(|p| p.stage == stage)
+            .expect("stage started")
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Wait until every process answers `/readyz` with 200.
+    pub async fn wait_ready(&self, within: Duration) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        for process in &self.processes {
+            loop {
+                let ready = client
+                    .get(format!("{}/readyz", process.metrics_url()))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false);
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} not ready within {within:?}; log:\n{}",
+                    process.stage,
+                    process.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Every process's log, for a failing test.
+    pub fn logs(&self) -> String {
+        self.processes
+            .iter()
+            .map(|p| {
+                format!(
+                    "--- {} (metrics {}) ---\n{}",
+                    p.stage,
+                    p.metrics_port,
+                    p.log()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        self.processes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A bearer token for the generic API, valid for an hour.
+pub fn token() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({ "sub": "e2e", "iat": now, "exp": now + 3600 });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+/// A client of the generic inbound API.
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl ApiClient {
+    pub fn new(base_url: &str) -> Self {
+        ApiClient {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .expect("client"),
+            url: format!("{base_url}/v1/messages"),
+            token: token(),
+        }
+    }
+
+    /// POST one message; a connection error or a 429/503 is retried with
+    /// the same event id (as a platform would) until `within` runs out.
+    pub async fn send(
+        &self,
+        event_id: &str,
+        chat: &str,
+        text: &str,
+        within: Duration,
+    ) -> Result<(), String> {
+        let body = serde_json::json!({
+            "event_id": event_id,
+            "chat": { "id": chat },
+            "sender": { "id": format!("user-{chat}"), "name": "Ada" },
+            "text": text,
+        });
+        let deadline = Instant::now() + within;
+        loop {
+            let sent = self
+                .http
+                .post(&self.url)
+                .bearer_auth(&self.token)
+                .json(&body)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            let retry = match sent {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) if matches!(response.status().as_u16(), 429 | 503) => {
+                    format!("{}", response.status())
+                }
+                Ok(response) => {
+                    return Err(format!(
+                        "{}: {}",
+                        response.status(),
+                        response.text().await.unwrap_or_default()
+                    ))
+                }
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(format!("gave up on {event_id}: {retry}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -67,8 +67,7 @@ pub async fn start_with(secret: Option<&str>, adjust: impl FnOnce(&mut Ingest)) 
 }
 
 pub fn schedules(toml_entries: &str) -> Vec<Schedule> {
-    let text = botline_ingest::config::DEFAULTS.replace("schedule = []\n", "");
-    botline_ingest::config::IngestSettings::from_toml(&format!("{text}\n{toml_entries}"))
+    botline_ingest::config::IngestSettings::from_toml(toml_entries)
         .unwrap()
         .schedules()
         .unwrap()

@@ -1,0 +1,264 @@
+//! `scripts/bench`: the whole pipeline on this machine. Starts a
+//! redis-server and the four release binaries, pushes N unique messages
+//! (straight into `in`, or through the HTTP API; as fast as it can, or
+//! paced with `--rate`), waits for every delivery receipt, and prints a
+//! table, then one JSON line:
+//! `{"messages":N,"lost":L,"duplicated":D,"throughput_msgs_per_s":T,"p50_ms":…,"p99_ms":…,"via":"stream|http"}`.
+//!
+//! Replies go to the web chat platform (delivered inside Redis), so what is
+//! measured is botline, not an HTTP receiver; `--platform webhook` sends
+//! them to a local signed-webhook sink instead.
+
+use botline_shared::codec;
+use botline_shared::message::Receipt;
+use botline_shared::streams::Streams;
+use botline_shared::testing::{read_stream, sample_message, RedisServer};
+use botline_tests::sink::Sink;
+use botline_tests::{token, Pipeline, WEBHOOK_SECRET};
+use futures_util::stream::{self, StreamExt};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+struct Options {
+    messages: usize,
+    via: String,
+    rate: Option<f64>,
+    chats: usize,
+    platform: String,
+    timeout: Duration,
+}
+
+fn options() -> Result<Options, String> {
+    let mut options = Options {
+        messages: 20_000,
+        via: "stream".into(),
+        rate: None,
+        chats: 200,
+        platform: "web".into(),
+        timeout: Duration::from_secs(300),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--messages" | "-n" => options.messages = value()?.parse().map_err(|e| format!("--messages: {e}"))?,
+            "--via" => options.via = value()?,
+            "--rate" => options.rate = Some(value()?.parse().map_err(|e| format!("--rate: {e}"))?),
+            "--chats" => options.chats = value()?.parse().map_err(|e| format!("--chats: {e}"))?,
+            "--platform" => options.platform = value()?,
+            "--timeout-secs" => options.timeout = Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?),
+            "--help" | "-h" => {
+                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S]".into())
+            }
+            other => return Err(format!("unknown option {other}; see --help")),
+        }
+    }
+    if !matches!(options.via.as_str(), "stream" | "http") {
+        return Err("--via is `stream` or `http`".into());
+    }
+    if !matches!(options.platform.as_str(), "web" | "webhook") {
+        return Err("--platform is `web` or `webhook`".into());
+    }
+    Ok(options)
+}
+
+/// Sleep so that item `index` goes out no earlier than its slot at `rate`.
+async fn pace(started: Instant, index: usize, rate: Option<f64>) {
+    if let Some(rate) = rate {
+        let slot = started + Duration::from_secs_f64(index as f64 / rate);
+        tokio::time::sleep_until(slot.into()).await;
+    }
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::main]
+async fn main() {
+    let options = match options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    let redis = RedisServer::start();
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let overlay = format!(
+        "[streams]\ndelivered_max_len = {}\n[egress.webhook]\nurl = \"{}\"\n",
+        options.messages * 2 + 1000,
+        sink.url
+    );
+    let pipeline = Pipeline::start(&redis, &overlay);
+    pipeline.wait_ready(Duration::from_secs(60)).await;
+    let streams = Streams::default();
+    let client = redis.client();
+
+    eprintln!(
+        "pushing {} messages via {} to {} chats …",
+        options.messages, options.via, options.chats
+    );
+    let started = Instant::now();
+    match options.via.as_str() {
+        "stream" => {
+            let mut connection = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis");
+            let chunk = if options.rate.is_some() { 1 } else { 500 };
+            for first in (0..options.messages).step_by(chunk) {
+                pace(started, first, options.rate).await;
+                let mut pipe = redis::pipe();
+                for n in first..(first + chunk).min(options.messages) {
+                    let mut message = sample_message(n, "hello, how much is the pro plan?");
+                    message.id = format!("bench-{n}");
+                    message.platform = options.platform.clone();
+                    message.chat.id = format!("chat-{}", n % options.chats);
+                    message.received_at_ms = botline_shared::now_ms();
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(streams.inbound()).arg("*");
+                    for (name, value) in codec::encode(&message) {
+                        cmd.arg(name).arg(value);
+                    }
+                    pipe.add_command(cmd).ignore();
+                }
+                let _: () = pipe.query_async(&mut connection).await.expect("XADD");
+            }
+        }
+        _ => {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(128)
+                .build()
+                .expect("client");
+            let url = format!("{}/v1/messages", pipeline.base_url());
+            let bearer = token();
+            let platform = options.platform.clone();
+            let chats = options.chats;
+            let rate = options.rate;
+            stream::iter(0..options.messages)
+                .for_each_concurrent(64, |n| {
+                    let (http, url, bearer, platform) =
+                        (http.clone(), url.clone(), bearer.clone(), platform.clone());
+                    async move {
+                        pace(started, n, rate).await;
+                        let body = serde_json::json!({
+                            "event_id": format!("bench-{n}"),
+                            "platform": platform,
+                            "chat": { "id": format!("chat-{}", n % chats) },
+                            "sender": { "id": format!("user-{}", n % chats), "name": "Ada" },
+                            "text": "hello, how much is the pro plan?",
+                        });
+                        loop {
+                            match http
+                                .post(&url)
+                                .bearer_auth(&bearer)
+                                .json(&body)
+                                .send()
+                                .await
+                            {
+                                Ok(response) if response.status().is_success() => break,
+                                Ok(response) if response.status().as_u16() == 429 => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await
+                                }
+                                Ok(response) => {
+                                    panic!("the API refused a message: {}", response.status())
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                            }
+                        }
+                    }
+                })
+                .await;
+        }
+    }
+    let pushed = started.elapsed();
+    eprintln!(
+        "pushed in {:.2}s; waiting for the receipts …",
+        pushed.as_secs_f64()
+    );
+
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let deadline = Instant::now() + options.timeout;
+    loop {
+        let delivered: usize = redis::cmd("XLEN")
+            .arg(streams.delivered())
+            .query_async(&mut connection)
+            .await
+            .expect("XLEN");
+        if delivered >= options.messages || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let receipts: Vec<Receipt> = read_stream(&mut redis.connection(), &streams.delivered());
+    let elapsed_ms = receipts
+        .iter()
+        .map(|r| r.delivered_at_ms)
+        .max()
+        .unwrap_or_default()
+        - receipts
+            .iter()
+            .map(|r| r.delivered_at_ms - r.latency_ms)
+            .min()
+            .unwrap_or_default();
+    let mut per_message: HashMap<&str, usize> = HashMap::new();
+    for receipt in &receipts {
+        *per_message.entry(receipt.message_id.as_str()).or_default() += 1;
+    }
+    let lost = options.messages.saturating_sub(per_message.len());
+    let duplicated: usize =
+        per_message.values().map(|n| n - 1).sum::<usize>() + sink.repeated_keys();
+    let mut latencies: Vec<i64> = receipts.iter().map(|r| r.latency_ms).collect();
+    latencies.sort_unstable();
+    let throughput = per_message.len() as f64 / (elapsed_ms.max(1) as f64 / 1000.0);
+    let (p50, p90, p99, max) = (
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.90),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default(),
+    );
+
+    println!("| what | value |");
+    println!("| --- | --- |");
+    println!(
+        "| messages pushed | {} via {} ({} chats, rate {}) |",
+        options.messages,
+        options.via,
+        options.chats,
+        options.rate.map_or("max".into(), |r| format!("{r}/s"))
+    );
+    println!("| replies delivered to | {} |", options.platform);
+    println!("| delivered (unique) | {} |", per_message.len());
+    println!("| lost | {lost} |");
+    println!("| duplicated | {duplicated} |");
+    println!("| push time | {:.2} s |", pushed.as_secs_f64());
+    println!(
+        "| first accepted → last delivered | {:.2} s |",
+        elapsed_ms as f64 / 1000.0
+    );
+    println!("| throughput | {throughput:.0} msgs/s |");
+    println!("| latency p50 / p90 / p99 / max | {p50} / {p90} / {p99} / {max} ms |");
+    println!(
+        "{}",
+        serde_json::json!({
+            "messages": options.messages,
+            "lost": lost,
+            "duplicated": duplicated,
+            "throughput_msgs_per_s": throughput.round(),
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "via": options.via,
+        })
+    );
+    drop(pipeline);
+    if lost > 0 || duplicated > 0 {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,357 @@
+//! The whole pipeline, as users run it: the four real binaries on a real
+//! redis-server, messages in through the generic API, replies out at a
+//! local webhook sink that checks signatures.
+
+use botline_shared::codec;
+use botline_shared::message::{DeadLetter, Priority};
+use botline_shared::streams::Streams;
+use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
+use botline_tests::sink::Sink;
+use botline_tests::{ApiClient, Pipeline, WEBHOOK_SECRET};
+use futures_util::stream::{self, StreamExt};
+use redis::Commands;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Short timeouts so takeovers happen within a test's patience.
+const FAST: &str = "[runner]\nblock_ms = 200\nclaim_idle_ms = 3000\nclaim_interval_ms = 500\n";
+
+fn overlay(sink: &Sink) -> String {
+    format!("{FAST}[egress.webhook]\nurl = \"{}\"\n", sink.url)
+}
+
+async fn start(redis: &RedisServer, sink: &Sink) -> Pipeline {
+    let pipeline = Pipeline::start(redis, &overlay(sink));
+    pipeline.wait_ready(Duration::from_secs(60)).await;
+    pipeline
+}
+
+/// `count` messages over `chats` chats, each chat's in order, chats concurrently.
+async fn send_all(
+    client: &ApiClient,
+    prefix: &str,
+    count: usize,
+    chats: usize,
+    pause: Duration,
+) -> Vec<(String, String)> {
+    let per_chat: Vec<Vec<(String, String)>> = (0..chats)
+        .map(|chat| {
+            (0..count)
+                .filter(|n| n % chats == chat)
+                .map(|n| (format!("{prefix}-{n}"), format!("{prefix}-chat-{chat}")))
+                .collect()
+        })
+        .collect();
+    stream::iter(per_chat.clone())
+        .for_each_concurrent(None, |messages| async move {
+            for (event_id, chat) in messages {
+                client
+                    .send(
+                        &event_id,
+                        &chat,
+                        &format!("hello, message {event_id}"),
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(pause).await;
+            }
+        })
+        .await;
+    per_chat.into_iter().flatten().collect()
+}
+
+fn assert_each_answered_once(sink: &Sink, expected: usize) {
+    let replies = sink.replies_per_message();
+    assert_eq!(replies.len(), expected, "messages answered");
+    let twice: Vec<_> = replies.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "messages answered more than once: {twice:?}"
+    );
+    assert!(
+        sink.received().iter().all(|r| r.signature_ok),
+        "every request is signed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_is_answered_once_in_order_per_chat() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let mut pipeline = start(&redis, &sink).await;
+    let client = ApiClient::new(&pipeline.base_url());
+
+    let sent = send_all(&client, "m", 200, 10, Duration::ZERO).await;
+    wait_for("200 replies", Duration::from_secs(60), || {
+        sink.replies_per_message().len() == 200
+    })
+    .await;
+    assert_each_answered_once(&sink, 200);
+    assert_eq!(sink.repeated_keys(), 0);
+
+    // Replies of one chat arrive in the order its messages were sent. The
+    // sink sees message ULIDs, so map them back through the receipts' order.
+    let received = sink.received();
+    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
+    for reply in &received {
+        per_chat
+            .entry(reply.chat.clone())
+            .or_default()
+            .push(reply.text.clone());
+    }
+    assert_eq!(per_chat.len(), 10);
+    let mut connection = redis.connection();
+    let inbound: Vec<botline_shared::message::UnifiedMessage> =
+        read_stream(&mut connection, &Streams::default().inbound());
+    let event_order: HashMap<String, usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, (event, _))| (event.clone(), i))
+        .collect();
+    let message_order: HashMap<String, usize> = inbound
+        .iter()
+        .map(|m| {
+            (
+                m.id.clone(),
+                event_order[m.text.trim_start_matches("hello, message ")],
+            )
+        })
+        .collect();
+    let mut by_chat: HashMap<String, Vec<usize>> = HashMap::new();
+    for reply in &received {
+        by_chat
+            .entry(reply.chat.clone())
+            .or_default()
+            .push(message_order[&reply.in_reply_to]);
+    }
+    for (chat, order) in by_chat {
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "replies of {chat} out of order");
+    }
+
+    let delivered: usize = connection.xlen(Streams::default().delivered()).unwrap();
+    assert_eq!(delivered, 200, "a receipt per delivery");
+    let metrics = reqwest::get(format!(
+        "{}/metrics",
+        pipeline.stage("egress").metrics_url()
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        metrics.contains("botline_egress_end_to_end_seconds_count"),
+        "{metrics}"
+    );
+
+    // SIGTERM: each stage stops cleanly, nothing left pending.
+    for process in &mut pipeline.processes {
+        let status = process.terminate(Duration::from_secs(15));
+        assert!(status.success(), "{} exited with {status}", process.stage);
+    }
+    let streams = Streams::default();
+    for (stream, group) in [
+        (streams.inbound(), "classify"),
+        (streams.queue(Priority::Normal), "respond"),
+        (streams.outbound("webhook"), "egress"),
+    ] {
+        let pending: redis::streams::StreamPendingReply =
+            connection.xpending(&stream, group).unwrap();
+        assert_eq!(
+            pending.count(),
+            0,
+            "{stream} has pending entries after a clean stop"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_of_each_stage_loses_nothing_and_doubles_nothing() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let mut pipeline = start(&redis, &sink).await;
+    let client = ApiClient::new(&pipeline.base_url());
+    const COUNT: usize = 400;
+
+    let sender = tokio::spawn({
+        let client = client.clone();
+        async move { send_all(&client, "k", COUNT, 8, Duration::from_millis(15)).await }
+    });
+    for (round, stage) in ["classify", "respond", "egress", "ingest"]
+        .into_iter()
+        .enumerate()
+    {
+        let progress = (round + 1) * COUNT / 6;
+        wait_for(
+            "progress before the next kill",
+            Duration::from_secs(60),
+            || sink.count() >= progress,
+        )
+        .await;
+        let process = pipeline.stage(stage);
+        process.kill9();
+        // Messages keep coming while the stage is down.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        process.start_again();
+    }
+    sender.await.unwrap();
+    wait_for("every reply", Duration::from_secs(90), || {
+        sink.replies_per_message().len() == COUNT
+    })
+    .await;
+    assert_each_answered_once(&sink, COUNT);
+    eprintln!(
+        "kill -9 of each stage: {COUNT} sent, {} answered, {} requests repeated an idempotency key",
+        sink.replies_per_message().len(),
+        sink.repeated_keys()
+    );
+    let dead: usize = redis.connection().xlen(Streams::default().dead()).unwrap();
+    assert_eq!(dead, 0, "nothing dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let mut pipeline = start(&redis, &sink).await;
+    let client = ApiClient::new(&pipeline.base_url());
+    // One message through, so the only classify consumer sits in a blocking read.
+    client
+        .send("s-0", "s", "hello", Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_for("the first reply", Duration::from_secs(30), || {
+        sink.count() == 1
+    })
+    .await;
+
+    let stopped = pipeline.stage("classify");
+    stopped.stop();
+    // The stopped consumer's pending read takes the first of these into its pending list.
+    for n in 1..=20 {
+        client
+            .send(&format!("s-{n}"), "s", "hello", Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let mut connection = redis.connection();
+    let streams = Streams::default();
+    wait_for(
+        "entries pending with the stopped consumer",
+        Duration::from_secs(10),
+        || {
+            let pending: redis::streams::StreamPendingReply =
+                connection.xpending(streams.inbound(), "classify").unwrap();
+            pending.count() > 0
+        },
+    )
+    .await;
+    let second = pipeline.add("classify");
+    wait_for(
+        "every reply, via the second consumer",
+        Duration::from_secs(60),
+        || sink.replies_per_message().len() == 21,
+    )
+    .await;
+    let metrics_url = format!("{}/metrics", pipeline.processes[second].metrics_url());
+    let metrics = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"botline_stage_messages_total{stage="classify",outcome="claimed"}"#),
+        "the second consumer took entries over:\n{metrics}"
+    );
+
+    // The stopped one wakes up with entries already handled: it must not forward them again.
+    pipeline.stage("classify").resume();
+    let first_metrics = format!("{}/metrics", pipeline.stage("classify").metrics_url());
+    let mut stale = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !stale.contains(r#"outcome="stale""#) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resumed consumer never reported its stale entries:\n{stale}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stale = reqwest::get(&first_metrics)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap_or_default();
+    }
+    // Give egress time to (wrongly) send anything forwarded twice, then check.
+    client
+        .send("s-21", "s", "hello", Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_for("the marker reply", Duration::from_secs(30), || {
+        sink.replies_per_message().len() == 22
+    })
+    .await;
+    assert_each_answered_once(&sink, 22);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_entries_go_to_dead_and_every_stage_keeps_going() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let pipeline = start(&redis, &sink).await;
+    let client = ApiClient::new(&pipeline.base_url());
+    let streams = Streams::default();
+    let mut connection = redis.connection();
+
+    let garbage = vec![
+        ("v".to_string(), b"1".to_vec()),
+        ("body".to_string(), b"\x93\xff garbage".to_vec()),
+    ];
+    let mut future = codec::encode(&sample_message(1, "from a newer botline"));
+    future[0].1 = b"99".to_vec();
+    for stream in [
+        streams.inbound(),
+        streams.queue(Priority::Normal),
+        streams.outbound("webhook"),
+    ] {
+        add_entry(&mut connection, &stream, &garbage);
+        add_entry(&mut connection, &stream, &future);
+    }
+    for n in 0..3 {
+        client
+            .send(&format!("p-{n}"), "p", "hello", Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    wait_for("replies after the poison", Duration::from_secs(30), || {
+        sink.replies_per_message().len() == 3
+    })
+    .await;
+    wait_for("six dead letters", Duration::from_secs(30), || {
+        connection.xlen::<_, usize>(streams.dead()).unwrap() == 6
+    })
+    .await;
+    let dead: Vec<DeadLetter> = read_stream(&mut connection, &streams.dead());
+    let mut seen: Vec<(String, bool)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d.stage.clone(),
+                d.error.starts_with("body does not decode")
+                    || d.error == "unknown schema version \"99\"",
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["classify", "classify", "egress", "egress", "respond", "respond"]
+            .map(|s| (s.to_string(), true))
+            .to_vec()
+    );
+    drop(pipeline);
+}
