@@ -1,13 +1,14 @@
 //! The egress stage: how a batch of replies becomes outcomes for the runner.
 //!
-//! Per batch: one `MGET` of the replies' `sent:<id>` keys (a redelivered
-//! reply already out is acknowledged and not sent again); then each chat's
-//! replies one after another in entry order, different chats at once, at
-//! most `max_in_flight` replies being sent. Before sending, a reply's
-//! `sending:<id>` lock is taken (`SET NX PX`), so a consumer that took the
-//! entry over from a slow one does not send it too. A delivered reply's
-//! outcome writes the sender's writes, `sent:<id>` and a receipt to
-//! `delivered`, all with the acknowledgement.
+//! Per batch, one script looks at every reply's `sent:<id>` key (a
+//! redelivered reply already out is acknowledged and not sent again) and
+//! takes its `sending:<id>` lock (`SET NX PX`), so a consumer that took the
+//! entry over from a slow one does not send it too. Then each chat's
+//! replies go one after another in entry order, different chats at once, at
+//! most `max_in_flight` replies being sent. A delivered reply's outcome
+//! writes the sender's writes, `sent:<id>` and a receipt to `delivered`, all
+//! with the acknowledgement; the locks of replies not delivered are released
+//! together at the end of the batch.
 
 use crate::config::EgressSettings;
 use crate::delivery::{self, Delivery, RetryPolicy};
@@ -19,31 +20,47 @@ use botline_shared::streams::{group, Streams};
 use botline_shared::{now_ms, Error};
 use futures_util::future::join_all;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
-/// Takes a reply's sending lock unless it is already sent.
-/// KEYS: sent key, sending key. ARGV: token, lock ms. Returns 2 sent, 1 taken, 0 held.
-const TAKE_LOCK_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 2
+/// Takes each reply's sending lock unless it is already sent.
+/// KEYS: sent key, sending key, for each reply. ARGV: token, lock ms.
+/// Returns per reply 2 sent, 1 taken, 0 held.
+static TAKE_LOCKS: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local taken = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    taken[#taken + 1] = 2
+  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    taken[#taken + 1] = 1
+  else
+    taken[#taken + 1] = 0
+  end
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return 1
-end
-return 0
-"#;
+return taken
+"#,
+    )
+});
 
-/// Deletes a sending lock only if it is still ours.
-const RELEASE_LOCK_SCRIPT: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+/// Deletes each sending lock in KEYS that is still ours (ARGV[1]).
+static RELEASE_LOCKS: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local released = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    released = released + redis.call('DEL', key)
+  end
 end
-return 0
-"#;
+return released
+"#,
+    )
+});
 
 /// How much longer than the send budget a sending lock lives: the time to
 /// write the outcome after the last attempt.
@@ -115,11 +132,11 @@ impl EgressStage {
     }
 
     async fn handle_batch(&self, batch: Vec<Envelope<Reply>>) -> Vec<Outcome> {
-        let sent = match self.already_sent(&batch).await {
-            Ok(sent) => sent,
+        let locks = match self.take_locks(&batch).await {
+            Ok(locks) => locks,
             Err(error) => {
-                warn!(message = "could not check which replies are sent", %error);
-                let reason = format!("could not check sent keys: {error}");
+                warn!(message = "could not take the sending locks", %error);
+                let reason = format!("could not take the sending locks: {error}");
                 return batch
                     .iter()
                     .map(|_| Outcome::Retry(reason.clone()))
@@ -137,7 +154,7 @@ impl EgressStage {
             });
             chats[chat].push(index);
         }
-        let (batch, sent) = (&batch, &sent);
+        let (batch, locks) = (&batch, &locks);
         let per_chat = chats.into_iter().map(|indexes| async move {
             let mut outcomes = Vec::with_capacity(indexes.len());
             // Once a reply of this chat is not out, the later ones wait for it.
@@ -148,7 +165,7 @@ impl EgressStage {
                     Some(earlier) => Outcome::Retry(format!(
                         "an earlier reply to this chat ({earlier}) is not delivered yet"
                     )),
-                    None => self.deliver_one(envelope, sent[index]).await,
+                    None => self.deliver_one(envelope, &locks[index]).await,
                 };
                 if matches!(outcome, Outcome::Retry(_)) && waiting_for.is_none() {
                     waiting_for = Some(envelope.record.id.as_str());
@@ -161,30 +178,69 @@ impl EgressStage {
         for (index, outcome) in join_all(per_chat).await.into_iter().flatten() {
             outcomes[index] = Some(outcome);
         }
-        outcomes
+        let outcomes: Vec<Outcome> = outcomes
             .into_iter()
             .map(|outcome| outcome.expect("every reply has an outcome"))
-            .collect()
+            .collect();
+        // Let another try start at once rather than when the lock expires.
+        let undelivered: Vec<&Reply> = batch
+            .iter()
+            .zip(locks.iter().zip(&outcomes))
+            .filter(|(_, (lock, outcome))| {
+                matches!(lock, Lock::Taken)
+                    && !matches!(outcome, Outcome::Done(writes) if !writes.is_empty())
+            })
+            .map(|(envelope, _)| &envelope.record)
+            .collect();
+        self.release_locks(&undelivered).await;
+        outcomes
     }
 
-    /// Whether each reply's `sent:<id>` key exists.
-    async fn already_sent(&self, batch: &[Envelope<Reply>]) -> Result<Vec<bool>, Error> {
+    /// Each reply's lock, taken unless the reply is already sent, in one script.
+    async fn take_locks(&self, batch: &[Envelope<Reply>]) -> Result<Vec<Lock>, Error> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = batch
-            .iter()
-            .map(|envelope| self.streams.sent(&envelope.record.id))
-            .collect();
+        let lock_ms = (self.settings.send_budget() + LOCK_MARGIN).as_millis() as u64;
+        let mut invocation = TAKE_LOCKS.prepare_invoke();
+        for envelope in batch {
+            invocation
+                .key(self.streams.sent(&envelope.record.id))
+                .key(self.streams.sending(&envelope.record.id));
+        }
+        invocation.arg(&self.lock_token).arg(lock_ms);
         let mut connection = self.pool.get().await?;
-        let values: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut connection)
-            .await?;
-        Ok(values.into_iter().map(|value| value.is_some()).collect())
+        let taken: Vec<i64> = invocation.invoke_async(&mut connection).await?;
+        Ok(taken
+            .into_iter()
+            .map(|taken| match taken {
+                2 => Lock::AlreadySent,
+                1 => Lock::Taken,
+                _ => Lock::Held,
+            })
+            .collect())
     }
 
-    async fn deliver_one(&self, envelope: &Envelope<Reply>, already_sent: bool) -> Outcome {
+    async fn release_locks(&self, replies: &[&Reply]) {
+        if replies.is_empty() {
+            return;
+        }
+        let released: Result<i64, Error> = async {
+            let mut invocation = RELEASE_LOCKS.prepare_invoke();
+            for reply in replies {
+                invocation.key(self.streams.sending(&reply.id));
+            }
+            invocation.arg(&self.lock_token);
+            let mut connection = self.pool.get().await?;
+            Ok(invocation.invoke_async(&mut connection).await?)
+        }
+        .await;
+        if let Err(error) = released {
+            warn!(message = "could not release sending locks; they expire by themselves", %error);
+        }
+    }
+
+    async fn deliver_one(&self, envelope: &Envelope<Reply>, lock: &Lock) -> Outcome {
         let reply = &envelope.record;
         let Some(sender) = self.sender(&envelope.stream) else {
             return Outcome::Dead(format!("no sender reads {}", envelope.stream));
@@ -192,32 +248,25 @@ impl EgressStage {
         let platform = sender.platform();
         let span = info_span!("reply", reply_id = %reply.id, trace_id = %reply.trace_id, platform, chat = %reply.chat.id);
         async move {
+            match lock {
+                Lock::AlreadySent => return self.skip_duplicate(platform),
+                Lock::Held => {
+                    debug!(message = "another consumer is sending this reply");
+                    return Outcome::Retry("another consumer is sending".into());
+                }
+                Lock::Taken => {}
+            }
             if reply.replay && !self.settings.send_replays {
                 debug!(message = "replayed reply acknowledged unsent");
                 metrics::counter!("botline_egress_replays_skipped_total", "platform" => platform)
                     .increment(1);
                 return Outcome::Done(Vec::new());
             }
-            if already_sent {
-                return self.skip_duplicate(platform);
-            }
             let _permit = self
                 .in_flight
                 .acquire()
                 .await
                 .expect("the in-flight semaphore is never closed");
-            match self.take_lock(reply).await {
-                Ok(Lock::Taken) => {}
-                Ok(Lock::AlreadySent) => return self.skip_duplicate(platform),
-                Ok(Lock::Held) => {
-                    debug!(message = "another consumer is sending this reply");
-                    return Outcome::Retry("another consumer is sending".into());
-                }
-                Err(error) => {
-                    warn!(message = "could not take the sending lock", %error);
-                    return Outcome::Retry(format!("could not take the sending lock: {error}"));
-                }
-            }
             let delivery =
                 delivery::deliver(sender.as_ref(), reply, &self.policy, &self.shutdown).await;
             match delivery {
@@ -227,12 +276,10 @@ impl EgressStage {
                     writes,
                 } => self.delivered(reply, platform, attempts, platform_message_id, writes),
                 Delivery::Refused { attempts, reason } => {
-                    self.release_lock(reply).await;
                     warn!(message = "reply refused by the platform", attempts, %reason);
                     Outcome::Dead(reason)
                 }
                 Delivery::GaveUp { attempts, reason } => {
-                    self.release_lock(reply).await;
                     warn!(message = "reply not delivered; left pending for a later try", attempts, %reason);
                     Outcome::Retry(reason)
                 }
@@ -262,7 +309,7 @@ impl EgressStage {
         let latency_ms = now - reply.received_at_ms;
         metrics::histogram!("botline_egress_end_to_end_seconds", "platform" => platform)
             .record(latency_ms.max(0) as f64 / 1000.0);
-        info!(message = "reply delivered", attempts, latency_ms);
+        debug!(message = "reply delivered", attempts, latency_ms);
         writes.push(Write::Set {
             key: self.streams.sent(&reply.id),
             value: "1".into(),
@@ -285,39 +332,6 @@ impl EgressStage {
         }
         writes.push(add);
         Outcome::Done(writes)
-    }
-
-    async fn take_lock(&self, reply: &Reply) -> Result<Lock, Error> {
-        let lock_ms = (self.settings.send_budget() + LOCK_MARGIN).as_millis() as u64;
-        let mut connection = self.pool.get().await?;
-        let taken: i64 = redis::Script::new(TAKE_LOCK_SCRIPT)
-            .key(self.streams.sent(&reply.id))
-            .key(self.streams.sending(&reply.id))
-            .arg(&self.lock_token)
-            .arg(lock_ms)
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(match taken {
-            2 => Lock::AlreadySent,
-            1 => Lock::Taken,
-            _ => Lock::Held,
-        })
-    }
-
-    /// Let another try start at once rather than when the lock expires.
-    async fn release_lock(&self, reply: &Reply) {
-        let released: Result<i64, Error> = async {
-            let mut connection = self.pool.get().await?;
-            Ok(redis::Script::new(RELEASE_LOCK_SCRIPT)
-                .key(self.streams.sending(&reply.id))
-                .arg(&self.lock_token)
-                .invoke_async(&mut connection)
-                .await?)
-        }
-        .await;
-        if let Err(error) = released {
-            warn!(message = "could not release the sending lock; it expires by itself", %error);
-        }
     }
 }
 

@@ -29,6 +29,10 @@ pub trait ReplyBackend: Send + Sync + 'static {
     /// Label of `botline_respond_replies_total{backend}`.
     fn name(&self) -> &'static str;
 
+    /// Whether this backend reads the chat's earlier turns; when none does,
+    /// respond does not read `ctx:` streams at all.
+    fn wants_context(&self) -> bool;
+
     fn reply<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,

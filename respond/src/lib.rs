@@ -102,8 +102,12 @@ impl RespondStage {
         Duration::from_millis(self.settings.context_ttl_ms)
     }
 
-    /// The last `context_max_turns` turns of each chat, oldest first.
+    /// The last `context_max_turns` turns of each chat, oldest first; none
+    /// read when no backend wants them.
     async fn contexts(&self, keys: &[String]) -> Result<HashMap<String, Vec<Turn>>, Error> {
+        if !self.backends.iter().any(|backend| backend.wants_context()) {
+            return Ok(HashMap::new());
+        }
         let mut pipe = redis::pipe();
         for key in keys {
             pipe.cmd("XREVRANGE")

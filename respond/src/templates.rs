@@ -46,7 +46,10 @@ pub fn language_of(text: &str) -> Language {
 }
 
 /// `template` with `{name}` replaced by its value; `{{` and `}}` are literal braces.
-pub fn render(template: &str, value: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+pub fn render(
+    template: &str,
+    mut value: impl FnMut(&str) -> Option<String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find(['{', '}']) {
@@ -76,6 +79,8 @@ pub fn render(template: &str, value: impl Fn(&str) -> Option<String>) -> Result<
 
 pub struct Templates {
     by_intent: BTreeMap<String, Template>,
+    /// Whether any template uses `{previous_text}` or `{turns}`.
+    uses_context: bool,
 }
 
 /// The intent whose template answers anything no other template does.
@@ -90,16 +95,22 @@ impl Templates {
                 "is required: it answers whatever no other template does",
             ));
         }
+        let mut uses_context = false;
         for (intent, template) in &by_intent {
             for (language, text) in [("en", &template.en), ("zh", &template.zh)] {
-                render(text, |name| VARIABLES.contains(&name).then(String::new)).map_err(
-                    |reason| {
-                        Error::config(format!("respond.templates.{intent}.{language}"), reason)
-                    },
-                )?;
+                render(text, |name| {
+                    uses_context |= matches!(name, "previous_text" | "turns");
+                    VARIABLES.contains(&name).then(String::new)
+                })
+                .map_err(|reason| {
+                    Error::config(format!("respond.templates.{intent}.{language}"), reason)
+                })?;
             }
         }
-        Ok(Templates { by_intent })
+        Ok(Templates {
+            by_intent,
+            uses_context,
+        })
     }
 
     fn text_for(&self, intent: &str, language: Language) -> Option<&str> {
@@ -148,6 +159,10 @@ impl Templates {
 impl ReplyBackend for Templates {
     fn name(&self) -> &'static str {
         "templates"
+    }
+
+    fn wants_context(&self) -> bool {
+        self.uses_context
     }
 
     fn reply<'a>(
