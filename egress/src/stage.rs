@@ -14,7 +14,6 @@ use crate::config::EgressSettings;
 use crate::delivery::{self, Delivery, RetryPolicy};
 use crate::senders::Sender;
 use botline_shared::message::{Receipt, Reply};
-use botline_shared::redis_conn::Pool;
 use botline_shared::runner::{Envelope, Input, Outcome, Plumbing, Stage, Write};
 use botline_shared::streams::{group, Streams};
 use botline_shared::{now_ms, Error};
@@ -71,8 +70,8 @@ pub struct EgressStage {
     senders: Vec<(String, Arc<dyn Sender>)>,
     settings: EgressSettings,
     policy: RetryPolicy,
-    /// For the `sent` check and the sending locks, never for the ack.
-    pool: Pool,
+    /// For the sending locks (the runner makes the ack).
+    commands: redis::aio::ConnectionManager,
     streams: Streams,
     delivered_max_len: usize,
     /// This process's value in the locks it holds, so it releases only its own.
@@ -116,7 +115,7 @@ impl EgressStage {
             },
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
-            pool: plumbing.pool.clone(),
+            commands: plumbing.commands.clone(),
             streams,
             delivered_max_len: plumbing.stream_settings.delivered_max_len,
             lock_token: hex::encode(rand::random::<[u8; 16]>()),
@@ -209,7 +208,7 @@ impl EgressStage {
                 .key(self.streams.sending(&envelope.record.id));
         }
         invocation.arg(&self.lock_token).arg(lock_ms);
-        let mut connection = self.pool.get().await?;
+        let mut connection = self.commands.clone();
         let taken: Vec<i64> = invocation.invoke_async(&mut connection).await?;
         Ok(taken
             .into_iter()
@@ -231,7 +230,7 @@ impl EgressStage {
                 invocation.key(self.streams.sending(&reply.id));
             }
             invocation.arg(&self.lock_token);
-            let mut connection = self.pool.get().await?;
+            let mut connection = self.commands.clone();
             Ok(invocation.invoke_async(&mut connection).await?)
         }
         .await;

@@ -29,6 +29,20 @@ pub fn pool(process: &ProcessConfig, size: usize) -> Result<Pool, Error> {
         .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))
 }
 
+/// One multiplexed connection for the hot path's short commands (acks,
+/// claims, locks): commands from many tasks share it and are pipelined,
+/// with no checkout round trip; it reconnects by itself.
+pub fn commands(client: &Client) -> Result<redis::aio::ConnectionManager, Error> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+        .set_number_of_retries(3);
+    Ok(redis::aio::ConnectionManager::new_lazy_with_config(
+        client.clone(),
+        config,
+    )?)
+}
+
 /// A connection of its own for `XREADGROUP … BLOCK block`.
 pub async fn blocking_connection(
     client: &Client,

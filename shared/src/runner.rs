@@ -26,6 +26,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -124,6 +125,9 @@ pub trait Stage: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Plumbing {
     pub client: redis::Client,
+    /// Short commands of the hot path (acks, claims, locks), multiplexed.
+    pub commands: redis::aio::ConnectionManager,
+    /// Everything else.
     pub pool: Pool,
     pub streams: Streams,
     pub runner: RunnerSettings,
@@ -133,17 +137,21 @@ pub struct Plumbing {
     pub health: Health,
 }
 
-const ACK_SCRIPT: &str = r#"
+static ACK_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACK_SCRIPT_CODE));
+
+const ACK_SCRIPT_CODE: &str = r#"
 -- KEYS: every key written. ARGV: group, entry count, then per entry:
 -- input key index, entry id, write count, then per write one of
 --   add <key index> <cap> <expire ms> <field count> <field> <value> ...
 --   set <key index> <value> <expire ms>
 --   pub <channel> <message>
--- Writes happen only if XACK acknowledged the entry. Returns 1/0 per entry.
+-- Writes happen only if XACK acknowledged the entry; a stream's expiry is
+-- set once, after the batch. Returns 1/0 per entry.
 local group = ARGV[1]
 local count = tonumber(ARGV[2])
 local p = 3
 local acked = {}
+local expires = {}
 for i = 1, count do
   local stream = KEYS[tonumber(ARGV[p])]
   local ok = redis.call('XACK', stream, group, ARGV[p + 1])
@@ -156,25 +164,18 @@ for i = 1, count do
       local key = KEYS[tonumber(ARGV[p + 1])]
       local cap = tonumber(ARGV[p + 2])
       local expire = tonumber(ARGV[p + 3])
-      local fields = tonumber(ARGV[p + 4])
-      p = p + 5
+      local last = p + 4 + tonumber(ARGV[p + 4]) * 2
       if ok == 1 then
-        local args = {'XADD', key}
         if cap > 0 then
-          args[#args + 1] = 'MAXLEN'
-          args[#args + 1] = '~'
-          args[#args + 1] = cap
+          redis.call('XADD', key, 'MAXLEN', '~', cap, '*', unpack(ARGV, p + 5, last))
+        else
+          redis.call('XADD', key, '*', unpack(ARGV, p + 5, last))
         end
-        args[#args + 1] = '*'
-        for k = 0, fields * 2 - 1 do
-          args[#args + 1] = ARGV[p + k]
-        end
-        redis.call(unpack(args))
         if expire > 0 then
-          redis.call('PEXPIRE', key, expire)
+          expires[key] = expire
         end
       end
-      p = p + fields * 2
+      p = last + 1
     elseif op == 'set' then
       if ok == 1 then
         redis.call('SET', KEYS[tonumber(ARGV[p + 1])], ARGV[p + 2], 'PX', ARGV[p + 3])
@@ -189,6 +190,9 @@ for i = 1, count do
       return redis.error_reply('unknown write ' .. tostring(op))
     end
   end
+end
+for key, expire in pairs(expires) do
+  redis.call('PEXPIRE', key, expire)
 end
 return acked
 "#;
@@ -274,21 +278,19 @@ impl AckCall {
         }
     }
 
-    async fn run(mut self, pool: &Pool) -> Result<Vec<bool>, Error> {
+    async fn run(mut self, connection: &redis::aio::ConnectionManager) -> Result<Vec<bool>, Error> {
         if self.entries == 0 {
             return Ok(Vec::new());
         }
         self.args[1] = self.entries.to_string().into_bytes();
-        let script = redis::Script::new(ACK_SCRIPT);
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = ACK_SCRIPT.prepare_invoke();
         for key in &self.keys {
             invocation.key(key);
         }
         for arg in &self.args {
             invocation.arg(arg.as_slice());
         }
-        let mut connection = pool.get().await?;
-        let acked: Vec<i64> = invocation.invoke_async(&mut connection).await?;
+        let acked: Vec<i64> = invocation.invoke_async(&mut connection.clone()).await?;
         Ok(acked.into_iter().map(|ack| ack == 1).collect())
     }
 }
@@ -458,7 +460,7 @@ impl<S: Stage> Runner<S> {
         for input in &self.inputs {
             let mut cursor = "0-0".to_string();
             for _ in 0..PAGES_PER_CLAIM {
-                let mut connection = self.plumbing.pool.get().await?;
+                let mut connection = self.plumbing.commands.clone();
                 let reply: Value = redis::cmd("XAUTOCLAIM")
                     .arg(&input.stream)
                     .arg(self.group)
@@ -499,7 +501,6 @@ impl<S: Stage> Runner<S> {
                         count(self.group, "deleted", ids.len());
                     }
                 }
-                drop(connection);
                 if !claimed.is_empty() {
                     info!(message = "took over idle entries", stage = self.group, stream = %input.stream, count = claimed.len());
                     count(self.group, "claimed", claimed.len());
@@ -565,7 +566,7 @@ impl<S: Stage> Runner<S> {
     /// How many times each of `entries` has been delivered (`XPENDING … IDLE` gives it).
     async fn delivery_counts(&self, entries: &[RawEntry]) -> Result<HashMap<String, u64>, Error> {
         let mut counts = HashMap::new();
-        let mut connection = self.plumbing.pool.get().await?;
+        let mut connection = self.plumbing.commands.clone();
         let mut by_stream: HashMap<&str, Vec<&RawEntry>> = HashMap::new();
         for entry in entries {
             by_stream
@@ -692,7 +693,7 @@ impl<S: Stage> Runner<S> {
                 }
             }
         }
-        let acked = call.run(&self.plumbing.pool).await?;
+        let acked = call.run(&self.plumbing.commands).await?;
         let mut tally: HashMap<&'static str, usize> = HashMap::new();
         for (kind, acked) in acked_kinds.into_iter().zip(acked) {
             *tally.entry(if acked { kind } else { "stale" }).or_default() += 1;
@@ -737,9 +738,11 @@ impl Plumbing {
     ) -> Result<Self, Error> {
         let runner: RunnerSettings = settings.section("runner")?;
         runner.validate()?;
+        let client = redis::Client::open(process.redis_url.as_str())
+            .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))?;
         Ok(Plumbing {
-            client: redis::Client::open(process.redis_url.as_str())
-                .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))?,
+            commands: redis_conn::commands(&client)?,
+            client,
             pool: redis_conn::pool(process, 16)?,
             streams: process.streams(),
             runner,

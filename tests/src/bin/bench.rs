@@ -26,6 +26,7 @@ struct Options {
     chats: usize,
     platform: String,
     timeout: Duration,
+    redis_stats: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -36,6 +37,7 @@ fn options() -> Result<Options, String> {
         chats: 200,
         platform: "web".into(),
         timeout: Duration::from_secs(300),
+        redis_stats: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -47,8 +49,9 @@ fn options() -> Result<Options, String> {
             "--chats" => options.chats = value()?.parse().map_err(|e| format!("--chats: {e}"))?,
             "--platform" => options.platform = value()?,
             "--timeout-secs" => options.timeout = Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?),
+            "--redis-stats" => options.redis_stats = true,
             "--help" | "-h" => {
-                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S]".into())
+                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats]".into())
             }
             other => return Err(format!("unknown option {other}; see --help")),
         }
@@ -257,8 +260,42 @@ async fn main() {
             "via": options.via,
         })
     );
+    if options.redis_stats {
+        print_redis_stats(&mut redis.connection());
+    }
     drop(pipeline);
     if lost > 0 || duplicated > 0 {
         std::process::exit(1);
+    }
+}
+
+/// Where Redis spent its time, by command (from `INFO commandstats`), to
+/// the standard error, busiest first.
+fn print_redis_stats(connection: &mut redis::Connection) {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(connection)
+        .expect("INFO");
+    let mut rows: Vec<(String, u64, u64)> = info
+        .lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| {
+                stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+            };
+            Some((name.to_string(), field("calls")?, field("usec")?))
+        })
+        .collect();
+    rows.sort_by_key(|(_, _, usec)| std::cmp::Reverse(*usec));
+    eprintln!("| redis command | calls | total ms | µs per call |");
+    eprintln!("| --- | --- | --- | --- |");
+    for (name, calls, usec) in rows.iter().take(15) {
+        eprintln!(
+            "| {name} | {calls} | {} | {:.1} |",
+            usec / 1000,
+            *usec as f64 / (*calls).max(1) as f64
+        );
     }
 }
