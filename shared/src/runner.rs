@@ -515,22 +515,34 @@ impl<S: Stage> Runner<S> {
     }
 
     /// New entries, most important input first; blocks only when all are empty.
+    ///
+    /// With several inputs, one pipelined round of non-blocking reads takes
+    /// each input's weighted share of the batch; if that leaves room and some
+    /// inputs filled their share, a second round splits the room among them.
+    /// Every input is read every time, so none starves.
     async fn read_new(&self, conn: &mut MultiplexedConnection) -> Result<Vec<RawEntry>, Error> {
         let batch_size = self.plumbing.runner.batch_size;
         if self.inputs.len() > 1 {
-            let total_weight: usize = self.inputs.iter().map(|i| i.weight.max(1)).sum();
-            let mut entries = Vec::new();
-            let mut spare = 0;
-            for input in &self.inputs {
-                let share = (batch_size * input.weight.max(1)).div_ceil(total_weight) + spare;
-                let reply: Value = self
-                    .xreadgroup(share, None, &[input.stream.as_str()])
-                    .query_async(conn)
-                    .await?;
-                let got = redis_conn::parse_read_reply(reply)?;
-                spare = share - got.len().min(share);
-                entries.extend(got);
+            let everyone: Vec<usize> = (0..self.inputs.len()).collect();
+            let mut read = self.read_shares(conn, &everyone, batch_size).await?;
+            let total: usize = read.iter().map(|(_, entries)| entries.len()).sum();
+            // Inputs that gave all they were asked for may hold more.
+            let full: Vec<usize> = read
+                .iter()
+                .enumerate()
+                .filter(|(_, (share, entries))| entries.len() == *share)
+                .map(|(index, _)| index)
+                .collect();
+            if total < batch_size && !full.is_empty() {
+                for (index, (_, more)) in full
+                    .iter()
+                    .zip(self.read_shares(conn, &full, batch_size - total).await?)
+                {
+                    read[*index].1.extend(more);
+                }
             }
+            let entries: Vec<RawEntry> =
+                read.into_iter().flat_map(|(_, entries)| entries).collect();
             if !entries.is_empty() {
                 return Ok(entries);
             }
@@ -544,6 +556,28 @@ impl<S: Stage> Runner<S> {
         // A blocking read over several streams returns them in any order.
         entries.sort_by_key(|entry| streams.iter().position(|s| *s == entry.stream));
         Ok(entries)
+    }
+
+    /// One pipelined round of non-blocking reads of `inputs`, splitting
+    /// `room` by weight; each input's share and what it gave.
+    async fn read_shares(
+        &self,
+        conn: &mut MultiplexedConnection,
+        inputs: &[usize],
+        room: usize,
+    ) -> Result<Vec<(usize, Vec<RawEntry>)>, Error> {
+        let weights: Vec<usize> = inputs.iter().map(|i| self.inputs[*i].weight).collect();
+        let counts = shares(room, &weights);
+        let mut pipe = redis::pipe();
+        for (index, count) in inputs.iter().zip(&counts) {
+            pipe.add_command(self.xreadgroup(*count, None, &[self.inputs[*index].stream.as_str()]));
+        }
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        counts
+            .into_iter()
+            .zip(replies)
+            .map(|(count, reply)| Ok((count, redis_conn::parse_read_reply(reply)?)))
+            .collect()
     }
 
     fn xreadgroup(&self, count: usize, block_ms: Option<u64>, streams: &[&str]) -> redis::Cmd {
@@ -750,5 +784,32 @@ impl Plumbing {
             consumer: process.consumer.clone(),
             health,
         })
+    }
+}
+
+/// `room` split in proportion to `weights` (a weight of 0 counts as 1),
+/// every share at least 1, the shares adding up to at least `room`.
+fn shares(room: usize, weights: &[usize]) -> Vec<usize> {
+    let total: usize = weights.iter().map(|w| (*w).max(1)).sum();
+    weights
+        .iter()
+        .map(|w| (room * (*w).max(1)).div_ceil(total).max(1))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_follow_weights() {
+        let check = |room: usize, weights: &[usize], expected: &[usize]| {
+            assert_eq!(shares(room, weights), expected, "{room} over {weights:?}");
+        };
+        check(200, &[8, 3, 1], &[134, 50, 17]);
+        check(200, &[1, 1], &[100, 100]);
+        check(1, &[8, 3, 1], &[1, 1, 1]);
+        check(10, &[0, 1], &[5, 5]);
+        check(150, &[3], &[150]);
     }
 }

@@ -27,6 +27,7 @@ struct Options {
     platform: String,
     timeout: Duration,
     redis_stats: bool,
+    config: Option<String>,
 }
 
 fn options() -> Result<Options, String> {
@@ -38,6 +39,7 @@ fn options() -> Result<Options, String> {
         platform: "web".into(),
         timeout: Duration::from_secs(300),
         redis_stats: false,
+        config: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -50,8 +52,12 @@ fn options() -> Result<Options, String> {
             "--platform" => options.platform = value()?,
             "--timeout-secs" => options.timeout = Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?),
             "--redis-stats" => options.redis_stats = true,
+            "--config" => {
+                let path = value()?;
+                options.config = Some(std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?);
+            }
             "--help" | "-h" => {
-                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats]".into())
+                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats] [--config FILE.toml]".into())
             }
             other => return Err(format!("unknown option {other}; see --help")),
         }
@@ -91,11 +97,14 @@ async fn main() {
     };
     let redis = RedisServer::start();
     let sink = Sink::start(WEBHOOK_SECRET).await;
-    let overlay = format!(
+    let mut overlay = format!(
         "[streams]\ndelivered_max_len = {}\n[egress.webhook]\nurl = \"{}\"\n",
         options.messages * 2 + 1000,
         sink.url
     );
+    if let Some(config) = &options.config {
+        overlay.push_str(config);
+    }
     let pipeline = Pipeline::start(&redis, &overlay);
     pipeline.wait_ready(Duration::from_secs(60)).await;
     let streams = Streams::default();
