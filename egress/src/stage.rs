@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 /// Takes each reply's sending lock unless it is already sent.
-/// KEYS: sent key, sending key, for each reply. ARGV: token, lock ms.
+/// KEYS: sent key, sending key, for each reply. ARGV: token, lock ms, then
+/// per reply 1 (lock) or 0 (only check `sent`).
 /// Returns per reply 2 sent, 1 taken, 0 held.
 static TAKE_LOCKS: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -35,7 +36,7 @@ local taken = {}
 for i = 1, #KEYS, 2 do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     taken[#taken + 1] = 2
-  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  elseif ARGV[2 + (i + 1) / 2] == '0' or redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     taken[#taken + 1] = 1
   else
     taken[#taken + 1] = 0
@@ -208,6 +209,12 @@ impl EgressStage {
                 .key(self.streams.sending(&envelope.record.id));
         }
         invocation.arg(&self.lock_token).arg(lock_ms);
+        for envelope in batch {
+            let locks = self
+                .sender(&envelope.stream)
+                .is_some_and(|sender| !sender.delivers_within_redis());
+            invocation.arg(if locks { "1" } else { "0" });
+        }
         let mut connection = self.commands.clone();
         let taken: Vec<i64> = invocation.invoke_async(&mut connection).await?;
         Ok(taken

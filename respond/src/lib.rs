@@ -260,6 +260,12 @@ impl Stage for RespondStage {
         group::RESPOND
     }
 
+    /// A batch handled before the previous one's turns are written would
+    /// read a stale context, so only when no backend reads the context.
+    fn overlap_batches(&self) -> bool {
+        !self.backends.iter().any(|backend| backend.wants_context())
+    }
+
     fn inputs(&self) -> Vec<Input> {
         let weights = &self.settings.weights;
         [

@@ -77,7 +77,7 @@ pub enum Write {
         value: String,
         expire: Duration,
     },
-    /// `PUBLISH channel message`.
+    /// `PUBLISH channel message`, once per batch however many entries ask.
     Publish { channel: String, message: String },
 }
 
@@ -117,6 +117,14 @@ pub trait Stage: Send + Sync + 'static {
     /// The streams to read, most important first.
     fn inputs(&self) -> Vec<Input>;
 
+    /// Whether the next batch may be handled while the previous batch's
+    /// acknowledgement is still on its way to Redis. Acknowledgements stay in
+    /// order either way; a stage that reads what its own previous batch
+    /// wrote (respond's context) must answer `false`.
+    fn overlap_batches(&self) -> bool {
+        true
+    }
+
     /// One outcome per envelope, in the same order.
     fn handle(&self, batch: Vec<Envelope<Self::In>>) -> impl Future<Output = Vec<Outcome>> + Send;
 }
@@ -146,12 +154,14 @@ const ACK_SCRIPT_CODE: &str = r#"
 --   set <key index> <value> <expire ms>
 --   pub <channel> <message>
 -- Writes happen only if XACK acknowledged the entry; a stream's expiry is
--- set once, after the batch. Returns 1/0 per entry.
+-- set, and each distinct message published, once, after the batch.
+-- Returns 1/0 per entry.
 local group = ARGV[1]
 local count = tonumber(ARGV[2])
 local p = 3
 local acked = {}
 local expires = {}
+local publish = {}
 for i = 1, count do
   local stream = KEYS[tonumber(ARGV[p])]
   local ok = redis.call('XACK', stream, group, ARGV[p + 1])
@@ -183,7 +193,7 @@ for i = 1, count do
       p = p + 4
     elseif op == 'pub' then
       if ok == 1 then
-        redis.call('PUBLISH', ARGV[p + 1], ARGV[p + 2])
+        publish[ARGV[p + 1] .. '\n' .. ARGV[p + 2]] = {ARGV[p + 1], ARGV[p + 2]}
       end
       p = p + 3
     else
@@ -193,6 +203,9 @@ for i = 1, count do
 end
 for key, expire in pairs(expires) do
   redis.call('PEXPIRE', key, expire)
+end
+for _, message in pairs(publish) do
+  redis.call('PUBLISH', message[1], message[2])
 end
 return acked
 "#;
@@ -295,6 +308,25 @@ impl AckCall {
     }
 }
 
+/// A batch handled, its acknowledgement not yet sent.
+struct Prepared {
+    call: AckCall,
+    /// Per acknowledged entry, the outcome counted if the ack takes.
+    kinds: Vec<&'static str>,
+    retried: usize,
+    batch_size: usize,
+    started: Instant,
+}
+
+/// A batch whose acknowledgement is on its way.
+struct InFlight {
+    acked: tokio::task::JoinHandle<Result<Vec<bool>, Error>>,
+    kinds: Vec<&'static str>,
+    retried: usize,
+    batch_size: usize,
+    started: Instant,
+}
+
 /// Counts outcomes into `botline_stage_messages_total{stage, outcome}`.
 fn count(stage: &'static str, outcome: &'static str, n: usize) {
     if n > 0 {
@@ -378,6 +410,8 @@ impl<S: Stage> Runner<S> {
         let mut own_pending_first = true;
         let mut next_claim = Instant::now();
         let mut backoff = Duration::from_millis(100);
+        // The previous batch's acknowledgement, while the next batch is read and handled.
+        let mut in_flight: Option<InFlight> = None;
         while !shutdown.is_cancelled() {
             let step = async {
                 let conn = match connection.as_mut() {
@@ -390,6 +424,11 @@ impl<S: Stage> Runner<S> {
                         .await?,
                     ),
                 };
+                if own_pending_first || Instant::now() >= next_claim {
+                    if let Some(previous) = in_flight.take() {
+                        self.settle(previous).await?;
+                    }
+                }
                 if own_pending_first {
                     self.drain_own_pending(conn).await?;
                     own_pending_first = false;
@@ -403,9 +442,26 @@ impl<S: Stage> Runner<S> {
                     _ = shutdown.cancelled() => return Ok(()),
                 };
                 self.plumbing.health.set(self.group, true);
-                self.process(entries, true).await
+                let prepared = self.prepare(entries, true).await?;
+                // Acknowledgements go out in order: the previous one first.
+                if let Some(previous) = in_flight.take() {
+                    self.settle(previous).await?;
+                }
+                if let Some(prepared) = prepared {
+                    let started = self.start(prepared);
+                    if self.stage.overlap_batches() {
+                        in_flight = Some(started);
+                    } else {
+                        self.settle(started).await?;
+                    }
+                }
+                Ok::<(), Error>(())
             };
-            match step.await {
+            let result = step.await;
+            if result.is_err() {
+                self.settle_last(in_flight.take()).await;
+            }
+            match result {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(error) => {
                     warn!(message = "stage step failed; re-reading own pending entries", stage = self.group, %error);
@@ -420,6 +476,17 @@ impl<S: Stage> Runner<S> {
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+            }
+        }
+        self.settle_last(in_flight.take()).await;
+    }
+
+    /// Settle an acknowledgement on the way out of the loop: a failure only leaves
+    /// the batch pending for the next read of own pending entries.
+    async fn settle_last(&self, in_flight: Option<InFlight>) {
+        if let Some(in_flight) = in_flight {
+            if let Err(error) = self.settle(in_flight).await {
+                warn!(message = "acknowledgement failed; the batch stays pending", stage = self.group, %error);
             }
         }
     }
@@ -635,8 +702,20 @@ impl<S: Stage> Runner<S> {
 
     /// Decode, hand to the stage, and acknowledge with the outputs in one script.
     async fn process(&self, entries: Vec<RawEntry>, fresh: bool) -> Result<(), Error> {
+        match self.prepare(entries, fresh).await? {
+            Some(prepared) => self.settle(self.start(prepared)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Decode and hand to the stage: the acknowledgement to make.
+    async fn prepare(
+        &self,
+        entries: Vec<RawEntry>,
+        fresh: bool,
+    ) -> Result<Option<Prepared>, Error> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let started = Instant::now();
         let deliveries = if fresh {
@@ -727,19 +806,52 @@ impl<S: Stage> Runner<S> {
                 }
             }
         }
-        let acked = call.run(&self.plumbing.commands).await?;
+        Ok(Some(Prepared {
+            call,
+            kinds: acked_kinds,
+            retried,
+            batch_size,
+            started,
+        }))
+    }
+
+    /// Send the acknowledgement script; it runs while the caller goes on.
+    fn start(&self, prepared: Prepared) -> InFlight {
+        let connection = self.plumbing.commands.clone();
+        let Prepared {
+            call,
+            kinds,
+            retried,
+            batch_size,
+            started,
+        } = prepared;
+        InFlight {
+            acked: tokio::spawn(async move { call.run(&connection).await }),
+            kinds,
+            retried,
+            batch_size,
+            started,
+        }
+    }
+
+    /// Wait for an acknowledgement and count what it did.
+    async fn settle(&self, in_flight: InFlight) -> Result<(), Error> {
+        let acked = in_flight
+            .acked
+            .await
+            .map_err(|error| Error::Garbage(format!("acknowledgement task failed: {error}")))??;
         let mut tally: HashMap<&'static str, usize> = HashMap::new();
-        for (kind, acked) in acked_kinds.into_iter().zip(acked) {
+        for (kind, acked) in in_flight.kinds.into_iter().zip(acked) {
             *tally.entry(if acked { kind } else { "stale" }).or_default() += 1;
         }
-        tally.insert("retry", retried);
+        tally.insert("retry", in_flight.retried);
         for (kind, n) in tally {
             count(self.group, kind, n);
         }
         metrics::histogram!("botline_stage_batch_size", "stage" => self.group)
-            .record(batch_size as f64);
+            .record(in_flight.batch_size as f64);
         metrics::histogram!("botline_stage_duration_seconds", "stage" => self.group)
-            .record(started.elapsed().as_secs_f64());
+            .record(in_flight.started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -23,6 +23,13 @@ pub trait Sender: Send + Sync + 'static {
     /// The platform name: the `<platform>` of `out:<platform>` and the metrics label.
     fn platform(&self) -> &'static str;
 
+    /// Whether delivering is nothing but the attempt's Redis writes (made
+    /// with the acknowledgement, so at most once by themselves): such a
+    /// sender needs no sending lock.
+    fn delivers_within_redis(&self) -> bool {
+        false
+    }
+
     /// One attempt at delivering `reply`. Must not retry by itself.
     fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt>;
 }

@@ -62,6 +62,10 @@ impl Sender for WebSender {
         "web"
     }
 
+    fn delivers_within_redis(&self) -> bool {
+        true
+    }
+
     fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt> {
         let writes = self.writes(reply);
         Box::pin(async move { Attempt::delivered(None, None, writes) })
