@@ -1,35 +1,15 @@
 //! The shipped rules, checked on the sentences they are meant for.
 
 use botline_shared::config::Settings;
-use botline_shared::message::{Chat, ChatKind, Origin, Priority, Sender, UnifiedMessage};
+use botline_shared::message::{Origin, Priority, UnifiedMessage};
+use botline_shared::testing::sample_message;
 use classify::rules::IntentModel;
 use classify::{keyword_model, Classifier, ClassifySettings};
 
 fn message(text: &str, origin: Origin) -> UnifiedMessage {
     UnifiedMessage {
-        id: "m".into(),
-        platform: "web".into(),
-        bot: "botline".into(),
-        chat: Chat {
-            id: "c".into(),
-            kind: ChatKind::Direct,
-        },
-        thread: None,
-        sender: Sender {
-            id: "u".into(),
-            name: "u".into(),
-            is_bot: false,
-        },
-        text: text.into(),
-        mentions: Default::default(),
-        attachments: vec![],
-        reply_to: None,
-        platform_ts_ms: None,
-        received_at_ms: 0,
-        trace_id: "t".into(),
         origin,
-        replay: false,
-        raw: None,
+        ..sample_message(0, text)
     }
 }
 

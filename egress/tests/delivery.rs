@@ -12,7 +12,6 @@ use botline_egress::EgressSettings;
 use botline_shared::codec::{self, Record};
 use botline_shared::config::{ProcessConfig, Settings};
 use botline_shared::message::{Chat, ChatKind, DeadLetter, Priority, Receipt, Reply, Role, Turn};
-use botline_shared::redis_conn::parse_entries;
 use botline_shared::runner::Plumbing;
 use botline_shared::streams::Streams;
 use botline_shared::telemetry::Health;
@@ -134,6 +133,21 @@ fn ok() -> (u16, Option<&'static str>, String) {
     (200, None, String::new())
 }
 
+/// A sink script: the first request gets this answer, every later one 200.
+fn first_then_ok(
+    status: u16,
+    retry_after: Option<&'static str>,
+    body: &'static str,
+) -> impl Fn(usize) -> (u16, Option<&'static str>, String) + Send + Sync + 'static {
+    move |nth| {
+        if nth == 0 {
+            (status, retry_after, body.into())
+        } else {
+            ok()
+        }
+    }
+}
+
 // ---- egress, running against its own Redis ----
 
 struct Egress {
@@ -220,21 +234,7 @@ impl Egress {
     }
 
     async fn read<R: Record>(&self, stream: &str) -> Vec<R> {
-        let value: redis::Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut self.connection.clone())
-            .await
-            .unwrap();
-        parse_entries(stream, value)
-            .unwrap()
-            .into_iter()
-            .map(|entry| {
-                let fields = entry.fields.unwrap();
-                codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).unwrap()
-            })
-            .collect()
+        botline_shared::testing::read_stream(&mut self.redis.connection(), stream)
     }
 
     async fn receipts(&self) -> Vec<Receipt> {
@@ -458,17 +458,7 @@ async fn a_reply_already_sent_is_not_sent_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_is_retried_until_delivered() {
-    let (sink, url) = Sink::start(
-        |nth| {
-            if nth == 0 {
-                (500, None, "oops".into())
-            } else {
-                ok()
-            }
-        },
-        0,
-    )
-    .await;
+    let (sink, url) = Sink::start(first_then_ok(500, None, "oops"), 0).await;
     let egress = Egress::start(&webhook(&url)).await;
     egress.send(&reply("r-1", "webhook", "c1", "hi")).await;
     eventually("a receipt", || async {
@@ -493,17 +483,7 @@ async fn a_server_error_is_retried_until_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
-    let (sink, url) = Sink::start(
-        |nth| {
-            if nth == 0 {
-                (429, Some("1"), "slow down".into())
-            } else {
-                ok()
-            }
-        },
-        0,
-    )
-    .await;
+    let (sink, url) = Sink::start(first_then_ok(429, Some("1"), "slow down"), 0).await;
     let egress = Egress::start(&webhook(&url)).await;
     egress.send(&reply("r-1", "webhook", "c1", "hi")).await;
     eventually("a receipt", || async {

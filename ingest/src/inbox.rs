@@ -7,7 +7,7 @@
 use crate::error::IngestError;
 use botline_shared::codec::{self, Fields};
 use botline_shared::config::StreamSettings;
-use botline_shared::message::{Role, Turn, UnifiedMessage};
+use botline_shared::message::{Turn, UnifiedMessage};
 use botline_shared::redis_conn::Pool;
 use botline_shared::streams::Streams;
 use redis::Value;
@@ -142,7 +142,7 @@ impl Inbox {
                     .arg(self.transcript_ttl_ms)
                     .arg(self.streams.transcript_channel())
                     .arg(&message.chat.id);
-                push_fields(&mut script, codec::encode(&user_turn(message)));
+                push_fields(&mut script, codec::encode(&Turn::from_user(message)));
             } else {
                 script.arg(0);
             }
@@ -192,17 +192,5 @@ fn push_fields(script: &mut redis::ScriptInvocation<'_>, fields: Fields) {
     script.arg(fields.len());
     for (name, value) in fields {
         script.arg(name).arg(value);
-    }
-}
-
-/// The person's turn of a web chat message, as the transcript keeps it.
-pub fn user_turn(message: &UnifiedMessage) -> Turn {
-    Turn {
-        role: Role::User,
-        speaker_id: message.sender.id.clone(),
-        speaker_name: message.sender.name.clone(),
-        text: message.text.clone(),
-        message_id: message.id.clone(),
-        at_ms: message.received_at_ms,
     }
 }

@@ -193,14 +193,7 @@ impl RespondStage {
             let mut writes = Vec::new();
             let answer = self.answer(classified, &context).await;
             if !message.origin.is_announcement() {
-                let turn = Turn {
-                    role: Role::User,
-                    speaker_id: message.sender.id.clone(),
-                    speaker_name: message.sender.name.clone(),
-                    text: message.text.clone(),
-                    message_id: message.id.clone(),
-                    at_ms: message.received_at_ms,
-                };
+                let turn = Turn::from_user(message);
                 writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
                 context.push(turn);
             }

@@ -235,6 +235,20 @@ pub struct Turn {
     pub at_ms: i64,
 }
 
+impl Turn {
+    /// The sender's turn of `message`.
+    pub fn from_user(message: &UnifiedMessage) -> Turn {
+        Turn {
+            role: Role::User,
+            speaker_id: message.sender.id.clone(),
+            speaker_name: message.sender.name.clone(),
+            text: message.text.clone(),
+            message_id: message.id.clone(),
+            at_ms: message.received_at_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {

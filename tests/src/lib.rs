@@ -136,6 +136,15 @@ impl StageProcess {
     pub fn metrics_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.metrics_port)
     }
+
+    /// What `/metrics` says now (empty if it does not answer).
+    pub async fn metrics(&self) -> String {
+        let response = reqwest::get(format!("{}/metrics", self.metrics_url())).await;
+        match response {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
 }
 
 impl Drop for StageProcess {

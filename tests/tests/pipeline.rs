@@ -20,10 +20,14 @@ fn overlay(sink: &Sink) -> String {
     format!("{FAST}[egress.webhook]\nurl = \"{}\"\n", sink.url)
 }
 
-async fn start(redis: &RedisServer, sink: &Sink) -> Pipeline {
-    let pipeline = Pipeline::start(redis, &overlay(sink));
+/// A redis-server, a webhook sink, the four stages (ready) and an API client.
+async fn setup() -> (RedisServer, Sink, Pipeline, ApiClient) {
+    let redis = RedisServer::start();
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let pipeline = Pipeline::start(&redis, &overlay(&sink));
     pipeline.wait_ready(Duration::from_secs(60)).await;
-    pipeline
+    let client = ApiClient::new(&pipeline.base_url());
+    (redis, sink, pipeline, client)
 }
 
 /// `count` messages over `chats` chats, each chat's in order, chats concurrently.
@@ -77,10 +81,7 @@ fn assert_each_answered_once(sink: &Sink, expected: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_is_answered_once_in_order_per_chat() {
-    let redis = RedisServer::start();
-    let sink = Sink::start(WEBHOOK_SECRET).await;
-    let mut pipeline = start(&redis, &sink).await;
-    let client = ApiClient::new(&pipeline.base_url());
+    let (redis, sink, mut pipeline, client) = setup().await;
 
     let sent = send_all(&client, "m", 200, 10, Duration::ZERO).await;
     wait_for("200 replies", Duration::from_secs(60), || {
@@ -133,15 +134,7 @@ async fn every_message_is_answered_once_in_order_per_chat() {
 
     let delivered: usize = connection.xlen(Streams::default().delivered()).unwrap();
     assert_eq!(delivered, 200, "a receipt per delivery");
-    let metrics = reqwest::get(format!(
-        "{}/metrics",
-        pipeline.stage("egress").metrics_url()
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let metrics = pipeline.stage("egress").metrics().await;
     assert!(
         metrics.contains("botline_egress_end_to_end_seconds_count"),
         "{metrics}"
@@ -170,10 +163,7 @@ async fn every_message_is_answered_once_in_order_per_chat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_of_each_stage_loses_nothing_and_doubles_nothing() {
-    let redis = RedisServer::start();
-    let sink = Sink::start(WEBHOOK_SECRET).await;
-    let mut pipeline = start(&redis, &sink).await;
-    let client = ApiClient::new(&pipeline.base_url());
+    let (redis, sink, mut pipeline, client) = setup().await;
     const COUNT: usize = 400;
 
     let sender = tokio::spawn({
@@ -214,10 +204,7 @@ async fn kill_nine_of_each_stage_loses_nothing_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
-    let redis = RedisServer::start();
-    let sink = Sink::start(WEBHOOK_SECRET).await;
-    let mut pipeline = start(&redis, &sink).await;
-    let client = ApiClient::new(&pipeline.base_url());
+    let (redis, sink, mut pipeline, client) = setup().await;
     // One message through, so the only classify consumer sits in a blocking read.
     client
         .send("s-0", "s", "hello", Duration::from_secs(10))
@@ -256,13 +243,7 @@ async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
         || sink.replies_per_message().len() == 21,
     )
     .await;
-    let metrics_url = format!("{}/metrics", pipeline.processes[second].metrics_url());
-    let metrics = reqwest::get(&metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pipeline.processes[second].metrics().await;
     assert!(
         metrics.contains(r#"botline_stage_messages_total{stage="classify",outcome="claimed"}"#),
         "the second consumer took entries over:\n{metrics}"
@@ -270,7 +251,6 @@ async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
 
     // The stopped one wakes up with entries already handled: it must not forward them again.
     pipeline.stage("classify").resume();
-    let first_metrics = format!("{}/metrics", pipeline.stage("classify").metrics_url());
     let mut stale = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !stale.contains(r#"outcome="stale""#) {
@@ -279,12 +259,7 @@ async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
             "the resumed consumer never reported its stale entries:\n{stale}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stale = reqwest::get(&first_metrics)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap_or_default();
+        stale = pipeline.stage("classify").metrics().await;
     }
     // Give egress time to (wrongly) send anything forwarded twice, then check.
     client
@@ -300,10 +275,7 @@ async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_entries_go_to_dead_and_every_stage_keeps_going() {
-    let redis = RedisServer::start();
-    let sink = Sink::start(WEBHOOK_SECRET).await;
-    let pipeline = start(&redis, &sink).await;
-    let client = ApiClient::new(&pipeline.base_url());
+    let (redis, sink, pipeline, client) = setup().await;
     let streams = Streams::default();
     let mut connection = redis.connection();
 

@@ -6,7 +6,6 @@ use botline_ingest::Ingest;
 use botline_shared::codec;
 use botline_shared::config::{ProcessConfig, Settings};
 use botline_shared::message::UnifiedMessage;
-use botline_shared::redis_conn::parse_entries;
 use botline_shared::streams::Streams;
 use botline_shared::telemetry::Health;
 use botline_shared::testing::RedisServer;
@@ -89,20 +88,7 @@ impl Harness {
 }
 
 pub fn read_stream<R: codec::Record>(redis: &RedisServer, key: &str) -> Vec<R> {
-    let reply: redis::Value = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query(&mut redis.connection())
-        .unwrap();
-    parse_entries(key, reply)
-        .unwrap()
-        .into_iter()
-        .map(|entry| {
-            let fields = entry.fields.unwrap();
-            codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).unwrap()
-        })
-        .collect()
+    botline_shared::testing::read_stream(&mut redis.connection(), key)
 }
 
 /// A token signed like a real client's: HS256, `exp` in an hour.
