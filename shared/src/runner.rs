@@ -351,6 +351,8 @@ pub async fn run<S: Stage>(
 ) -> Result<(), Error> {
     plumbing.runner.validate()?;
     let group = stage.group();
+    // Not ready until the loop has read once.
+    plumbing.health.set(group, false);
     let inputs = stage.inputs();
     let lease = crate::lease::ConsumerLease::acquire(&plumbing, group).await?;
     let runner = Runner {
