@@ -188,3 +188,77 @@ async fn a_bad_template_is_named_at_start() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urgent_is_served_first_and_batch_is_not_starved() {
+    let redis = RedisServer::start();
+    let mut connection = redis.connection();
+    let streams = botline_shared::streams::Streams::default();
+    // Backlogs in all three queues before respond starts.
+    for (priority, count) in [
+        (Priority::Normal, 300),
+        (Priority::Batch, 30),
+        (Priority::Urgent, 30),
+    ] {
+        for n in 0..count {
+            let mut message = classified(
+                n,
+                &format!("{}-{n}", priority.as_str()),
+                "hello",
+                "greeting",
+            );
+            message.message.id = format!("{}-{n}", priority.as_str());
+            message.priority = priority;
+            add_entry(
+                &mut connection,
+                &streams.queue(priority),
+                &codec::encode(&message),
+            );
+        }
+    }
+    let process = ProcessConfig::from_env(
+        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
+        "127.0.0.1:0",
+    )
+    .unwrap();
+    let settings =
+        Settings::from_overlay(Some("[runner]\nbatch_size = 40\nblock_ms = 100\n")).unwrap();
+    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(respond::run(settings, plumbing, shutdown.clone()));
+    let out = streams.outbound("web");
+    wait_for("every reply", Duration::from_secs(30), || {
+        connection.xlen::<_, usize>(&out).unwrap() == 360
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    let order: Vec<String> = read_stream::<Reply>(&mut connection, &out)
+        .into_iter()
+        .map(|r| r.in_reply_to)
+        .collect();
+    let positions = |prefix: &str| -> Vec<usize> {
+        order
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| id.starts_with(prefix))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let last_urgent = *positions("urgent-").last().unwrap();
+    let first_batch = positions("batch-")[0];
+    let last_normal = *positions("normal-").last().unwrap();
+    assert!(
+        last_urgent < 60,
+        "all urgent replies within the first two reads, the last at {last_urgent}"
+    );
+    assert!(
+        first_batch < 40,
+        "batch gets its share from the first read, first at {first_batch}"
+    );
+    assert!(
+        last_normal > 300,
+        "normal is not served before the others ({last_normal})"
+    );
+}
