@@ -532,6 +532,24 @@ async fn a_bad_request_goes_to_dead_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_webhook_url_its_replies_go_to_dead_saying_so() {
+    let egress = Egress::start("").await;
+    egress.send(&reply("r-1", "webhook", "c1", "hi")).await;
+    eventually("a dead letter", || async {
+        !egress.dead().await.is_empty()
+    })
+    .await;
+    let dead = egress.dead().await;
+    assert!(
+        dead[0].error.starts_with("egress.webhook.url is not set"),
+        "{}",
+        dead[0].error
+    );
+    assert!(egress.receipts().await.is_empty());
+    egress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_chat_keeps_its_order_while_chats_go_at_once() {
     let (sink, url) = Sink::start(|_| ok(), 15).await;
     let redis = RedisServer::start();

@@ -16,7 +16,7 @@ use botline_shared::Error;
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Delivers replies to one platform.
 pub trait Sender: Send + Sync + 'static {
@@ -78,6 +78,28 @@ impl Attempt {
     }
 }
 
+/// A platform whose sender is not configured. Its replies still get read,
+/// so they do not pile up unseen: each goes to `dead` saying what to set.
+struct Unconfigured {
+    platform: &'static str,
+    reason: &'static str,
+}
+
+impl Sender for Unconfigured {
+    fn platform(&self) -> &'static str {
+        self.platform
+    }
+
+    fn attempt<'a>(&'a self, _reply: &'a Reply) -> BoxFuture<'a, Attempt> {
+        Box::pin(async move {
+            Attempt {
+                response: None,
+                verdict: Verdict::Permanent(self.reason.to_string()),
+            }
+        })
+    }
+}
+
 /// The enabled senders, in the order their streams are read.
 pub fn build(
     settings: &EgressSettings,
@@ -96,10 +118,12 @@ pub fn build(
         info!(message = "web sender disabled by egress.web.enabled; out:web is not read");
     }
     if settings.webhook.url.is_empty() {
-        info!(
-            message =
-                "webhook sender disabled: egress.webhook.url is empty; out:webhook is not read"
-        );
+        warn!(message = "egress.webhook.url is empty: replies for platform `webhook` go to dead");
+        senders.push(Arc::new(Unconfigured {
+            platform: "webhook",
+            reason: "egress.webhook.url is not set, so no reply for platform `webhook` can be \
+                     delivered; set it and requeue this entry",
+        }));
     } else {
         senders.push(Arc::new(webhook::WebhookSender::new(
             &settings.webhook,
