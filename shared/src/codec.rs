@@ -215,6 +215,11 @@ mod tests {
                 confidence: 0.5,
             },
             audit: vec!["bad".into()],
+            faq: Some(FaqMatch {
+                question: "When are you open?".into(),
+                answer: "9 to 6".into(),
+                score: 0.9,
+            }),
         };
         round_trip(classified);
         round_trip(Turn {

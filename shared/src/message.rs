@@ -178,6 +178,18 @@ pub struct ClassifiedMessage {
     /// Sensitive words found in the text (as configured, lower-cased).
     #[serde(default)]
     pub audit: Vec<String>,
+    /// The configured FAQ entry closest to the text, when close enough.
+    #[serde(default)]
+    pub faq: Option<FaqMatch>,
+}
+
+/// An FAQ entry classify found close to a message, for respond to answer with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaqMatch {
+    pub question: String,
+    pub answer: String,
+    /// Cosine similarity of the message and the question, 0..=1.
+    pub score: f32,
 }
 
 /// A reply to deliver; read by egress from `out:<platform>`.

@@ -172,16 +172,17 @@ for i = 1, count do
     local op = ARGV[p]
     if op == 'add' then
       local key = KEYS[tonumber(ARGV[p + 1])]
-      local cap = tonumber(ARGV[p + 2])
-      local expire = tonumber(ARGV[p + 3])
+      -- cap and expire stay strings: Redis would print numbers back to text.
+      local cap = ARGV[p + 2]
+      local expire = ARGV[p + 3]
       local last = p + 4 + tonumber(ARGV[p + 4]) * 2
       if ok == 1 then
-        if cap > 0 then
+        if cap ~= '0' then
           redis.call('XADD', key, 'MAXLEN', '~', cap, '*', unpack(ARGV, p + 5, last))
         else
           redis.call('XADD', key, '*', unpack(ARGV, p + 5, last))
         end
-        if expire > 0 then
+        if expire ~= '0' then
           expires[key] = expire
         end
       end
