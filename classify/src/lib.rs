@@ -2,8 +2,13 @@
 //! each one's priority, intent and sensitive-word hits, and writes it to
 //! `q:urgent`, `q:normal` or `q:batch` for respond. It owns no state: every
 //! replica is interchangeable. The intent comes from an [`rules::IntentModel`]
-//! (keyword rules for now), run off the async threads a batch at a time.
+//! run off the async threads a batch at a time: keyword rules, or a sentence
+//! encoder ([`model`]) whose embeddings are matched against each intent's
+//! example utterances and the FAQ questions ([`embedding`]); the FAQ entry
+//! found rides along to respond.
 
+pub mod embedding;
+pub mod model;
 pub mod rules;
 
 use botline_shared::config::Settings;
@@ -11,12 +16,19 @@ use botline_shared::message::{ClassifiedMessage, Intent, Priority, UnifiedMessag
 use botline_shared::runner::{self, Envelope, Input, Outcome, Plumbing, Stage, Write};
 use botline_shared::streams::{group, Streams};
 use botline_shared::Error;
+use embedding::{EmbeddingIntents, FaqEntry, IntentExamples, Matching, Thresholds};
+use model::Encoder;
 use rules::{Audit, IntentModel, KeywordIntents, UrgentRules};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Where the sentence encoder is when `BOTLINE_MODEL_PATH` does not say.
+pub const DEFAULT_MODEL_PATH: &str = "models/e5-small";
 
 /// `[classify]`: the rules. Every default is in the shipped defaults.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,14 +42,44 @@ pub struct ClassifySettings {
     pub urgent_intents: Vec<String>,
     /// Words the audit looks for; hits are counted and marked on the message.
     pub sensitive_words: Vec<String>,
-    /// Intent name → its keywords. Ties go to the name first in sort order.
+    /// Intent name → its keywords and example utterances. Keyword ties go to
+    /// the name first in sort order.
     pub intents: BTreeMap<String, IntentRule>,
+    /// `keywords` or `embedding` (the model in `BOTLINE_MODEL_PATH`).
+    pub intent_model: IntentModelKind,
+    /// Put before each text given to the model; when unset, the
+    /// `query_prefix` of the model's config.json (e5: `query: `), or none.
+    #[serde(default)]
+    pub model_prefix: Option<String>,
+    /// Longer texts are cut to this many tokens before the model sees them.
+    pub model_max_tokens: usize,
+    /// `centroid` (mean of an intent's examples) or `nearest_example`.
+    pub intent_matching: Matching,
+    /// Cosine similarity below which a message is `unknown`.
+    pub unknown_threshold: f32,
+    /// Cosine similarity an FAQ question needs to be attached.
+    pub faq_threshold: f32,
+    /// Questions and answers; the closest one (embedding model only) is
+    /// attached to the message for respond.
+    #[serde(default)]
+    pub faq: Vec<FaqEntry>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntentRule {
     pub keywords: Vec<String>,
+    /// Utterances that mean this intent, any language; the embedding model
+    /// needs a few (ten or so, in each language served).
+    #[serde(default)]
+    pub examples: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntentModelKind {
+    Keywords,
+    Embedding,
 }
 
 /// The pure part: priority and audit for one message whose intent is known.
@@ -73,6 +115,7 @@ impl Classifier {
             priority,
             intent,
             audit,
+            faq: None,
         }
     }
 }
@@ -85,6 +128,71 @@ pub fn keyword_model(settings: &ClassifySettings) -> Result<KeywordIntents, Erro
         .map(|(name, rule)| (name.clone(), rule.keywords.clone()))
         .collect();
     KeywordIntents::new(&intents).map_err(|reason| Error::config("classify.intents", reason))
+}
+
+/// The embedding model described by the settings, with the encoder in
+/// `model_path`. Slow (seconds): call it off the async threads.
+pub fn embedding_model(
+    settings: &ClassifySettings,
+    model_path: &Path,
+) -> Result<EmbeddingIntents, Error> {
+    let encoder = Encoder::load(
+        model_path,
+        settings.model_prefix.as_deref(),
+        settings.model_max_tokens,
+    )
+    .map_err(|error| Error::config("BOTLINE_MODEL_PATH", error))?;
+    let intents: Vec<IntentExamples> = settings
+        .intents
+        .iter()
+        .map(|(name, rule)| IntentExamples {
+            name: name.clone(),
+            examples: rule.examples.clone(),
+        })
+        .collect();
+    if let Some(bare) = intents.iter().find(|intent| intent.examples.is_empty()) {
+        return Err(Error::config(
+            format!("classify.intents.{}.examples", bare.name),
+            "the embedding model needs example utterances for every intent",
+        ));
+    }
+    for (setting, value) in [
+        ("classify.unknown_threshold", settings.unknown_threshold),
+        ("classify.faq_threshold", settings.faq_threshold),
+    ] {
+        if !(-1.0..=1.0).contains(&value) {
+            return Err(Error::config(setting, "a cosine similarity, -1 to 1"));
+        }
+    }
+    EmbeddingIntents::new(
+        Arc::new(encoder),
+        &intents,
+        &settings.faq,
+        Thresholds {
+            matching: settings.intent_matching,
+            unknown: settings.unknown_threshold,
+            faq: settings.faq_threshold,
+        },
+    )
+    .map_err(|error| Error::config("BOTLINE_MODEL_PATH", error))
+}
+
+/// The intent model the settings choose.
+pub fn intent_model(
+    settings: &ClassifySettings,
+    model_path: &Path,
+) -> Result<Arc<dyn IntentModel>, Error> {
+    Ok(match settings.intent_model {
+        IntentModelKind::Keywords => Arc::new(keyword_model(settings)?),
+        IntentModelKind::Embedding => Arc::new(embedding_model(settings, model_path)?),
+    })
+}
+
+/// `BOTLINE_MODEL_PATH`, or [`DEFAULT_MODEL_PATH`].
+pub fn model_path_from_env() -> PathBuf {
+    std::env::var_os("BOTLINE_MODEL_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH))
 }
 
 pub struct ClassifyStage {
@@ -127,26 +235,30 @@ impl Stage for ClassifyStage {
         let started = Instant::now();
         let intents = tokio::task::spawn_blocking(move || {
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-            model.classify(&texts)
+            model.understand(&texts)
         })
         .await;
         metrics::histogram!("botline_classify_model_seconds")
             .record(started.elapsed().as_secs_f64());
         let intents = match intents {
-            Ok(intents) if intents.len() == batch.len() => intents,
-            Ok(_) => {
+            Ok(Ok(intents)) if intents.len() == batch.len() => intents,
+            Ok(Ok(_)) => {
                 return retry_all(
                     batch.len(),
                     "intent model returned the wrong number of intents",
                 )
+            }
+            Ok(Err(error)) => {
+                return retry_all(batch.len(), &format!("intent model failed: {error}"))
             }
             Err(error) => return retry_all(batch.len(), &format!("intent model failed: {error}")),
         };
         batch
             .into_iter()
             .zip(intents)
-            .map(|(envelope, intent)| {
-                let classified = self.classifier.classify(envelope.record, intent);
+            .map(|(envelope, understood)| {
+                let mut classified = self.classifier.classify(envelope.record, understood.intent);
+                classified.faq = understood.faq;
                 metrics::counter!("botline_classify_intents_total", "intent" => classified.intent.name.clone()).increment(1);
                 metrics::counter!("botline_classify_priorities_total", "priority" => classified.priority.as_str()).increment(1);
                 if !classified.audit.is_empty() {
@@ -162,14 +274,41 @@ fn retry_all(count: usize, reason: &str) -> Vec<Outcome> {
     vec![Outcome::Retry(reason.to_string()); count]
 }
 
-/// Run classify until `shutdown`.
+/// Run classify until `shutdown`, the model (if any) in `BOTLINE_MODEL_PATH`.
 pub async fn run(
     settings: Settings,
     plumbing: Plumbing,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    run_with_model(settings, model_path_from_env(), plumbing, shutdown).await
+}
+
+/// Run classify until `shutdown` with the model in `model_path`. Not ready
+/// (`/readyz`) until the model is loaded.
+pub async fn run_with_model(
+    settings: Settings,
+    model_path: PathBuf,
+    plumbing: Plumbing,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let classify: ClassifySettings = settings.section("classify")?;
-    let model = Arc::new(keyword_model(&classify)?);
+    plumbing.health.set("intent_model", false);
+    let started = Instant::now();
+    let loading = classify.clone();
+    let path = model_path.clone();
+    let model = tokio::task::spawn_blocking(move || intent_model(&loading, &path))
+        .await
+        .map_err(|error| Error::config("classify.intent_model", error))??;
+    let seconds = started.elapsed().as_secs_f64();
+    info!(
+        message = "intent model ready",
+        kind = ?classify.intent_model,
+        model_path = %model_path.display(),
+        threads = model::threads(),
+        seconds
+    );
+    metrics::gauge!("botline_classify_model_load_seconds").set(seconds);
+    plumbing.health.set("intent_model", true);
     let stage = ClassifyStage::new(&classify, model, plumbing.streams.clone())?;
     runner::run(stage, plumbing, shutdown).await
 }

@@ -8,7 +8,13 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     service
         .run(|settings, plumbing, shutdown| async move {
-            classify::run(settings, plumbing, shutdown).await
+            classify::run_with_model(
+                settings,
+                classify::model_path_from_env(),
+                plumbing,
+                shutdown,
+            )
+            .await
         })
         .await
 }

@@ -4,7 +4,7 @@
 //! (`hi` is not found in `this`), any other keyword (Chinese, say) anywhere.
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
-use botline_shared::message::Intent;
+use botline_shared::message::{FaqMatch, Intent};
 use regex::Regex;
 
 /// The intent name for messages no rule recognises.
@@ -91,10 +91,29 @@ impl UrgentRules {
     }
 }
 
-/// Tells a message's intent. Rules implement it now; the transformer model
-/// implements it later. Called off the async threads, a batch at a time.
+/// What a model made of one message: its intent, and the FAQ entry that
+/// answers it when the model matches FAQ entries and one is close enough.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Understanding {
+    pub intent: Intent,
+    pub faq: Option<FaqMatch>,
+}
+
+/// Tells a message's intent: keyword rules ([`KeywordIntents`]) or sentence
+/// embeddings (`crate::embedding::EmbeddingIntents`). Called off the async
+/// threads, a batch at a time.
 pub trait IntentModel: Send + Sync + 'static {
     fn classify(&self, texts: &[&str]) -> Vec<Intent>;
+
+    /// Intent and FAQ match of each text, in order; what the stage calls.
+    /// An error (inference failed) leaves the batch to be read again.
+    fn understand(&self, texts: &[&str]) -> Result<Vec<Understanding>, String> {
+        Ok(self
+            .classify(texts)
+            .into_iter()
+            .map(|intent| Understanding { intent, faq: None })
+            .collect())
+    }
 }
 
 /// The intent with the most keyword hits; the first declared wins a tie.

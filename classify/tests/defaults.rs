@@ -60,3 +60,29 @@ fn shipped_rules_classify_english_and_chinese() {
     );
     assert_eq!(audited.audit, vec!["shit", "傻逼"]);
 }
+
+#[test]
+fn the_embedding_model_without_its_files_stops_start_naming_the_fix() {
+    let settings: ClassifySettings =
+        Settings::from_overlay(Some("[classify]\nintent_model = \"embedding\"\n"))
+            .unwrap()
+            .section("classify")
+            .unwrap();
+    let error = classify::intent_model(&settings, std::path::Path::new("/nonexistent/e5"))
+        .err()
+        .expect("no model there")
+        .to_string();
+    for needle in [
+        "BOTLINE_MODEL_PATH",
+        "scripts/fetch-model",
+        "/nonexistent/e5",
+    ] {
+        assert!(error.contains(needle), "{needle:?} not in {error:?}");
+    }
+    // The keyword rules need no files.
+    let keywords: ClassifySettings = Settings::from_overlay(None)
+        .unwrap()
+        .section("classify")
+        .unwrap();
+    assert!(classify::intent_model(&keywords, std::path::Path::new("/nonexistent/e5")).is_ok());
+}

@@ -25,6 +25,7 @@ fn classified(n: usize, chat: &str, text: &str, intent: &str) -> ClassifiedMessa
             confidence: 1.0,
         },
         audit: vec![],
+        faq: None,
     }
 }
 

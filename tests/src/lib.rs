@@ -8,6 +8,7 @@
 //! `scripts/test` builds them first.
 
 pub mod browser;
+pub mod prometheus;
 pub mod sink;
 
 use botline_shared::testing::{free_port, RedisServer};
