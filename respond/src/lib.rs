@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use templates::{Template, Templates};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info_span, warn, Instrument};
 
 /// `[respond]`. Every default is in the shipped defaults.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -191,7 +191,8 @@ impl RespondStage {
             let ctx_key = self.streams.context(&message.platform, &message.chat.id);
             let cap = self.settings.context_max_turns;
             let mut writes = Vec::new();
-            let answer = self.answer(classified, &context).await;
+            let span = info_span!("message", trace_id = %message.trace_id, chat = %message.chat.id);
+            let answer = self.answer(classified, &context).instrument(span).await;
             if !message.origin.is_announcement() {
                 let turn = Turn::from_user(message);
                 writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
