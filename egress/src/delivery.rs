@@ -112,9 +112,8 @@ pub async fn deliver(
             _ = shutdown.cancelled() => true,
         };
         if asked_wait.is_some() {
-            // Metrics counters are integers; this total of seconds only grows.
-            metrics::gauge!("botline_egress_rate_limit_wait_seconds_total", "platform" => platform)
-                .increment(waiting.elapsed().as_secs_f64());
+            metrics::histogram!("botline_egress_rate_limit_wait_seconds", "platform" => platform)
+                .record(waiting.elapsed().as_secs_f64());
         }
         if interrupted {
             return Delivery::GaveUp {

@@ -328,12 +328,13 @@ struct InFlight {
     started: Instant,
 }
 
+/// The `outcome` label values of `botline_stage_messages_total`.
+const OUTCOMES: [&str; 6] = ["forwarded", "dead", "retry", "stale", "claimed", "deleted"];
+
 /// Counts outcomes into `botline_stage_messages_total{stage, outcome}`.
 fn count(stage: &'static str, outcome: &'static str, n: usize) {
-    if n > 0 {
-        metrics::counter!("botline_stage_messages_total", "stage" => stage, "outcome" => outcome)
-            .increment(n as u64);
-    }
+    metrics::counter!("botline_stage_messages_total", "stage" => stage, "outcome" => outcome)
+        .increment(n as u64);
 }
 
 pub struct Runner<S: Stage> {
@@ -354,6 +355,10 @@ pub async fn run<S: Stage>(
     let group = stage.group();
     // Not ready until the loop has read once.
     plumbing.health.set(group, false);
+    // Every outcome is exported from the start, so the first of each is a rate, not a new series.
+    for outcome in OUTCOMES {
+        count(group, outcome, 0);
+    }
     let inputs = stage.inputs();
     let lease = crate::lease::ConsumerLease::acquire(&plumbing, group).await?;
     let runner = Runner {

@@ -5,6 +5,7 @@
 //! streams' lag, and on SIGTERM give the batch in hand a deadline.
 
 use crate::config::{ProcessConfig, ProcessEnv, Settings};
+use crate::message::Priority;
 use crate::runner::Plumbing;
 use crate::streams::Streams;
 use crate::telemetry::{self, Telemetry};
@@ -26,7 +27,8 @@ pub struct Service {
 
 impl Service {
     /// Everything up to the stage itself. `watched` names the streams whose
-    /// length and group lag this binary exports.
+    /// length and group lag this binary exports besides `in`, the queues,
+    /// `delivered` and `dead`, which every binary exports.
     pub async fn start(
         name: &'static str,
         default_metrics_addr: &str,
@@ -48,8 +50,21 @@ impl Service {
             telemetry.prometheus.clone(),
         );
         telemetry::serve(process.metrics_addr, router, shutdown.clone()).await?;
-        let mut keys = watched(&plumbing.streams);
-        keys.push(plumbing.streams.dead());
+        // Every stage exports the shared streams, so a stage that is down
+        // (or all of whose replicas are) still has its lag reported by the others.
+        let streams = &plumbing.streams;
+        let mut keys = vec![streams.inbound()];
+        keys.extend(
+            Priority::ALL
+                .iter()
+                .map(|priority| streams.queue(*priority)),
+        );
+        keys.extend([streams.delivered(), streams.dead()]);
+        for key in watched(streams) {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
         tokio::spawn(telemetry::watch_streams(
             plumbing.pool.clone(),
             plumbing.streams.clone(),

@@ -138,6 +138,11 @@ impl StageProcess {
         format!("http://127.0.0.1:{}", self.metrics_port)
     }
 
+    /// The value of one series (`name{labels}` exactly as exported), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics().await, series)
+    }
+
     /// What `/metrics` says now (empty if it does not answer).
     pub async fn metrics(&self) -> String {
         let response = reqwest::get(format!("{}/metrics", self.metrics_url())).await;
@@ -367,4 +372,15 @@ impl ApiClient {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The value of `series` (`name{labels}` exactly as exported) in a `/metrics` text.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

@@ -493,9 +493,11 @@ async fn every_metric_the_rules_and_dashboard_use_is_exported() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let classify = metrics_of("classify").await;
-        if classify.contains(r#"botline_stage_messages_total{stage="classify",outcome="dead"}"#)
-            && classify.contains("botline_stage_errors_total")
-        {
+        let dead = botline_tests::metric_value(
+            &classify,
+            r#"botline_stage_messages_total{stage="classify",outcome="dead"}"#,
+        );
+        if dead.unwrap_or(0.0) > 0.0 && classify.contains("botline_stage_errors_total") {
             break;
         }
         assert!(
