@@ -1,0 +1,342 @@
+//! Intents and FAQ entries from sentence embeddings. Each intent is known by
+//! its example utterances, each FAQ entry by its question; all are embedded
+//! once at start. A message goes to the intent whose examples it is closest
+//! to (cosine), or to `unknown` when even the best is below the threshold;
+//! the best FAQ entry above its own threshold rides along. Adding an intent
+//! is adding examples: nothing is trained.
+//!
+//! The classifier only sees vectors, so any [`Embedder`] serves: the
+//! transformer today, cheaper ones (static token vectors) beside it later.
+
+use crate::model::{cosine, Embedder, ModelError};
+use crate::rules::{IntentModel, Understanding, UNKNOWN_INTENT};
+use botline_shared::message::{FaqMatch, Intent};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// How a message is compared with an intent's examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Matching {
+    /// With the normalized mean of the examples: one vector per intent.
+    Centroid,
+    /// With the closest single example.
+    NearestExample,
+}
+
+/// Labelled unit vectors searched by cosine similarity.
+pub struct Index {
+    vectors: Vec<Vec<f32>>,
+    labels: Vec<usize>,
+}
+
+impl Index {
+    /// `groups[label]` are the vectors of one label.
+    pub fn new(groups: Vec<Vec<Vec<f32>>>, matching: Matching) -> Index {
+        let mut vectors = Vec::new();
+        let mut labels = Vec::new();
+        for (label, group) in groups.into_iter().enumerate() {
+            match matching {
+                Matching::NearestExample => {
+                    labels.extend(std::iter::repeat_n(label, group.len()));
+                    vectors.extend(group);
+                }
+                Matching::Centroid => {
+                    if let Some(centroid) = centroid(&group) {
+                        labels.push(label);
+                        vectors.push(centroid);
+                    }
+                }
+            }
+        }
+        Index { vectors, labels }
+    }
+
+    /// The closest label and its similarity.
+    pub fn best(&self, query: &[f32]) -> Option<(usize, f32)> {
+        self.vectors
+            .iter()
+            .zip(&self.labels)
+            .map(|(vector, &label)| (label, cosine(vector, query)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+}
+
+fn centroid(group: &[Vec<f32>]) -> Option<Vec<f32>> {
+    let first = group.first()?;
+    let mut sum = vec![0f32; first.len()];
+    for vector in group {
+        for (s, v) in sum.iter_mut().zip(vector) {
+            *s += v;
+        }
+    }
+    let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    Some(sum.into_iter().map(|v| v / norm).collect())
+}
+
+/// An intent and the utterances that show it.
+#[derive(Debug, Clone)]
+pub struct IntentExamples {
+    pub name: String,
+    pub examples: Vec<String>,
+}
+
+/// `[[classify.faq]]`: a question people ask and the answer respond gives.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaqEntry {
+    pub question: String,
+    pub answer: String,
+}
+
+/// What is compared with what, and how close is close enough.
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    pub matching: Matching,
+    /// Below this similarity to every intent a message is `unknown`.
+    pub unknown: f32,
+    /// Below this similarity to every FAQ question no entry is attached.
+    pub faq: f32,
+}
+
+pub struct EmbeddingIntents {
+    embedder: Arc<dyn Embedder>,
+    names: Vec<String>,
+    intents: Index,
+    faq: Vec<FaqEntry>,
+    questions: Index,
+    thresholds: Thresholds,
+}
+
+impl EmbeddingIntents {
+    /// Embeds every example and question (once, here).
+    pub fn new(
+        embedder: Arc<dyn Embedder>,
+        intents: &[IntentExamples],
+        faq: &[FaqEntry],
+        thresholds: Thresholds,
+    ) -> Result<Self, ModelError> {
+        let groups = intents
+            .iter()
+            .map(|intent| {
+                let texts: Vec<&str> = intent.examples.iter().map(String::as_str).collect();
+                embedder.embed(&texts)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let questions: Vec<&str> = faq.iter().map(|entry| entry.question.as_str()).collect();
+        let questions = embedder
+            .embed(&questions)?
+            .into_iter()
+            .map(|vector| vec![vector])
+            .collect();
+        Ok(EmbeddingIntents {
+            embedder,
+            names: intents.iter().map(|intent| intent.name.clone()).collect(),
+            intents: Index::new(groups, thresholds.matching),
+            faq: faq.to_vec(),
+            questions: Index::new(questions, Matching::NearestExample),
+            thresholds,
+        })
+    }
+
+    /// The verdict on one embedding.
+    pub fn judge(&self, embedding: &[f32]) -> Understanding {
+        let intent = match self.intents.best(embedding) {
+            Some((label, score)) if score >= self.thresholds.unknown => Intent {
+                name: self.names[label].clone(),
+                confidence: score.clamp(0.0, 1.0),
+            },
+            best => Intent {
+                name: UNKNOWN_INTENT.into(),
+                // How sure it is that none fits.
+                confidence: (1.0 - best.map_or(0.0, |(_, score)| score)).clamp(0.0, 1.0),
+            },
+        };
+        let faq = match self.questions.best(embedding) {
+            Some((entry, score)) if score >= self.thresholds.faq => Some(FaqMatch {
+                question: self.faq[entry].question.clone(),
+                answer: self.faq[entry].answer.clone(),
+                score: score.clamp(0.0, 1.0),
+            }),
+            _ => None,
+        };
+        Understanding { intent, faq }
+    }
+
+    /// The closest intent and its similarity, whatever the threshold (for calibration).
+    pub fn closest(&self, embedding: &[f32]) -> Option<(&str, f32)> {
+        self.intents
+            .best(embedding)
+            .map(|(label, score)| (self.names[label].as_str(), score))
+    }
+
+    pub fn embedder(&self) -> &Arc<dyn Embedder> {
+        &self.embedder
+    }
+}
+
+impl IntentModel for EmbeddingIntents {
+    /// On an inference error every text is `unknown` with no confidence;
+    /// the stage itself calls [`IntentModel::understand`], which reports it.
+    fn classify(&self, texts: &[&str]) -> Vec<Intent> {
+        match self.understand(texts) {
+            Ok(verdicts) => verdicts.into_iter().map(|v| v.intent).collect(),
+            Err(_) => texts
+                .iter()
+                .map(|_| Intent {
+                    name: UNKNOWN_INTENT.into(),
+                    confidence: 0.0,
+                })
+                .collect(),
+        }
+    }
+
+    fn understand(&self, texts: &[&str]) -> Result<Vec<Understanding>, String> {
+        let embeddings = self
+            .embedder
+            .embed(texts)
+            .map_err(|error| error.to_string())?;
+        Ok(embeddings.iter().map(|e| self.judge(e)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Texts are vectors already: "x,y" → the unit vector (x, y).
+    struct Literal;
+
+    impl Embedder for Literal {
+        fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+            Ok(texts
+                .iter()
+                .map(|text| {
+                    let v: Vec<f32> = text.split(',').map(|x| x.parse().unwrap()).collect();
+                    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    v.into_iter().map(|x| x / norm).collect()
+                })
+                .collect())
+        }
+
+        fn dimension(&self) -> usize {
+            2
+        }
+    }
+
+    fn model(matching: Matching) -> EmbeddingIntents {
+        let intent = |name: &str, examples: &[&str]| IntentExamples {
+            name: name.into(),
+            examples: examples.iter().map(|e| e.to_string()).collect(),
+        };
+        EmbeddingIntents::new(
+            Arc::new(Literal),
+            &[
+                // east: one example far off the others, pulling the centroid.
+                intent("east", &["1,0", "1,0.1", "1,-0.1", "0.2,1"]),
+                intent("north", &["0,1", "-0.1,1"]),
+            ],
+            &[FaqEntry {
+                question: "-1,0".into(),
+                answer: "west".into(),
+            }],
+            Thresholds {
+                matching,
+                unknown: 0.8,
+                faq: 0.9,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn centroids_nearest_examples_thresholds_and_faq() {
+        let check = |matching: Matching, text: &str, intent: &str, faq: Option<&str>| {
+            let got = model(matching).classify(&[text]).remove(0);
+            let understood = model(matching).understand(&[text]).unwrap().remove(0);
+            assert_eq!(got, understood.intent);
+            assert_eq!(
+                (
+                    got.name.as_str(),
+                    understood.faq.as_ref().map(|f| f.answer.as_str())
+                ),
+                (intent, faq),
+                "{matching:?} {text:?}"
+            );
+            assert!((0.0..=1.0).contains(&got.confidence), "{got:?}");
+        };
+        check(Matching::Centroid, "1,0", "east", None);
+        check(Matching::Centroid, "0,1", "north", None);
+        // Nearer the odd east example than any north one, but nearer the
+        // north centroid than the east one.
+        check(Matching::NearestExample, "0.25,1", "east", None);
+        check(Matching::Centroid, "0.25,1", "north", None);
+        // Far from everything: unknown, and the west FAQ entry.
+        check(Matching::Centroid, "-1,0", UNKNOWN_INTENT, Some("west"));
+        check(
+            Matching::NearestExample,
+            "-1,-0.1",
+            UNKNOWN_INTENT,
+            Some("west"),
+        );
+        check(Matching::Centroid, "-1,-1", UNKNOWN_INTENT, None);
+    }
+
+    #[test]
+    fn confidence_is_the_similarity() {
+        let got = model(Matching::NearestExample).classify(&["1,0"]).remove(0);
+        assert_eq!(got.name, "east");
+        assert!((got.confidence - 1.0).abs() < 1e-6, "{got:?}");
+    }
+}
+
+#[cfg(test)]
+mod tiny_model_tests {
+    use super::*;
+    use crate::model::tests::tiny_encoder;
+
+    #[test]
+    fn a_tiny_bert_classifies_its_own_examples() {
+        let intent = |name: &str, examples: &[&str]| IntentExamples {
+            name: name.into(),
+            examples: examples.iter().map(|e| e.to_string()).collect(),
+        };
+        let intents = [
+            intent("greeting", &["hello", "hello world"]),
+            intent("refund_request", &["refund my order", "refund"]),
+            intent("account_password", &["reset my password", "password"]),
+        ];
+        let faq = [FaqEntry {
+            question: "where is my order".into(),
+            answer: "on its way".into(),
+        }];
+        for matching in [Matching::Centroid, Matching::NearestExample] {
+            let model = EmbeddingIntents::new(
+                Arc::new(tiny_encoder()),
+                &intents,
+                &faq,
+                Thresholds {
+                    matching,
+                    unknown: 0.5,
+                    faq: 0.999,
+                },
+            )
+            .unwrap();
+            let understood = model
+                .understand(&["refund", "where is my order", "hello"])
+                .unwrap();
+            assert_eq!(
+                understood[1].faq.as_ref().map(|f| f.answer.as_str()),
+                Some("on its way")
+            );
+            assert!(understood[1].faq.as_ref().unwrap().score > 0.999);
+            if matching == Matching::NearestExample {
+                // An example is its own nearest example, similarity 1.
+                assert_eq!(understood[0].intent.name, "refund_request");
+                assert!(understood[0].intent.confidence > 0.999);
+                assert_eq!(understood[2].intent.name, "greeting");
+            }
+            assert_eq!(understood[0].faq, None);
+        }
+    }
+}
