@@ -7,11 +7,13 @@
 //! it never answers bots; scheduled and broadcast messages are said as they are.
 
 pub mod backend;
+pub mod faq;
+pub mod llm;
 pub mod templates;
 
 use backend::{ReplyBackend, ReplyRequest};
 use botline_shared::codec;
-use botline_shared::config::Settings;
+use botline_shared::config::{Env, ProcessEnv, Settings};
 use botline_shared::message::{ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn};
 use botline_shared::now_ms;
 use botline_shared::redis_conn::{self, Pool};
@@ -41,6 +43,15 @@ pub struct RespondSettings {
     pub group_requires_mention: bool,
     /// Share of each read given to urgent, normal and batch.
     pub weights: Weights,
+    /// Backends tried in order for an intent without a route of its own.
+    pub backends: Vec<String>,
+    /// Intent → the backends tried in order for it.
+    pub routes: BTreeMap<String, Vec<String>>,
+    /// The FAQ backend answers when classify's match scores at least this.
+    pub faq_min_score: f32,
+    /// Texts that clear a chat's context (compared trimmed, case-insensitively).
+    pub reset_commands: Vec<String>,
+    pub llm: llm::LlmSettings,
     /// Per-intent replies; `unknown` is the fallback and must exist.
     pub templates: BTreeMap<String, Template>,
 }
@@ -55,7 +66,9 @@ pub struct Weights {
 
 pub struct RespondStage {
     settings: RespondSettings,
+    /// The backends of intents without a route of their own.
     backends: Vec<Arc<dyn ReplyBackend>>,
+    routes: HashMap<String, Vec<Arc<dyn ReplyBackend>>>,
     templates: Arc<Templates>,
     streams: Streams,
     pool: Pool,
@@ -63,12 +76,24 @@ pub struct RespondStage {
 
 /// What became of one message, before it is written.
 enum Answer {
-    Reply { text: String, backend: &'static str },
+    Reply {
+        text: String,
+        backend: &'static str,
+    },
+    /// `/reset`: the chat's context goes, and this says so.
+    Reset {
+        text: String,
+    },
     Silent(&'static str),
 }
 
 impl RespondStage {
-    pub fn new(settings: RespondSettings, streams: Streams, pool: Pool) -> Result<Self, Error> {
+    pub fn new(
+        settings: RespondSettings,
+        env: &impl Env,
+        streams: Streams,
+        pool: Pool,
+    ) -> Result<Self, Error> {
         for (name, weight) in [
             ("respond.weights.urgent", settings.weights.urgent),
             ("respond.weights.normal", settings.weights.normal),
@@ -88,14 +113,67 @@ impl RespondStage {
             ));
         }
         let templates = Arc::new(Templates::new(settings.templates.clone())?);
-        let backends: Vec<Arc<dyn ReplyBackend>> = vec![templates.clone()];
+        let mut available: HashMap<&str, Arc<dyn ReplyBackend>> = HashMap::new();
+        available.insert("templates", templates.clone());
+        available.insert(
+            "faq",
+            Arc::new(faq::FaqBackend {
+                min_score: settings.faq_min_score,
+            }),
+        );
+        if settings.llm.enabled() {
+            available.insert(
+                "llm",
+                Arc::new(llm::LlmBackend::new(
+                    settings.llm.clone(),
+                    &settings.bot_name,
+                    env,
+                )?),
+            );
+        }
+        let pick =
+            |setting: String, names: &[String]| -> Result<Vec<Arc<dyn ReplyBackend>>, Error> {
+                names
+                    .iter()
+                    .map(|name| {
+                        available.get(name.as_str()).cloned().ok_or_else(|| {
+                            let reason = if name == "llm" {
+                                "names `llm`, but respond.llm.base_url is empty".to_string()
+                            } else {
+                                format!("unknown backend {name:?}; known: templates, faq, llm")
+                            };
+                            Error::config(setting.clone(), reason)
+                        })
+                    })
+                    .collect()
+            };
+        let backends = pick("respond.backends".into(), &settings.backends)?;
+        let routes = settings
+            .routes
+            .iter()
+            .map(|(intent, names)| {
+                Ok((
+                    intent.clone(),
+                    pick(format!("respond.routes.{intent}"), names)?,
+                ))
+            })
+            .collect::<Result<HashMap<_, _>, Error>>()?;
         Ok(RespondStage {
             settings,
             backends,
+            routes,
             templates,
             streams,
             pool,
         })
+    }
+
+    /// Whether any backend in use reads the chat's earlier turns.
+    fn wants_context(&self) -> bool {
+        self.backends
+            .iter()
+            .chain(self.routes.values().flatten())
+            .any(|backend| backend.wants_context())
     }
 
     fn context_ttl(&self) -> Duration {
@@ -105,7 +183,7 @@ impl RespondStage {
     /// The last `context_max_turns` turns of each chat, oldest first; none
     /// read when no backend wants them.
     async fn contexts(&self, keys: &[String]) -> Result<HashMap<String, Vec<Turn>>, Error> {
-        if !self.backends.iter().any(|backend| backend.wants_context()) {
+        if !self.wants_context() {
             return Ok(HashMap::new());
         }
         let mut pipe = redis::pipe();
@@ -159,7 +237,24 @@ impl RespondStage {
             context,
             bot_name: &self.settings.bot_name,
         };
-        for backend in &self.backends {
+        let command = message.text.trim().to_lowercase();
+        if self
+            .settings
+            .reset_commands
+            .iter()
+            .any(|reset| reset.to_lowercase() == command)
+        {
+            let text = self
+                .templates
+                .answer(&request, templates::RESET_INTENT)
+                .unwrap_or_else(|| self.templates.fallback(&request));
+            return Answer::Reset { text };
+        }
+        let backends = self
+            .routes
+            .get(&classified.intent.name)
+            .unwrap_or(&self.backends);
+        for backend in backends {
             match backend.reply(&request).await {
                 Ok(Some(text)) => {
                     return Answer::Reply {
@@ -193,50 +288,60 @@ impl RespondStage {
             let mut writes = Vec::new();
             let span = info_span!("message", trace_id = %message.trace_id, chat = %message.chat.id);
             let answer = self.answer(classified, &context).instrument(span).await;
-            if !message.origin.is_announcement() {
+            if let Answer::Reset { .. } = answer {
+                writes.push(Write::Delete {
+                    key: ctx_key.clone(),
+                });
+                context.clear();
+            } else if !message.origin.is_announcement() {
                 let turn = Turn::from_user(message);
                 writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
                 context.push(turn);
             }
-            match answer {
+            let (text, backend) = match answer {
                 Answer::Silent(reason) => {
                     metrics::counter!("botline_respond_silent_total", "reason" => reason)
                         .increment(1);
+                    (None, "")
                 }
-                Answer::Reply { text, backend } => {
-                    metrics::counter!("botline_respond_replies_total", "backend" => backend)
-                        .increment(1);
-                    let reply = Reply {
-                        id: ulid::Ulid::new().to_string(),
-                        in_reply_to: message.id.clone(),
-                        platform: message.platform.clone(),
-                        bot: message.bot.clone(),
-                        chat: message.chat.clone(),
-                        thread: message.thread.clone(),
-                        reply_to: None,
-                        mentions: if message.chat.kind == ChatKind::Direct
-                            || message.origin.is_announcement()
-                        {
-                            Vec::new()
-                        } else {
-                            vec![message.sender.id.clone()]
-                        },
-                        text,
-                        priority: classified.priority,
-                        received_at_ms: message.received_at_ms,
-                        created_at_ms: now_ms(),
-                        trace_id: message.trace_id.clone(),
-                        replay: message.replay,
-                    };
-                    let turn = Turn {
-                        role: Role::Bot,
-                        speaker_id: message.bot.clone(),
-                        speaker_name: self.settings.bot_name.clone(),
-                        text: reply.text.clone(),
-                        message_id: reply.id.clone(),
-                        at_ms: reply.created_at_ms,
-                    };
-                    writes.push(Write::add(self.streams.outbound(&reply.platform), &reply));
+                Answer::Reset { text } => (Some(text), "reset"),
+                Answer::Reply { text, backend } => (Some(text), backend),
+            };
+            if let Some(text) = text {
+                metrics::counter!("botline_respond_replies_total", "backend" => backend)
+                    .increment(1);
+                let reply = Reply {
+                    id: ulid::Ulid::new().to_string(),
+                    in_reply_to: message.id.clone(),
+                    platform: message.platform.clone(),
+                    bot: message.bot.clone(),
+                    chat: message.chat.clone(),
+                    thread: message.thread.clone(),
+                    reply_to: None,
+                    mentions: if message.chat.kind == ChatKind::Direct
+                        || message.origin.is_announcement()
+                    {
+                        Vec::new()
+                    } else {
+                        vec![message.sender.id.clone()]
+                    },
+                    text,
+                    priority: classified.priority,
+                    received_at_ms: message.received_at_ms,
+                    created_at_ms: now_ms(),
+                    trace_id: message.trace_id.clone(),
+                    replay: message.replay,
+                };
+                let turn = Turn {
+                    role: Role::Bot,
+                    speaker_id: message.bot.clone(),
+                    speaker_name: self.settings.bot_name.clone(),
+                    text: reply.text.clone(),
+                    message_id: reply.id.clone(),
+                    at_ms: reply.created_at_ms,
+                };
+                writes.push(Write::add(self.streams.outbound(&reply.platform), &reply));
+                if backend != "reset" {
                     writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
                     context.push(turn);
                 }
@@ -257,7 +362,7 @@ impl Stage for RespondStage {
     /// A batch handled before the previous one's turns are written would
     /// read a stale context, so only when no backend reads the context.
     fn overlap_batches(&self) -> bool {
-        !self.backends.iter().any(|backend| backend.wants_context())
+        !self.wants_context()
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -318,7 +423,31 @@ pub async fn run(
     plumbing: Plumbing,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    run_with_env(settings, &ProcessEnv, plumbing, shutdown).await
+}
+
+/// [`run`], with the environment (the LLM's API key) given.
+pub async fn run_with_env(
+    settings: Settings,
+    env: &impl Env,
+    plumbing: Plumbing,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let respond: RespondSettings = settings.section("respond")?;
-    let stage = RespondStage::new(respond, plumbing.streams.clone(), plumbing.pool.clone())?;
+    if respond.llm.enabled() && respond.llm.budget_ms + 5_000 >= plumbing.runner.claim_idle_ms {
+        return Err(Error::config(
+            "respond.llm.budget_ms",
+            format!(
+                "plus 5 s must stay under runner.claim_idle_ms ({} ms), or a slow answer gets its message taken over by another consumer",
+                plumbing.runner.claim_idle_ms
+            ),
+        ));
+    }
+    let stage = RespondStage::new(
+        respond,
+        env,
+        plumbing.streams.clone(),
+        plumbing.pool.clone(),
+    )?;
     runner::run(stage, plumbing, shutdown).await
 }

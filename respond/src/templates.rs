@@ -83,6 +83,9 @@ pub struct Templates {
     uses_context: bool,
 }
 
+/// The template that answers a `/reset`.
+pub const RESET_INTENT: &str = "reset";
+
 /// The intent whose template answers anything no other template does.
 pub const FALLBACK_INTENT: &str = "unknown";
 

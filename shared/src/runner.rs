@@ -79,6 +79,8 @@ pub enum Write {
     },
     /// `PUBLISH channel message`, once per batch however many entries ask.
     Publish { channel: String, message: String },
+    /// `DEL key`, in order with the entry's other writes.
+    Delete { key: String },
 }
 
 impl Write {
@@ -153,6 +155,7 @@ const ACK_SCRIPT_CODE: &str = r#"
 --   add <key index> <cap> <expire ms> <field count> <field> <value> ...
 --   set <key index> <value> <expire ms>
 --   pub <channel> <message>
+--   del <key index>
 -- Writes happen only if XACK acknowledged the entry; a stream's expiry is
 -- set, and each distinct message published, once, after the batch.
 -- Returns 1/0 per entry.
@@ -192,6 +195,11 @@ for i = 1, count do
         redis.call('SET', KEYS[tonumber(ARGV[p + 1])], ARGV[p + 2], 'PX', ARGV[p + 3])
       end
       p = p + 4
+    elseif op == 'del' then
+      if ok == 1 then
+        redis.call('DEL', KEYS[tonumber(ARGV[p + 1])])
+      end
+      p = p + 2
     elseif op == 'pub' then
       if ok == 1 then
         publish[ARGV[p + 1] .. '\n' .. ARGV[p + 2]] = {ARGV[p + 1], ARGV[p + 2]}
@@ -282,6 +290,11 @@ impl AckCall {
                     self.push(index);
                     self.push(value.as_bytes());
                     self.push(expire.as_millis().to_string());
+                }
+                Write::Delete { key } => {
+                    self.push("del");
+                    let index = self.key(key);
+                    self.push(index);
                 }
                 Write::Publish { channel, message } => {
                     self.push("pub");
