@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod lease;
 pub mod message;
+pub mod ops;
 pub mod redis_conn;
 pub mod runner;
 pub mod service;

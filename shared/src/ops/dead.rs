@@ -1,0 +1,238 @@
+//! `botline dead list|requeue|purge`. A requeue puts a dead letter's
+//! original fields back on the stream they were read from and deletes the
+//! dead entry in one script: two operators requeueing the same letter at
+//! once make one copy, and a crash leaves either the letter or the copy.
+
+use super::{age_ms, format_age, Ops, OpsError};
+use crate::codec;
+use crate::message::DeadLetter;
+use crate::redis_conn::RawEntry;
+use serde_json::{json, Value as Json};
+
+/// `XDEL` the dead entry; only if that deleted it, `XADD` the original fields.
+const REQUEUE_SCRIPT: &str = r#"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
+  return false
+end
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+"#;
+
+/// One entry of `dead`, decoded as far as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadEntry {
+    /// The entry's id in `dead`.
+    pub id: String,
+    /// `None` when the entry is not a dead letter this build can read.
+    pub letter: Option<DeadLetter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequeueOutcome {
+    /// Put back on `stream` (full key) under `new_id`.
+    Requeued { stream: String, new_id: String },
+    /// Not in `dead` (any more): never there, purged, or requeued by someone else.
+    Gone,
+    /// Left in `dead`: its body is not a dead letter, or it holds no fields.
+    Unreadable(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequeueReport {
+    pub requeued: u64,
+    pub gone: u64,
+    pub unreadable: u64,
+}
+
+impl DeadEntry {
+    fn from_raw(entry: &RawEntry) -> DeadEntry {
+        let letter = entry.fields.as_ref().and_then(|fields| {
+            codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).ok()
+        });
+        DeadEntry {
+            id: entry.id.clone(),
+            letter,
+        }
+    }
+
+    fn stage(&self) -> Option<&str> {
+        self.letter.as_ref().map(|letter| letter.stage.as_str())
+    }
+}
+
+impl Ops {
+    /// The newest `count` dead letters (of `stage`, if given), newest first.
+    pub async fn dead_list(
+        &self,
+        count: usize,
+        stage: Option<&str>,
+    ) -> Result<Vec<DeadEntry>, OpsError> {
+        let dead = self.streams.dead();
+        let mut found = Vec::new();
+        let mut before = "+".to_string();
+        loop {
+            let mut connection = self.pool.get().await?;
+            let reply: redis::Value = redis::cmd("XREVRANGE")
+                .arg(&dead)
+                .arg(&before)
+                .arg("-")
+                .arg("COUNT")
+                .arg(super::SCAN_BATCH)
+                .query_async(&mut connection)
+                .await?;
+            let batch = crate::redis_conn::parse_entries(&dead, reply)?;
+            let full = batch.len() == super::SCAN_BATCH;
+            for entry in &batch {
+                let entry = DeadEntry::from_raw(entry);
+                if stage.is_none() || entry.stage() == stage {
+                    found.push(entry);
+                    if found.len() == count {
+                        return Ok(found);
+                    }
+                }
+            }
+            match batch.last() {
+                Some(last) if full => before = format!("({}", last.id),
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    /// Put dead letter `id` back where it came from.
+    pub async fn dead_requeue(&self, id: &str) -> Result<RequeueOutcome, OpsError> {
+        let dead = self.streams.dead();
+        let Some(entry) = self.range(&dead, id, id, 1).await?.pop() else {
+            return Ok(RequeueOutcome::Gone);
+        };
+        self.requeue_entry(&DeadEntry::from_raw(&entry)).await
+    }
+
+    async fn requeue_entry(&self, entry: &DeadEntry) -> Result<RequeueOutcome, OpsError> {
+        let Some(letter) = &entry.letter else {
+            return Ok(RequeueOutcome::Unreadable(
+                "not a dead letter this botline can read".into(),
+            ));
+        };
+        if letter.fields.is_empty() {
+            return Ok(RequeueOutcome::Unreadable(
+                "the original entry's fields were deleted before it died".into(),
+            ));
+        }
+        let script = redis::Script::new(REQUEUE_SCRIPT);
+        let mut script = script.prepare_invoke();
+        script
+            .key(self.streams.dead())
+            .key(&letter.stream)
+            .arg(&entry.id);
+        for (name, value) in &letter.fields {
+            script.arg(name).arg(value.as_slice());
+        }
+        let mut connection = self.pool.get().await?;
+        let new_id: Option<String> = script.invoke_async(&mut connection).await?;
+        Ok(match new_id {
+            Some(new_id) => RequeueOutcome::Requeued {
+                stream: letter.stream.clone(),
+                new_id,
+            },
+            None => RequeueOutcome::Gone,
+        })
+    }
+
+    /// Requeue every dead letter (of `stage`, if given), oldest first.
+    pub async fn dead_requeue_all(&self, stage: Option<&str>) -> Result<RequeueReport, OpsError> {
+        let mut entries = Vec::new();
+        self.scan(&self.streams.dead(), "-", "+", |entry| {
+            let entry = DeadEntry::from_raw(&entry);
+            if stage.is_none() || entry.stage() == stage {
+                entries.push(entry);
+            }
+            true
+        })
+        .await?;
+        let mut report = RequeueReport::default();
+        for entry in &entries {
+            match self.requeue_entry(entry).await? {
+                RequeueOutcome::Requeued { .. } => report.requeued += 1,
+                RequeueOutcome::Gone => report.gone += 1,
+                RequeueOutcome::Unreadable(_) => report.unreadable += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Delete dead letters older than `older_than` (all without it). Only
+    /// counts them unless `really`. Returns how many (would) go.
+    pub async fn dead_purge(
+        &self,
+        older_than: Option<std::time::Duration>,
+        really: bool,
+    ) -> Result<u64, OpsError> {
+        let dead = self.streams.dead();
+        let below_ms = older_than.map(|age| crate::now_ms() - age.as_millis() as i64);
+        if below_ms.is_some_and(|ms| ms <= 0) {
+            return Ok(0);
+        }
+        let below = below_ms.map(|ms| format!("{ms}-0"));
+        let mut connection = self.pool.get().await?;
+        if !really {
+            drop(connection);
+            let mut count = 0;
+            let end = below
+                .as_ref()
+                .map_or("+".to_string(), |below| format!("({below}"));
+            self.scan(&dead, "-", &end, |_| {
+                count += 1;
+                true
+            })
+            .await?;
+            return Ok(count);
+        }
+        let mut trim = redis::cmd("XTRIM");
+        trim.arg(&dead);
+        match &below {
+            Some(below) => trim.arg("MINID").arg(below),
+            None => trim.arg("MAXLEN").arg(0),
+        };
+        Ok(trim.query_async(&mut connection).await?)
+    }
+}
+
+impl DeadEntry {
+    pub fn json(&self) -> Json {
+        match &self.letter {
+            Some(letter) => json!({
+                "id": self.id,
+                "stage": letter.stage,
+                "stream": letter.stream,
+                "entry_id": letter.entry_id,
+                "error": letter.error,
+                "deliveries": letter.deliveries,
+                "at_ms": letter.at_ms,
+            }),
+            None => json!({"id": self.id, "error": "not a dead letter this botline can read"}),
+        }
+    }
+}
+
+/// A table of dead letters: id, age, stage, stream, deliveries, error.
+pub fn dead_table(entries: &[DeadEntry], streams: &crate::streams::Streams) -> String {
+    let mut out = String::from("ID  AGE  STAGE  STREAM  DELIVERIES  ERROR\n");
+    for entry in entries {
+        let age = age_ms(&entry.id).map_or("-".into(), format_age);
+        match &entry.letter {
+            Some(letter) => out.push_str(&format!(
+                "{}  {}  {}  {}  {}  {}\n",
+                entry.id,
+                age,
+                letter.stage,
+                streams.short(&letter.stream),
+                letter.deliveries,
+                letter.error.replace('\n', " ")
+            )),
+            None => out.push_str(&format!(
+                "{}  {}  ?  ?  ?  (unreadable entry)\n",
+                entry.id, age
+            )),
+        }
+    }
+    out
+}
