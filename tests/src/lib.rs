@@ -8,6 +8,7 @@
 //! `scripts/test` builds them first.
 
 pub mod browser;
+pub mod llm;
 pub mod prometheus;
 pub mod sink;
 

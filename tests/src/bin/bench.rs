@@ -13,6 +13,7 @@ use botline_shared::codec;
 use botline_shared::message::Receipt;
 use botline_shared::streams::Streams;
 use botline_shared::testing::{read_stream, sample_message, RedisServer};
+use botline_tests::llm::SlowLlm;
 use botline_tests::sink::Sink;
 use botline_tests::{token, Pipeline, WEBHOOK_SECRET};
 use futures_util::stream::{self, StreamExt};
@@ -28,6 +29,8 @@ struct Options {
     timeout: Duration,
     redis_stats: bool,
     config: Option<String>,
+    llm_delay: Option<Duration>,
+    llm_in_flight: usize,
 }
 
 fn options() -> Result<Options, String> {
@@ -40,6 +43,8 @@ fn options() -> Result<Options, String> {
         timeout: Duration::from_secs(300),
         redis_stats: false,
         config: None,
+        llm_delay: None,
+        llm_in_flight: 16,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -52,12 +57,16 @@ fn options() -> Result<Options, String> {
             "--platform" => options.platform = value()?,
             "--timeout-secs" => options.timeout = Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?),
             "--redis-stats" => options.redis_stats = true,
+            "--llm-delay-ms" => {
+                options.llm_delay = Some(Duration::from_millis(value()?.parse().map_err(|e| format!("--llm-delay-ms: {e}"))?))
+            }
+            "--llm-in-flight" => options.llm_in_flight = value()?.parse().map_err(|e| format!("--llm-in-flight: {e}"))?,
             "--config" => {
                 let path = value()?;
                 options.config = Some(std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?);
             }
             "--help" | "-h" => {
-                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats] [--config FILE.toml]".into())
+                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats] [--config FILE.toml] [--llm-delay-ms MS [--llm-in-flight N]]".into())
             }
             other => return Err(format!("unknown option {other}; see --help")),
         }
@@ -102,6 +111,17 @@ async fn main() {
         options.messages * 2 + 1000,
         sink.url
     );
+    // Replies from a local LLM stand-in that answers after a fixed delay.
+    let llm = match options.llm_delay {
+        Some(delay) => Some(SlowLlm::start(delay).await),
+        None => None,
+    };
+    if let Some(llm) = &llm {
+        overlay.push_str(&format!(
+            "[respond]\nbackends = [\"llm\"]\n[respond.routes]\npricing = [\"llm\"]\n[respond.llm]\nbase_url = \"{}\"\nmax_in_flight = {}\n",
+            llm.base_url, options.llm_in_flight
+        ));
+    }
     if let Some(config) = &options.config {
         overlay.push_str(config);
     }
@@ -227,6 +247,23 @@ async fn main() {
     let lost = options.messages.saturating_sub(per_message.len());
     let duplicated: usize =
         per_message.values().map(|n| n - 1).sum::<usize>() + sink.repeated_keys();
+    // Per chat, replies delivered after a reply to a later message.
+    let mut latest_per_chat: HashMap<&str, usize> = HashMap::new();
+    let mut out_of_order = 0;
+    for receipt in &receipts {
+        let Some(n) = receipt
+            .message_id
+            .strip_prefix("bench-")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let latest = latest_per_chat.entry(receipt.chat.as_str()).or_insert(n);
+        if n < *latest {
+            out_of_order += 1;
+        }
+        *latest = (*latest).max(n);
+    }
     let mut latencies: Vec<i64> = receipts.iter().map(|r| r.latency_ms).collect();
     latencies.sort_unstable();
     let throughput = per_message.len() as f64 / (elapsed_ms.max(1) as f64 / 1000.0);
@@ -257,6 +294,15 @@ async fn main() {
     );
     println!("| throughput | {throughput:.0} msgs/s |");
     println!("| latency p50 / p90 / p99 / max | {p50} / {p90} / {p99} / {max} ms |");
+    println!("| replies out of order in their chat | {out_of_order} (counted for --via stream) |");
+    if let Some(llm) = &llm {
+        println!(
+            "| LLM stand-in | {:?} per answer, in-flight cap {}, peak in flight {} |",
+            options.llm_delay.unwrap_or_default(),
+            options.llm_in_flight,
+            llm.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+        );
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -267,6 +313,7 @@ async fn main() {
             "p50_ms": p50,
             "p99_ms": p99,
             "via": options.via,
+            "out_of_order": out_of_order,
         })
     );
     if options.redis_stats {
