@@ -189,10 +189,35 @@ pub async fn maintain(
 /// `XTRIM MINID` below the oldest entry any group still needs, and never
 /// within the retention window. Returns how many entries went.
 pub async fn trim_stream(pool: &Pool, stream: &str, retention_ms: u64) -> Result<u64, Error> {
+    let Some(keep_from) = keep_from(pool, stream, retention_ms).await? else {
+        return Ok(0);
+    };
+    let mut connection = pool.get().await?;
+    let trimmed: u64 = redis::cmd("XTRIM")
+        .arg(stream)
+        .arg("MINID")
+        .arg("~")
+        .arg(&keep_from)
+        .query_async(&mut connection)
+        .await?;
+    if trimmed > 0 {
+        info!(message = "trimmed stream", stream = %stream, entries = trimmed, below = %keep_from);
+    }
+    Ok(trimmed)
+}
+
+/// The first id of `stream` that must stay: the lowest of the retention
+/// window's start, each group's last delivered id and each group's oldest
+/// pending id. `None` when the stream has no group (nothing is known).
+pub async fn keep_from(
+    pool: &Pool,
+    stream: &str,
+    retention_ms: u64,
+) -> Result<Option<String>, Error> {
     let mut connection = pool.get().await?;
     let groups = crate::telemetry::group_infos(&mut connection, stream).await?;
     if groups.is_empty() {
-        return Ok(0);
+        return Ok(None);
     }
     let mut keep_from = format!("{}-0", now_ms() - retention_ms as i64);
     for group in &groups {
@@ -205,17 +230,7 @@ pub async fn trim_stream(pool: &Pool, stream: &str, retention_ms: u64) -> Result
             }
         }
     }
-    let trimmed: u64 = redis::cmd("XTRIM")
-        .arg(stream)
-        .arg("MINID")
-        .arg("~")
-        .arg(&keep_from)
-        .query_async(&mut connection)
-        .await?;
-    if trimmed > 0 {
-        info!(message = "trimmed stream", stream = %stream, entries = trimmed, below = %keep_from);
-    }
-    Ok(trimmed)
+    Ok(Some(keep_from))
 }
 
 fn id_lower(a: &str, b: &str) -> bool {

@@ -6,6 +6,7 @@ use crate::config::ProcessConfig;
 use crate::Error;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Value};
+use std::collections::HashMap;
 use std::time::Duration;
 
 pub type Pool = deadpool_redis::Pool;
@@ -128,6 +129,26 @@ pub fn parse_entries(stream: &str, value: Value) -> Result<Vec<RawEntry>, Error>
                 fields,
             })
         })
+        .collect()
+}
+
+/// A reply that is a map (RESP3) or a flat `[key, value, …]` array (RESP2),
+/// as `XINFO` gives them, keyed by name; anything else is empty.
+pub fn field_map(value: Value) -> HashMap<String, Value> {
+    let pairs: Vec<(Value, Value)> = match value {
+        Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [key, value] => Some((key.clone(), value.clone())),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs,
+        _ => Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .filter_map(|(key, value)| string(key).ok().map(|key| (key, value)))
         .collect()
 }
 

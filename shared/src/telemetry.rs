@@ -15,7 +15,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use redis::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -224,21 +224,10 @@ fn parse_groups(reply: Value) -> Result<Vec<GroupInfo>, Error> {
     groups
         .into_iter()
         .map(|group| {
-            let pairs: Vec<(Value, Value)> = match group {
-                Value::Array(flat) => flat
-                    .chunks(2)
-                    .filter_map(|pair| match pair {
-                        [k, v] => Some((k.clone(), v.clone())),
-                        _ => None,
-                    })
-                    .collect(),
-                Value::Map(pairs) => pairs,
-                other => return Err(Error::Garbage(format!("XINFO GROUPS entry: {other:?}"))),
-            };
-            let fields: HashMap<String, Value> = pairs
-                .into_iter()
-                .filter_map(|(k, v)| redis_conn::string(k).ok().map(|k| (k, v)))
-                .collect();
+            if !matches!(group, Value::Array(_) | Value::Map(_)) {
+                return Err(Error::Garbage(format!("XINFO GROUPS entry: {group:?}")));
+            }
+            let fields = redis_conn::field_map(group);
             let number = |name: &str| match fields.get(name) {
                 Some(Value::Int(n)) => Some(*n as u64),
                 _ => None,

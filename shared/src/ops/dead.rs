@@ -199,15 +199,11 @@ impl Ops {
 impl DeadEntry {
     pub fn json(&self) -> Json {
         match &self.letter {
-            Some(letter) => json!({
-                "id": self.id,
-                "stage": letter.stage,
-                "stream": letter.stream,
-                "entry_id": letter.entry_id,
-                "error": letter.error,
-                "deliveries": letter.deliveries,
-                "at_ms": letter.at_ms,
-            }),
+            Some(letter) => {
+                let mut json = letter_json(letter);
+                json["id"] = json!(self.id);
+                json
+            }
             None => json!({"id": self.id, "error": "not a dead letter this botline can read"}),
         }
     }
@@ -235,4 +231,16 @@ pub fn dead_table(entries: &[DeadEntry], streams: &crate::streams::Streams) -> S
         }
     }
     out
+}
+
+/// What a dead letter says, as JSON (its original fields aside).
+pub(crate) fn letter_json(letter: &DeadLetter) -> Json {
+    json!({
+        "stage": letter.stage,
+        "stream": letter.stream,
+        "entry_id": letter.entry_id,
+        "error": letter.error,
+        "deliveries": letter.deliveries,
+        "at_ms": letter.at_ms,
+    })
 }

@@ -134,14 +134,7 @@ fn dead_letter(
         "id": id,
         "stream": short,
         "kind": Kind::Dead.name(),
-        "record": {
-            "stage": letter.stage,
-            "stream": letter.stream,
-            "entry_id": letter.entry_id,
-            "error": letter.error,
-            "deliveries": letter.deliveries,
-            "at_ms": letter.at_ms,
-        },
+        "record": super::dead::letter_json(letter),
         "original": original,
     })
 }

@@ -7,7 +7,6 @@ use crate::redis_conn::{self};
 use crate::telemetry::group_infos;
 use redis::Value;
 use serde_json::{json, Value as Json};
-use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
@@ -112,21 +111,7 @@ fn parse_consumers(reply: Value) -> Vec<ConsumerStatus> {
     items
         .into_iter()
         .map(|item| {
-            let pairs: Vec<(Value, Value)> = match item {
-                Value::Array(flat) => flat
-                    .chunks(2)
-                    .filter_map(|pair| match pair {
-                        [k, v] => Some((k.clone(), v.clone())),
-                        _ => None,
-                    })
-                    .collect(),
-                Value::Map(pairs) => pairs,
-                _ => Vec::new(),
-            };
-            let fields: HashMap<String, Value> = pairs
-                .into_iter()
-                .filter_map(|(k, v)| redis_conn::string(k).ok().map(|k| (k, v)))
-                .collect();
+            let fields = redis_conn::field_map(item);
             let number = |name: &str| match fields.get(name) {
                 Some(Value::Int(n)) => (*n).max(0) as u64,
                 _ => 0,

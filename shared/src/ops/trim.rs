@@ -7,7 +7,6 @@
 use super::{Ops, OpsError};
 use crate::lease;
 use crate::redis_conn::id_order;
-use crate::telemetry::group_infos;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrimLine {
@@ -28,7 +27,7 @@ impl Ops {
         let mut lines = Vec::new();
         for key in self.pipeline_streams().await? {
             let stream = self.streams.short(&key).to_string();
-            let Some(keep_from) = self.keep_from(&key, retention_ms).await? else {
+            let Some(keep_from) = lease::keep_from(&self.pool, &key, retention_ms).await? else {
                 lines.push(TrimLine {
                     stream,
                     below: None,
@@ -59,29 +58,6 @@ impl Ops {
             });
         }
         Ok(lines)
-    }
-
-    /// The same bound [`lease::trim_stream`] computes (it does not expose
-    /// it), for the dry run's count. `None` when the stream has no group.
-    async fn keep_from(&self, key: &str, retention_ms: u64) -> Result<Option<String>, OpsError> {
-        let mut connection = self.pool.get().await?;
-        let groups = group_infos(&mut connection, key).await?;
-        if groups.is_empty() {
-            return Ok(None);
-        }
-        let mut keep_from = format!("{}-0", crate::now_ms() - retention_ms as i64);
-        for group in &groups {
-            // Not yet delivered: everything after last-delivered-id.
-            if id_order(&group.last_delivered_id) < id_order(&keep_from) {
-                keep_from = group.last_delivered_id.clone();
-            }
-            if let Some(oldest) = &group.oldest_pending_id {
-                if id_order(oldest) < id_order(&keep_from) {
-                    keep_from = oldest.clone();
-                }
-            }
-        }
-        Ok(Some(keep_from))
     }
 }
 
