@@ -2,7 +2,8 @@
 //! there by scripts/fetch-model; `BOTLINE_MODEL_PATH` names another) with the
 //! shipped examples, on sentences that are not among them (heldout.tsv).
 //! Without the model the test says so and passes, except under CI, where
-//! scripts/test has fetched it and its absence is a failure.
+//! scripts/test has fetched it and its absence is a failure. `SHOW_ERRORS=1`
+//! prints each held-out sentence the model gets wrong, with its score.
 
 use botline_shared::config::Settings;
 use classify::embedding::{EmbeddingIntents, Matching};
@@ -167,4 +168,72 @@ fn the_default_model_embeds_meaning_across_languages() {
             None
         ]
     );
+}
+
+/// Through the stage: the model is loaded before the first read, and what it
+/// found (intent, confidence, FAQ entry) is in the queued record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stage_queues_the_models_intent_and_faq_answer() {
+    use botline_shared::codec;
+    use botline_shared::config::ProcessConfig;
+    use botline_shared::message::{ClassifiedMessage, Priority};
+    use botline_shared::runner::Plumbing;
+    use botline_shared::telemetry::Health;
+    use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    let Some(path) = model_path() else { return };
+    let redis = RedisServer::start();
+    let process = ProcessConfig::from_env(
+        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
+        "127.0.0.1:0",
+    )
+    .unwrap();
+    let settings = Settings::from_overlay(Some(
+        "[runner]\nblock_ms = 100\n[classify]\nintent_model = \"embedding\"\n",
+    ))
+    .unwrap();
+    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let streams = plumbing.streams.clone();
+    let mut connection = redis.connection();
+    let texts = [
+        "I lost my password, how do I reset it?",
+        "服务器好像崩了，大家都连不上",
+    ];
+    for (n, text) in texts.iter().enumerate() {
+        add_entry(
+            &mut connection,
+            &streams.inbound(),
+            &codec::encode(&sample_message(n, text)),
+        );
+    }
+    let shutdown = CancellationToken::new();
+    let stage = tokio::spawn(classify::run_with_model(
+        settings,
+        path,
+        plumbing,
+        shutdown.clone(),
+    ));
+    let queued = |connection: &mut redis::Connection| {
+        let normal: Vec<ClassifiedMessage> =
+            read_stream(connection, &streams.queue(Priority::Normal));
+        let urgent: Vec<ClassifiedMessage> =
+            read_stream(connection, &streams.queue(Priority::Urgent));
+        (normal, urgent)
+    };
+    wait_for("both messages classified", Duration::from_secs(60), || {
+        let (normal, urgent) = queued(&mut connection);
+        normal.len() + urgent.len() == 2
+    })
+    .await;
+    shutdown.cancel();
+    stage.await.unwrap().unwrap();
+    let (normal, urgent) = queued(&mut connection);
+    assert_eq!(normal[0].intent.name, "account_password");
+    assert!(normal[0].intent.confidence > 0.85, "{:?}", normal[0].intent);
+    let faq = normal[0].faq.as_ref().expect("the password FAQ entry");
+    assert_eq!(faq.question, "How do I reset my password?");
+    assert!(faq.score >= 0.9, "{faq:?}");
+    assert_eq!(urgent[0].intent.name, "outage_report", "an urgent intent");
 }
