@@ -1,69 +1,13 @@
-//! Pure rules, no I/O: keyword and regex matching for priority, keyword
-//! intents, and the sensitive-word audit. Keywords match case-insensitively;
-//! a keyword made of ASCII letters and digits matches only as a whole word
-//! (`hi` is not found in `this`), any other keyword (Chinese, say) anywhere.
+//! Pure rules, no I/O: keyword and regex matching for priority and keyword
+//! intents; the keyword matcher and the sensitive-word audit live in
+//! `botline_shared::keywords` (respond audits LLM output with the same).
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+pub use botline_shared::keywords::{Audit, KeywordSet};
 use botline_shared::message::{FaqMatch, Intent};
 use regex::Regex;
 
 /// The intent name for messages no rule recognises.
 pub const UNKNOWN_INTENT: &str = "unknown";
-
-/// A set of keywords, each tagged with a value, found in one pass.
-pub struct KeywordSet<T> {
-    matcher: AhoCorasick,
-    tags: Vec<T>,
-    whole_word: Vec<bool>,
-}
-
-impl<T: Clone> KeywordSet<T> {
-    pub fn new(keywords: impl IntoIterator<Item = (String, T)>) -> Result<Self, String> {
-        let (words, tags): (Vec<String>, Vec<T>) = keywords
-            .into_iter()
-            .filter(|(word, _)| !word.trim().is_empty())
-            .map(|(word, tag)| (word.trim().to_lowercase(), tag))
-            .unzip();
-        let whole_word = words
-            .iter()
-            .map(|word| {
-                word.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '\'')
-            })
-            .collect();
-        let matcher = AhoCorasickBuilder::new()
-            .ascii_case_insensitive(true)
-            .match_kind(MatchKind::LeftmostLongest)
-            .build(&words)
-            .map_err(|error| error.to_string())?;
-        Ok(KeywordSet {
-            matcher,
-            tags,
-            whole_word,
-        })
-    }
-
-    /// The tag and matched keyword of every hit in `text`, left to right.
-    pub fn find<'t>(&self, text: &'t str) -> Vec<(T, &'t str)> {
-        let bytes = text.as_bytes();
-        let is_word = |at: Option<&u8>| at.is_some_and(|b| b.is_ascii_alphanumeric());
-        self.matcher
-            .find_iter(text)
-            .filter(|hit| {
-                let pattern = hit.pattern().as_usize();
-                !self.whole_word[pattern]
-                    || (!is_word(hit.start().checked_sub(1).and_then(|i| bytes.get(i)))
-                        && !is_word(bytes.get(hit.end())))
-            })
-            .map(|hit| {
-                (
-                    self.tags[hit.pattern().as_usize()].clone(),
-                    &text[hit.range()],
-                )
-            })
-            .collect()
-    }
-}
 
 /// Urgent when a keyword or a regex matches.
 pub struct UrgentRules {
@@ -163,32 +107,6 @@ impl IntentModel for KeywordIntents {
     }
 }
 
-/// The sensitive words found in a text, lower-cased, each once.
-pub struct Audit {
-    words: KeywordSet<()>,
-}
-
-impl Audit {
-    pub fn new(words: &[String]) -> Result<Self, String> {
-        Ok(Audit {
-            words: KeywordSet::new(words.iter().map(|w| (w.clone(), ())))?,
-        })
-    }
-
-    pub fn hits(&self, text: &str) -> Vec<String> {
-        let mut found: Vec<String> = self
-            .words
-            .find(text)
-            .into_iter()
-            .map(|(_, w)| w.to_lowercase())
-            .collect();
-        found.dedup();
-        found.sort();
-        found.dedup();
-        found
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,14 +166,6 @@ mod tests {
         check("谢谢", "thanks");
         check("HI", "greeting");
         check("", UNKNOWN_INTENT);
-    }
-
-    #[test]
-    fn audit_reports_each_word_once() {
-        let audit = Audit::new(&strings(&["badword", "敏感"])).unwrap();
-        assert_eq!(audit.hits("BadWord 敏感 badword"), vec!["badword", "敏感"]);
-        assert!(audit.hits("badwords").is_empty());
-        assert!(audit.hits("fine").is_empty());
     }
 
     #[test]

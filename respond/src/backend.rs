@@ -33,6 +33,12 @@ pub trait ReplyBackend: Send + Sync + 'static {
     /// respond does not read `ctx:` streams at all.
     fn wants_context(&self) -> bool;
 
+    /// Whether its text is generated rather than the operator's own words
+    /// (templates, FAQ answers); generated text passes the output audit.
+    fn generates(&self) -> bool {
+        false
+    }
+
     fn reply<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,

@@ -14,6 +14,7 @@ pub mod templates;
 use backend::{ReplyBackend, ReplyRequest};
 use botline_shared::codec;
 use botline_shared::config::{Env, ProcessEnv, Settings};
+use botline_shared::keywords::Audit;
 use botline_shared::message::{ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn};
 use botline_shared::now_ms;
 use botline_shared::redis_conn::{self, Pool};
@@ -51,9 +52,28 @@ pub struct RespondSettings {
     pub faq_min_score: f32,
     /// Texts that clear a chat's context (compared trimmed, case-insensitively).
     pub reset_commands: Vec<String>,
+    /// What to do with an LLM reply holding a sensitive word
+    /// (`classify.sensitive_words`): send it, mask the words, or replace it.
+    pub output_audit: OutputAudit,
+    /// The reply sent instead, with `output_audit = "replace"`.
+    pub output_replacement: String,
     pub llm: llm::LlmSettings,
     /// Per-intent replies; `unknown` is the fallback and must exist.
     pub templates: BTreeMap<String, Template>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputAudit {
+    Send,
+    Mask,
+    Replace,
+}
+
+/// The one `[classify]` setting respond reads: the words to audit LLM output for.
+#[derive(Deserialize)]
+struct SensitiveWords {
+    sensitive_words: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +90,7 @@ pub struct RespondStage {
     backends: Vec<Arc<dyn ReplyBackend>>,
     routes: HashMap<String, Vec<Arc<dyn ReplyBackend>>>,
     templates: Arc<Templates>,
+    audit: Audit,
     streams: Streams,
     pool: Pool,
 }
@@ -90,6 +111,7 @@ enum Answer {
 impl RespondStage {
     pub fn new(
         settings: RespondSettings,
+        sensitive_words: &[String],
         env: &impl Env,
         streams: Streams,
         pool: Pool,
@@ -158,10 +180,13 @@ impl RespondStage {
                 ))
             })
             .collect::<Result<HashMap<_, _>, Error>>()?;
+        let audit = Audit::new(sensitive_words)
+            .map_err(|reason| Error::config("classify.sensitive_words", reason))?;
         Ok(RespondStage {
             settings,
             backends,
             routes,
+            audit,
             templates,
             streams,
             pool,
@@ -257,10 +282,15 @@ impl RespondStage {
         for backend in backends {
             match backend.reply(&request).await {
                 Ok(Some(text)) => {
+                    let text = if backend.generates() {
+                        self.audited(text)
+                    } else {
+                        text
+                    };
                     return Answer::Reply {
                         text,
                         backend: backend.name(),
-                    }
+                    };
                 }
                 Ok(None) => {}
                 Err(error) => {
@@ -271,6 +301,28 @@ impl RespondStage {
         Answer::Reply {
             text: self.templates.fallback(&request),
             backend: "fallback",
+        }
+    }
+
+    /// A generated reply after the sensitive-word audit, as the policy says.
+    /// (Templates and FAQ answers are the operator's own words: not audited.)
+    fn audited(&self, text: String) -> String {
+        let hits = self.audit.hits(&text);
+        if hits.is_empty() {
+            return text;
+        }
+        let policy = self.settings.output_audit;
+        let label = match policy {
+            OutputAudit::Send => "send",
+            OutputAudit::Mask => "mask",
+            OutputAudit::Replace => "replace",
+        };
+        metrics::counter!("botline_respond_output_audit_hits_total", "policy" => label)
+            .increment(hits.len() as u64);
+        match policy {
+            OutputAudit::Send => text,
+            OutputAudit::Mask => self.audit.mask(&text),
+            OutputAudit::Replace => self.settings.output_replacement.clone(),
         }
     }
 
@@ -443,8 +495,10 @@ pub async fn run_with_env(
             ),
         ));
     }
+    let words: SensitiveWords = settings.section("classify")?;
     let stage = RespondStage::new(
         respond,
+        &words.sensitive_words,
         env,
         plumbing.streams.clone(),
         plumbing.pool.clone(),

@@ -374,6 +374,10 @@ impl ReplyBackend for LlmBackend {
         true
     }
 
+    fn generates(&self) -> bool {
+        true
+    }
+
     fn reply<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,

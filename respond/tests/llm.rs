@@ -79,7 +79,8 @@ struct Setup {
 }
 
 impl Setup {
-    async fn start(llm_overlay: &str) -> Setup {
+    /// `respond_overlay` goes in `[respond]`, `llm_overlay` in `[respond.llm]`.
+    async fn start(respond_overlay: &str, llm_overlay: &str) -> Setup {
         let state: Shared = Arc::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -89,7 +90,7 @@ impl Setup {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let redis = RedisServer::start();
         let overlay = format!(
-            "[runner]\nblock_ms = 100\n[respond]\nbackends = [\"faq\", \"llm\"]\nfaq_min_score = 0.99\n[respond.routes]\ngreeting = [\"templates\"]\n[respond.llm]\nbase_url = \"{url}\"\nmodel = \"test-model\"\ntimeout_ms = 1000\nbudget_ms = 2000\nbackoff_base_ms = 10\n{llm_overlay}"
+            "[runner]\nblock_ms = 100\n[respond]\nbackends = [\"faq\", \"llm\"]\nfaq_min_score = 0.99\n{respond_overlay}[respond.routes]\ngreeting = [\"templates\"]\n[respond.llm]\nbase_url = \"{url}\"\nmodel = \"test-model\"\ntimeout_ms = 1000\nbudget_ms = 2000\nbackoff_base_ms = 10\n{llm_overlay}"
         );
         let process = ProcessConfig::from_env(
             &[("BOTLINE_REDIS_URL", redis.url().as_str())],
@@ -189,7 +190,7 @@ fn roles_and_contents(body: &Value) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_carries_prompt_context_in_order_and_faq_grounding() {
-    let mut setup = Setup::start("context_budget_chars = 60\n").await;
+    let mut setup = Setup::start("", "context_budget_chars = 60\n").await;
     assert_eq!(
         setup.ask("a", "first question", |_| {}).await,
         "LLM says: first question"
@@ -244,7 +245,7 @@ async fn the_request_carries_prompt_context_in_order_and_faq_grounding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_turns_name_their_speaker_and_routes_pick_backends() {
-    let mut setup = Setup::start("").await;
+    let mut setup = Setup::start("", "").await;
     let group = |c: &mut ClassifiedMessage| {
         c.message.chat.kind = ChatKind::Group;
         c.message.mentions.bot = true;
@@ -282,7 +283,7 @@ async fn group_turns_name_their_speaker_and_routes_pick_backends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_gets_the_fallback_then_the_breaker_then_recovery() {
-    let mut setup = Setup::start("breaker_failures = 3\nbreaker_open_ms = 1500\n").await;
+    let mut setup = Setup::start("", "breaker_failures = 3\nbreaker_open_ms = 1500\n").await;
     for mode in [
         Mode::Slow,
         Mode::TooMany,
@@ -333,7 +334,7 @@ async fn a_failing_endpoint_gets_the_fallback_then_the_breaker_then_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_clears_the_context() {
-    let mut setup = Setup::start("").await;
+    let mut setup = Setup::start("", "").await;
     setup.ask("r", "remember this", |_| {}).await;
     let reset = setup.ask("r", " /RESET ", |_| {}).await;
     assert!(reset.starts_with("Done, Ada"), "{reset}");
@@ -347,4 +348,25 @@ async fn reset_clears_the_context() {
     let reset_zh = setup.ask("r", "重置", |_| {}).await;
     assert!(reset_zh.starts_with("好的"), "{reset_zh}");
     setup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensitive_words_in_llm_output_follow_the_policy() {
+    // The stand-in echoes the message, so the message decides what the LLM "says".
+    let mut masked = Setup::start("", "").await;
+    let reply = masked.ask("m", "you shit 傻逼", |_| {}).await;
+    assert_eq!(reply, "LLM says: you **** **");
+    masked.stop().await;
+
+    let mut replaced = Setup::start(
+        "output_audit = \"replace\"\noutput_replacement = \"No.\"\n",
+        "",
+    )
+    .await;
+    assert_eq!(replaced.ask("m", "you shit", |_| {}).await, "No.");
+    assert_eq!(
+        replaced.ask("m", "all fine", |_| {}).await,
+        "LLM says: all fine"
+    );
+    replaced.stop().await;
 }

@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod keywords;
 pub mod lease;
 pub mod message;
 pub mod ops;
