@@ -175,26 +175,17 @@ fn the_default_model_embeds_meaning_across_languages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stage_queues_the_models_intent_and_faq_answer() {
     use botline_shared::codec;
-    use botline_shared::config::ProcessConfig;
+
     use botline_shared::message::{ClassifiedMessage, Priority};
-    use botline_shared::runner::Plumbing;
-    use botline_shared::telemetry::Health;
+
     use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
     use std::time::Duration;
     use tokio_util::sync::CancellationToken;
 
     let Some(path) = model_path() else { return };
     let redis = RedisServer::start();
-    let process = ProcessConfig::from_env(
-        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
-        "127.0.0.1:0",
-    )
-    .unwrap();
-    let settings = Settings::from_overlay(Some(
-        "[runner]\nblock_ms = 100\n[classify]\nintent_model = \"embedding\"\n",
-    ))
-    .unwrap();
-    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let (settings, plumbing) =
+        redis.plumbing("[runner]\nblock_ms = 100\n[classify]\nintent_model = \"embedding\"\n");
     let streams = plumbing.streams.clone();
     let mut connection = redis.connection();
     let texts = [

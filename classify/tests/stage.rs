@@ -3,10 +3,7 @@
 //! cause, and the stage keeps going.
 
 use botline_shared::codec;
-use botline_shared::config::{ProcessConfig, Settings};
 use botline_shared::message::{ClassifiedMessage, DeadLetter, Priority};
-use botline_shared::runner::Plumbing;
-use botline_shared::telemetry::Health;
 use botline_shared::testing::{
     add_entry as add, read_stream as read_all, sample_message as message, wait_for, RedisServer,
 };
@@ -17,14 +14,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_is_queued_once_and_poison_goes_to_dead() {
     let redis = RedisServer::start();
-    let process = ProcessConfig::from_env(
-        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
-        "127.0.0.1:0",
-    )
-    .unwrap();
-    let settings =
-        Settings::from_overlay(Some("[runner]\nbatch_size = 7\nblock_ms = 100\n")).unwrap();
-    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let (settings, plumbing) = redis.plumbing("[runner]\nbatch_size = 7\nblock_ms = 100\n");
     let streams = plumbing.streams.clone();
     let mut connection = redis.connection();
 

@@ -7,13 +7,10 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
 use botline_shared::codec;
-use botline_shared::config::{ProcessConfig, Settings};
 use botline_shared::message::{
     ChatKind, ClassifiedMessage, FaqMatch, Intent, Priority, Reply, Role, Turn,
 };
-use botline_shared::runner::Plumbing;
 use botline_shared::streams::Streams;
-use botline_shared::telemetry::Health;
 use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -92,13 +89,7 @@ impl Setup {
         let overlay = format!(
             "[runner]\nblock_ms = 100\n[respond]\nbackends = [\"faq\", \"llm\"]\nfaq_min_score = 0.99\n{respond_overlay}[respond.routes]\ngreeting = [\"templates\"]\n[respond.llm]\nbase_url = \"{url}\"\nmodel = \"test-model\"\ntimeout_ms = 1000\nbudget_ms = 2000\nbackoff_base_ms = 10\n{llm_overlay}"
         );
-        let process = ProcessConfig::from_env(
-            &[("BOTLINE_REDIS_URL", redis.url().as_str())],
-            "127.0.0.1:0",
-        )
-        .unwrap();
-        let settings = Settings::from_overlay(Some(&overlay)).unwrap();
-        let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+        let (settings, plumbing) = redis.plumbing(&overlay);
         let streams = plumbing.streams.clone();
         let shutdown = CancellationToken::new();
         static ENV: [(&str, &str); 1] = [("BOTLINE_LLM_API_KEY", "sk-test-secret-key")];

@@ -1,12 +1,10 @@
 //! respond through the shared runner against a real redis-server.
 
 use botline_shared::codec;
-use botline_shared::config::{ProcessConfig, Settings};
 use botline_shared::message::{
     ChatKind, ClassifiedMessage, Intent, Origin, Priority, Reply, Role, Turn,
 };
 use botline_shared::runner::Plumbing;
-use botline_shared::telemetry::Health;
 use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
 use redis::Commands;
 use std::time::Duration;
@@ -44,13 +42,7 @@ async fn start(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), botline_shared::Error>>,
 ) {
-    let process = ProcessConfig::from_env(
-        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
-        "127.0.0.1:0",
-    )
-    .unwrap();
-    let settings = Settings::from_overlay(Some(OVERLAY)).unwrap();
-    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let (settings, plumbing) = redis.plumbing(OVERLAY);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(respond::run(settings, plumbing.clone(), shutdown.clone()));
     (plumbing, shutdown, task)
@@ -169,16 +161,8 @@ async fn replies_follow_the_conversation_and_groups_need_a_mention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_template_is_named_at_start() {
     let redis = RedisServer::start();
-    let process = ProcessConfig::from_env(
-        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
-        "127.0.0.1:0",
-    )
-    .unwrap();
-    let settings = Settings::from_overlay(Some(
-        "[respond.templates.thanks]\nen = \"hi {nme}\"\nzh = \"\"\n",
-    ))
-    .unwrap();
-    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let (settings, plumbing) =
+        redis.plumbing("[respond.templates.thanks]\nen = \"hi {nme}\"\nzh = \"\"\n");
     let error = respond::run(settings, plumbing, CancellationToken::new())
         .await
         .unwrap_err();
@@ -217,14 +201,7 @@ async fn urgent_is_served_first_and_batch_is_not_starved() {
             );
         }
     }
-    let process = ProcessConfig::from_env(
-        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
-        "127.0.0.1:0",
-    )
-    .unwrap();
-    let settings =
-        Settings::from_overlay(Some("[runner]\nbatch_size = 40\nblock_ms = 100\n")).unwrap();
-    let plumbing = Plumbing::connect(&process, &settings, Health::default()).unwrap();
+    let (settings, plumbing) = redis.plumbing("[runner]\nbatch_size = 40\nblock_ms = 100\n");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(respond::run(settings, plumbing, shutdown.clone()));
     let out = streams.outbound("web");

@@ -209,3 +209,24 @@ pub fn sample_message(n: usize, text: &str) -> crate::message::UnifiedMessage {
         raw: None,
     }
 }
+
+impl RedisServer {
+    /// Settings (the defaults with `overlay` over them) and a stage's
+    /// plumbing on this server, as a binary would build them.
+    pub fn plumbing(&self, overlay: &str) -> (crate::config::Settings, crate::runner::Plumbing) {
+        let url = self.url();
+        let process = crate::config::ProcessConfig::from_env(
+            &[("BOTLINE_REDIS_URL", url.as_str())],
+            "127.0.0.1:0",
+        )
+        .expect("process settings");
+        let settings = crate::config::Settings::from_overlay(Some(overlay)).expect("settings");
+        let plumbing = crate::runner::Plumbing::connect(
+            &process,
+            &settings,
+            crate::telemetry::Health::default(),
+        )
+        .expect("plumbing");
+        (settings, plumbing)
+    }
+}

@@ -3,11 +3,9 @@
 //! removes what a group still needs.
 
 use botline_shared::codec;
-use botline_shared::config::{ProcessConfig, Settings};
 use botline_shared::lease::trim_stream;
 use botline_shared::message::{DeadLetter, Turn, UnifiedMessage};
 use botline_shared::runner::{self, Envelope, Input, Outcome, Plumbing, Stage, Write};
-use botline_shared::telemetry::Health;
 use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,17 +49,7 @@ impl Stage for Toy {
 }
 
 fn plumbing(redis: &RedisServer, overlay: &str) -> Plumbing {
-    let process = ProcessConfig::from_env(
-        &[("BOTLINE_REDIS_URL", redis.url().as_str())],
-        "127.0.0.1:0",
-    )
-    .unwrap();
-    Plumbing::connect(
-        &process,
-        &Settings::from_overlay(Some(overlay)).unwrap(),
-        Health::default(),
-    )
-    .unwrap()
+    redis.plumbing(overlay).1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
