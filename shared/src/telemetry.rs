@@ -250,6 +250,27 @@ fn parse_groups(reply: Value) -> Result<Vec<GroupInfo>, Error> {
         .collect()
 }
 
+/// The id of the oldest entry of `stream` that `group` has not been given
+/// yet (time-based lag), if there is one.
+pub async fn first_undelivered_id(
+    connection: &mut deadpool_redis::Connection,
+    stream: &str,
+    group: &GroupInfo,
+) -> Result<Option<String>, Error> {
+    let next: Value = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg(format!("({}", group.last_delivered_id))
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(connection)
+        .await?;
+    Ok(redis_conn::parse_entries(stream, next)?
+        .into_iter()
+        .next()
+        .map(|entry| entry.id))
+}
+
 /// Export length, lag, pending and ages of `keys` every `interval` until `shutdown`.
 pub async fn watch_streams(
     pool: Pool,
@@ -298,17 +319,10 @@ async fn export_stream(pool: &Pool, streams: &Streams, key: &str) -> Result<(), 
             .and_then(id_millis)
             .map_or(0.0, |ms| (now - ms).max(0) as f64 / 1000.0);
         metrics::gauge!("botline_group_oldest_pending_age_seconds", &labels).set(pending_age);
-        let next: Value = redis::cmd("XRANGE")
-            .arg(key)
-            .arg(format!("({}", group.last_delivered_id))
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut connection)
-            .await?;
-        let undelivered_age = redis_conn::parse_entries(key, next)?
-            .first()
-            .and_then(|entry| id_millis(&entry.id))
+        let undelivered_age = first_undelivered_id(&mut connection, key, &group)
+            .await?
+            .as_deref()
+            .and_then(id_millis)
             .map_or(0.0, |ms| (now - ms).max(0) as f64 / 1000.0);
         metrics::gauge!("botline_group_oldest_undelivered_age_seconds", &labels)
             .set(undelivered_age);

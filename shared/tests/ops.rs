@@ -45,6 +45,13 @@ fn add_with_id(connection: &mut Connection, stream: &str, id: &str, fields: &Fie
     command.query(connection).unwrap()
 }
 
+/// `count` sample messages added to `stream`; their ids.
+fn fill(connection: &mut Connection, stream: &str, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|n| add_entry(connection, stream, &codec::encode(&sample_message(n, "x"))))
+        .collect()
+}
+
 fn group(connection: &mut Connection, stream: &str, name: &str) {
     cmd(
         connection,
@@ -139,15 +146,7 @@ async fn status_numbers_match_a_constructed_situation() {
 
     // in: 5 entries; classify's c1 read 3 and acknowledged 1.
     let inbound = streams.inbound();
-    let ids: Vec<String> = (0..5)
-        .map(|n| {
-            add_entry(
-                &mut connection,
-                &inbound,
-                &codec::encode(&sample_message(n, "x")),
-            )
-        })
-        .collect();
+    let ids = fill(&mut connection, &inbound, 5);
     group(&mut connection, &inbound, "classify");
     read(&mut connection, &inbound, "classify", "c1", 3);
     cmd(&mut connection, &["XACK", &inbound, "classify", &ids[0]]);
@@ -873,15 +872,7 @@ async fn trim_keeps_what_groups_need_and_the_retention_window() {
     let mut connection = redis.connection();
     let inbound = streams.inbound();
     // Enough entries for several stream nodes: `XTRIM MINID ~` removes whole nodes only.
-    let ids: Vec<String> = (0..500)
-        .map(|n| {
-            add_entry(
-                &mut connection,
-                &inbound,
-                &codec::encode(&sample_message(n, "x")),
-            )
-        })
-        .collect();
+    let ids = fill(&mut connection, &inbound, 500);
     group(&mut connection, &inbound, "fast");
     group(&mut connection, &inbound, "slow");
     read(&mut connection, &inbound, "fast", "f", 500);

@@ -4,7 +4,7 @@
 
 use super::{age_ms, format_age, Ops, OpsError};
 use crate::redis_conn::{self};
-use crate::telemetry::group_infos;
+use crate::telemetry::{first_undelivered_id, group_infos};
 use redis::Value;
 use serde_json::{json, Value as Json};
 
@@ -67,17 +67,10 @@ impl Ops {
             .await?;
         let mut groups = Vec::new();
         for info in group_infos(&mut connection, key).await? {
-            let next: Value = redis::cmd("XRANGE")
-                .arg(key)
-                .arg(format!("({}", info.last_delivered_id))
-                .arg("+")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut connection)
-                .await?;
-            let oldest_undelivered = redis_conn::parse_entries(key, next)?
-                .first()
-                .and_then(|entry| age_ms(&entry.id));
+            let oldest_undelivered = first_undelivered_id(&mut connection, key, &info)
+                .await?
+                .as_deref()
+                .and_then(age_ms);
             let reply: Value = redis::cmd("XINFO")
                 .arg("CONSUMERS")
                 .arg(key)
