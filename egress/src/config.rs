@@ -26,6 +26,9 @@ pub struct EgressSettings {
     pub send_replays: bool,
     pub web: WebSettings,
     pub webhook: WebhookSettings,
+    /// `[egress.platforms.<name>]`: each platform's sender settings, read by
+    /// its module in [`crate::senders`].
+    pub platforms: toml::Table,
 }
 
 /// `[egress.web]`: the browser chat served by ingest.

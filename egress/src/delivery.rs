@@ -5,6 +5,7 @@
 //! rate-limit wait, so those metrics cannot drift between platforms.
 
 use crate::backoff;
+use crate::limits::{Limiter, Refusal};
 use crate::senders::{Sender, Verdict};
 use botline_shared::message::Reply;
 use botline_shared::runner::Write;
@@ -38,17 +39,54 @@ pub enum Delivery {
 }
 
 /// Try `sender` on `reply` until it is delivered, refused, or the policy says stop.
-/// On `shutdown` a wait is cut short and the delivery given up.
+/// Before each attempt a slot is taken in each of the sender's rate limits
+/// (with `limiter`; senders without limits need none). On `shutdown` a wait
+/// is cut short and the delivery given up.
 pub async fn deliver(
     sender: &dyn Sender,
     reply: &Reply,
     policy: &RetryPolicy,
+    limiter: Option<&Limiter>,
     shutdown: &CancellationToken,
 ) -> Delivery {
     let platform = sender.platform();
     let deadline = Instant::now() + policy.budget;
+    let limits = sender.limits(reply);
     let mut attempts = 0;
     loop {
+        if let (Some(limiter), false) = (limiter, limits.is_empty()) {
+            let taken = tokio::select! {
+                taken = limiter.take(&limits, deadline) => taken,
+                _ = shutdown.cancelled() => {
+                    return Delivery::GaveUp {
+                        attempts,
+                        reason: "waiting for a rate limit; shutting down".into(),
+                    }
+                }
+            };
+            match taken {
+                Ok(waited) if !waited.is_zero() => {
+                    metrics::histogram!("botline_egress_rate_limit_wait_seconds", "platform" => platform)
+                        .record(waited.as_secs_f64());
+                }
+                Ok(_) => {}
+                Err(Refusal::TooLate { wait }) => {
+                    return Delivery::GaveUp {
+                        attempts,
+                        reason: format!(
+                            "rate limited: the next free slot, in {wait:?}, is past the send budget of {:?}",
+                            policy.budget
+                        ),
+                    }
+                }
+                Err(Refusal::Redis(error)) => {
+                    return Delivery::GaveUp {
+                        attempts,
+                        reason: format!("taking a rate limit slot failed: {error}"),
+                    }
+                }
+            }
+        }
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let attempt = match tokio::time::timeout(remaining, sender.attempt(reply)).await {
@@ -186,6 +224,7 @@ mod tests {
             reply_to: None,
             text: "t".into(),
             mentions: vec![],
+            platform_data: Default::default(),
             priority: Priority::Normal,
             received_at_ms: 0,
             created_at_ms: 0,
@@ -217,7 +256,7 @@ mod tests {
             budget: Duration::from_secs(budget_secs),
         };
         let start = Instant::now();
-        let got = match deliver(&sender, &reply(), &policy, &CancellationToken::new()).await {
+        let got = match deliver(&sender, &reply(), &policy, None, &CancellationToken::new()).await {
             Delivery::Delivered { attempts, .. } => format!("delivered after {attempts}"),
             Delivery::Refused { attempts, reason } => format!("refused after {attempts}: {reason}"),
             Delivery::GaveUp { attempts, reason } => format!("gave up after {attempts}: {reason}"),

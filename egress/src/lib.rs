@@ -13,8 +13,10 @@
 pub mod backoff;
 pub mod config;
 pub mod delivery;
+pub mod limits;
 pub mod senders;
 pub mod stage;
+pub mod tokens;
 
 pub use config::EgressSettings;
 pub use stage::EgressStage;
@@ -31,7 +33,13 @@ pub fn build(
     plumbing: &Plumbing,
     shutdown: CancellationToken,
 ) -> Result<EgressStage, Error> {
-    let senders = senders::build(&settings, env, &plumbing.streams, &plumbing.stream_settings)?;
+    let senders = senders::build(
+        &settings,
+        env,
+        &plumbing.streams,
+        &plumbing.stream_settings,
+        &plumbing.pool,
+    )?;
     EgressStage::new(settings, senders, plumbing, shutdown)
 }
 

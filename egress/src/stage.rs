@@ -12,6 +12,7 @@
 
 use crate::config::EgressSettings;
 use crate::delivery::{self, Delivery, RetryPolicy};
+use crate::limits::Limiter;
 use crate::senders::Sender;
 use botline_shared::message::{Receipt, Reply};
 use botline_shared::runner::{Envelope, Input, Outcome, Plumbing, Stage, Write};
@@ -71,6 +72,8 @@ pub struct EgressStage {
     senders: Vec<(String, Arc<dyn Sender>)>,
     settings: EgressSettings,
     policy: RetryPolicy,
+    /// The platforms' rate limits, shared with every replica.
+    limiter: Limiter,
     /// For the sending locks (the runner makes the ack).
     commands: redis::aio::ConnectionManager,
     streams: Streams,
@@ -114,6 +117,7 @@ impl EgressStage {
                 backoff_cap: settings.backoff_cap(),
                 budget: settings.send_budget(),
             },
+            limiter: Limiter::new(plumbing.pool.clone(), streams.clone()),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             commands: plumbing.commands.clone(),
@@ -274,7 +278,13 @@ impl EgressStage {
                 .await
                 .expect("the in-flight semaphore is never closed");
             let delivery =
-                delivery::deliver(sender.as_ref(), reply, &self.policy, &self.shutdown).await;
+                delivery::deliver(
+                    sender.as_ref(),
+                    reply,
+                    &self.policy,
+                    Some(&self.limiter),
+                    &self.shutdown,
+                ).await;
             match delivery {
                 Delivery::Delivered {
                     attempts,

@@ -309,6 +309,7 @@ fn reply(id: &str, platform: &str, chat: &str, text: &str) -> Reply {
         reply_to: Some("p-9".into()),
         text: text.into(),
         mentions: vec!["u1".into(), "u2".into()],
+        platform_data: Default::default(),
         priority: Priority::Urgent,
         received_at_ms: now_ms() - 50,
         created_at_ms: now_ms() - 10,

@@ -38,6 +38,9 @@ pub struct IngestSettings {
     pub jwt_audience: String,
     /// Scheduled messages.
     pub schedule: Vec<ScheduleEntry>,
+    /// `[ingest.platforms.<name>]`: each platform webhook's settings, read
+    /// by its module in [`crate::platforms`].
+    pub platforms: toml::Table,
 }
 
 /// One `[[ingest.schedule]]` entry, as written.
@@ -285,7 +288,7 @@ mod tests {
         );
         check_error(
             &DEFAULTS.replace("max_text_chars", "max_text_char"),
-            "setting ingest.max_text_char: unknown field `max_text_char`, expected one of `max_body_bytes`, `max_text_chars`, `dedup_ttl_ms`, `in_max_backlog`, `backlog_poll_ms`, `retry_after_secs`, `broadcast_max_chats`, `jwt_audience`, `schedule`",
+            "setting ingest.max_text_char: unknown field `max_text_char`, expected one of `max_body_bytes`, `max_text_chars`, `dedup_ttl_ms`, `in_max_backlog`, `backlog_poll_ms`, `retry_after_secs`, `broadcast_max_chats`, `jwt_audience`, `schedule`, `platforms`",
         );
     }
 

@@ -13,6 +13,19 @@ pub enum IngestError {
     /// No usable bearer token; the reason says which check failed.
     #[error("{0}")]
     Unauthorized(String),
+    /// A platform request failed the platform's own verification
+    /// (signature, timestamp window, verification token); `reason` is the
+    /// metric label (`bad_signature`, `stale_timestamp`, …), `detail` what
+    /// the log says. No secret is in either.
+    #[error("{platform}: {detail}")]
+    Unverified {
+        platform: &'static str,
+        reason: &'static str,
+        detail: String,
+    },
+    /// No enabled platform has this name.
+    #[error("no platform `{0}` is enabled here")]
+    UnknownPlatform(String),
     /// The generic API has no secret to check tokens against.
     #[error("generic API disabled: BOTLINE_JWT_SECRET is not set")]
     Disabled,
@@ -43,6 +56,8 @@ impl IngestError {
     pub fn status(&self) -> StatusCode {
         match self {
             IngestError::Unauthorized(_) | IngestError::Disabled => StatusCode::UNAUTHORIZED,
+            IngestError::Unverified { .. } => StatusCode::UNAUTHORIZED,
+            IngestError::UnknownPlatform(_) => StatusCode::NOT_FOUND,
             IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
             IngestError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -58,6 +73,8 @@ impl IngestError {
         match self {
             IngestError::Unauthorized(_) => "unauthorized",
             IngestError::Disabled => "disabled",
+            IngestError::Unverified { reason, .. } => reason,
+            IngestError::UnknownPlatform(_) => "unknown_platform",
             IngestError::TooLarge { .. } => "too_large",
             IngestError::Malformed(_) => "malformed",
             IngestError::Invalid(_) => "invalid",
@@ -87,6 +104,9 @@ impl IngestError {
             }
             IngestError::StorageFull { .. } | IngestError::Busy { .. } => {
                 warn!(message = "request refused", route, reason = self.label())
+            }
+            IngestError::Unverified { .. } => {
+                warn!(message = "platform request failed verification", route, reason = self.label(), error = %self)
             }
             _ => debug!(message = "request refused", route, reason = self.label(), error = %self),
         }
@@ -120,7 +140,7 @@ impl IntoResponse for IngestError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if self.status() == StatusCode::UNAUTHORIZED {
+        if matches!(self, IngestError::Unauthorized(_) | IngestError::Disabled) {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -7,7 +7,8 @@
 //! transcripts (pub/sub) to show the bot's replies in the web chat.
 //!
 //! Owns: `POST /v1/messages`, `POST /v1/broadcast`, `/` (the chat page),
-//! `/ws` (the chat socket). Never calls another stage.
+//! `/ws` (the chat socket), `/hooks/<platform>` (platform webhooks, see
+//! [`platforms`]). Never calls another stage.
 //!
 //! [`UnifiedMessage`]: botline_shared::message::UnifiedMessage
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod generic;
 pub mod inbox;
+pub mod platforms;
 pub mod scheduler;
 pub mod webchat;
 
@@ -26,11 +28,12 @@ use crate::backlog::Backlog;
 use crate::config::{IngestSettings, Schedule};
 use crate::error::IngestError;
 use crate::inbox::Inbox;
+use crate::platforms::InboundPlatform;
 use crate::webchat::Notice;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use botline_shared::config::{ProcessConfig, Settings, StreamSettings};
+use botline_shared::config::{Env, ProcessConfig, Settings, StreamSettings};
 use botline_shared::redis_conn::Pool;
 use botline_shared::streams::Streams;
 use botline_shared::telemetry::Health;
@@ -52,20 +55,25 @@ pub struct Ingest {
     pub pool: Pool,
     /// `BOTLINE_JWT_SECRET`; `None` disables the generic API.
     pub jwt_secret: Option<String>,
+    /// The platform webhooks `[ingest.platforms]` enables.
+    pub platforms: Vec<Arc<dyn InboundPlatform>>,
     pub health: Health,
 }
 
 impl Ingest {
     /// Settings and connections for the binary: `[ingest]` and `[streams]`
-    /// from `settings`, a pool and a client for `process.redis_url`.
+    /// from `settings`, a pool and a client for `process.redis_url`, the
+    /// platforms' secrets from `env`.
     pub fn connect(
         process: &ProcessConfig,
         settings: &Settings,
+        env: &dyn Env,
         jwt_secret: Option<String>,
         health: Health,
     ) -> Result<Self, botline_shared::Error> {
         let ingest_settings = IngestSettings::load(settings)?;
         Ok(Ingest {
+            platforms: platforms::build(&ingest_settings.platforms, env)?,
             schedules: ingest_settings.schedules()?,
             settings: ingest_settings,
             stream_settings: settings.section("streams")?,
@@ -88,6 +96,7 @@ pub struct Shared {
     pub inbox: Inbox,
     pub auth: Option<JwtAuth>,
     pub backlog: Backlog,
+    pub platforms: Vec<Arc<dyn InboundPlatform>>,
     /// Chats whose transcript changed, from the pub/sub listener to the sockets.
     pub notices: broadcast::Sender<Notice>,
     pub shutdown: CancellationToken,
@@ -117,6 +126,7 @@ impl AppState {
                 .as_deref()
                 .map(|secret| JwtAuth::new(secret, settings.audience())),
             backlog: Backlog::default(),
+            platforms: ingest.platforms.clone(),
             notices,
             shutdown,
             settings,
@@ -142,6 +152,10 @@ pub fn app(state: AppState) -> Router {
         .route("/ws", get(webchat::socket))
         .route("/v1/messages", post(api::post_message))
         .route("/v1/broadcast", post(api::post_broadcast))
+        .route(
+            "/hooks/{platform}",
+            get(platforms::hook).post(platforms::hook),
+        )
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -169,6 +183,11 @@ pub async fn run(
         shutdown.clone(),
     ));
     scheduler::start(ingest.schedules, state.inbox.clone(), shutdown.clone());
+    for platform in &ingest.platforms {
+        platform
+            .clone()
+            .start(state.inbox.clone(), shutdown.clone());
+    }
     info!(message = "ingest listening", addr = %listener.local_addr()?);
     ingest.health.set("http", true);
     axum::serve(listener, app(state))

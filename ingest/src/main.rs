@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let ingest = Ingest::connect(
         &process,
         &settings,
+        &ProcessEnv,
         http.jwt_secret.clone(),
         telemetry.health.clone(),
     )?;

@@ -325,6 +325,8 @@ pub fn web_message(chat: &str, name: &str, text: String, stamp: Stamp) -> Unifie
         },
         attachments: Vec::new(),
         reply_to: None,
+        platform_message_id: None,
+        platform_data: Default::default(),
         platform_ts_ms: None,
         received_at_ms: stamp.received_at_ms,
         trace_id: stamp.trace_id,

@@ -369,7 +369,7 @@ impl RespondStage {
                     bot: message.bot.clone(),
                     chat: message.chat.clone(),
                     thread: message.thread.clone(),
-                    reply_to: None,
+                    reply_to: message.platform_message_id.clone(),
                     mentions: if message.chat.kind == ChatKind::Direct
                         || message.origin.is_announcement()
                     {
@@ -378,6 +378,7 @@ impl RespondStage {
                         vec![message.sender.id.clone()]
                     },
                     text,
+                    platform_data: message.platform_data.clone(),
                     priority: classified.priority,
                     received_at_ms: message.received_at_ms,
                     created_at_ms: now_ms(),

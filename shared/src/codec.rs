@@ -174,6 +174,8 @@ mod tests {
                 name: None,
             }],
             reply_to: None,
+            platform_message_id: None,
+            platform_data: Default::default(),
             platform_ts_ms: Some(1),
             received_at_ms: 2,
             trace_id: "trace".into(),

@@ -33,10 +33,21 @@ impl Env for ProcessEnv {
 
 impl<const N: usize> Env for [(&str, &str); N] {
     fn get(&self, name: &str) -> Option<String> {
-        self.iter()
-            .find(|(key, _)| *key == name)
-            .map(|(_, value)| value.to_string())
+        lookup(self, name)
     }
+}
+
+impl Env for Vec<(&str, &str)> {
+    fn get(&self, name: &str) -> Option<String> {
+        lookup(self, name)
+    }
+}
+
+fn lookup(pairs: &[(&str, &str)], name: &str) -> Option<String> {
+    pairs
+        .iter()
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.to_string())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +134,7 @@ impl ProcessConfig {
 
 /// Parse an environment variable, naming it in the error.
 pub fn parse_env<T: std::str::FromStr>(
-    env: &impl Env,
+    env: &(impl Env + ?Sized),
     name: &str,
     default: &str,
 ) -> Result<T, Error>
@@ -137,7 +148,7 @@ where
 }
 
 /// A secret from the environment, required to be present and non-trivial.
-pub fn secret_env(env: &impl Env, name: &str, min_len: usize) -> Result<String, Error> {
+pub fn secret_env(env: &(impl Env + ?Sized), name: &str, min_len: usize) -> Result<String, Error> {
     let value = env
         .get(name)
         .ok_or_else(|| Error::config(name, "is not set"))?;
@@ -218,16 +229,55 @@ impl Settings {
             .get(name)
             .cloned()
             .unwrap_or(toml::Value::Table(toml::Table::new()));
-        serde_path_to_error::deserialize(value).map_err(|error| {
-            let path = error.path().to_string();
-            let setting = if path == "." {
-                name.to_string()
-            } else {
-                format!("{name}.{path}")
-            };
-            Error::config(setting, error.into_inner().message())
-        })
+        deserialize_setting(name, value)
     }
+}
+
+/// `value` deserialized; an error names the setting: `name` and the path inside it.
+pub fn deserialize_setting<T: DeserializeOwned>(
+    name: &str,
+    value: toml::Value,
+) -> Result<T, Error> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let setting = if path == "." {
+            name.to_string()
+        } else {
+            format!("{name}.{path}")
+        };
+        Error::config(setting, error.into_inner().message())
+    })
+}
+
+/// The tables of `[<section>.platforms]` whose `enabled` is true, with their
+/// names; a table for a platform not in `known`, or an `enabled` that is not
+/// a boolean, is an error naming it. Each platform module reads its own table.
+pub fn enabled_platforms<'a>(
+    section: &str,
+    platforms: &'a toml::Table,
+    known: &[&str],
+) -> Result<Vec<(&'a str, &'a toml::Value)>, Error> {
+    let mut enabled = Vec::new();
+    for (name, table) in platforms {
+        let setting = format!("{section}.platforms.{name}");
+        if !known.contains(&name.as_str()) {
+            return Err(Error::config(
+                setting,
+                format!("unknown platform; known: {}", known.join(", ")),
+            ));
+        }
+        match table.get("enabled") {
+            None | Some(toml::Value::Boolean(false)) => {}
+            Some(toml::Value::Boolean(true)) => enabled.push((name.as_str(), table)),
+            Some(other) => {
+                return Err(Error::config(
+                    format!("{setting}.enabled"),
+                    format!("must be true or false, not {other}"),
+                ))
+            }
+        }
+    }
+    Ok(enabled)
 }
 
 /// Lay `overlay` over `base`: tables merge key by key, anything else replaces.

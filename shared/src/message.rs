@@ -7,6 +7,7 @@
 //! [`crate::codec::SCHEMA_VERSION`].
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A message from a person (or a scheduler) on some platform, in one shape
 /// whatever the platform.
@@ -32,6 +33,14 @@ pub struct UnifiedMessage {
     /// Platform id of the message this one answers, if any.
     #[serde(default)]
     pub reply_to: Option<String>,
+    /// The platform's own id of this message, so a reply can quote it.
+    #[serde(default)]
+    pub platform_message_id: Option<String>,
+    /// What the platform's sender needs to answer and the unified fields do
+    /// not carry (DingTalk's `sessionWebhook`, say); respond copies it into
+    /// the reply unread.
+    #[serde(default)]
+    pub platform_data: BTreeMap<String, String>,
     /// When the platform says the message was sent (UTC ms), if it says.
     #[serde(default)]
     pub platform_ts_ms: Option<i64>,
@@ -211,6 +220,9 @@ pub struct Reply {
     /// User ids to mention, rendered the platform's way by egress.
     #[serde(default)]
     pub mentions: Vec<String>,
+    /// The message's `platform_data`, for the sender.
+    #[serde(default)]
+    pub platform_data: BTreeMap<String, String>,
     pub priority: Priority,
     /// When ingest accepted the message this answers.
     pub received_at_ms: i64,

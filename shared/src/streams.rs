@@ -40,6 +40,17 @@ impl Streams {
             .unwrap_or(key)
     }
 
+    /// A rate limit's state (GCRA theoretical arrival time), shared by every
+    /// egress replica; `name` says whose limit (`telegram:chat:42`).
+    pub fn rate_limit(&self, name: &str) -> String {
+        self.key(&format!("rl:{name}"))
+    }
+
+    /// A platform access token cached for every replica, and its fetch lock.
+    pub fn token(&self, name: &str) -> String {
+        self.key(&format!("token:{name}"))
+    }
+
     /// Normalized inbound messages; written by ingest, read by classify.
     pub fn inbound(&self) -> String {
         self.key("in")

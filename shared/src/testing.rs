@@ -201,6 +201,8 @@ pub fn sample_message(n: usize, text: &str) -> crate::message::UnifiedMessage {
         mentions: Mentions::default(),
         attachments: vec![],
         reply_to: None,
+        platform_message_id: None,
+        platform_data: Default::default(),
         platform_ts_ms: None,
         received_at_ms: crate::now_ms(),
         trace_id: format!("t{n}"),

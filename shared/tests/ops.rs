@@ -99,6 +99,7 @@ fn reply(n: usize, chat: &str) -> Reply {
         reply_to: None,
         text: "hi".into(),
         mentions: vec![],
+        platform_data: Default::default(),
         priority: Priority::Normal,
         received_at_ms: 1,
         created_at_ms: 2,

@@ -173,12 +173,19 @@ pub struct Pipeline {
     pub processes: Vec<StageProcess>,
     config: PathBuf,
     redis_url: String,
+    extra_env: Vec<(String, String)>,
 }
 
 impl Pipeline {
     /// Start every stage with `overlay` laid over the default settings.
     /// `{sink}` in `overlay` becomes the sink's URL.
     pub fn start(redis: &RedisServer, overlay: &str) -> Self {
+        Self::start_with_env(redis, overlay, &[])
+    }
+
+    /// [`Pipeline::start`] with more environment variables for every stage
+    /// (platform secrets, say).
+    pub fn start_with_env(redis: &RedisServer, overlay: &str, extra_env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "botline-e2e-{}-{}",
             std::process::id(),
@@ -193,6 +200,10 @@ impl Pipeline {
             processes: Vec::new(),
             config,
             redis_url: redis.url(),
+            extra_env: extra_env
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
         };
         for stage in STAGES {
             pipeline.add(stage);
@@ -210,6 +221,7 @@ impl Pipeline {
             ("BOTLINE_WEBHOOK_SECRET".into(), WEBHOOK_SECRET.into()),
             ("BOTLINE_LOG".into(), "info".into()),
         ];
+        env.extend(self.extra_env.iter().cloned());
         if stage == "ingest" {
             env.push((
                 "BOTLINE_HTTP_ADDR".into(),

@@ -1,15 +1,22 @@
 //! One module per platform behind one trait. A sender makes ONE attempt at
 //! one reply and says what happened; retries, backoff, idempotency, receipts
 //! and metrics live in the stage ([`crate::stage`]) and the retry loop
-//! ([`crate::delivery`]), never here. Adding a platform is a module here,
-//! its settings in [`crate::config`], and a line in [`build`].
+//! ([`crate::delivery`]), never here. Adding a platform is a module here
+//! with a `PLATFORM` [`Platform`], and a line in [`PLATFORMS`]; its settings
+//! are its own `[egress.platforms.<name>]` table. Rate limits a sender names
+//! ([`Sender::limits`]) are taken by the retry loop before each attempt, in
+//! Redis, so they hold across every egress replica; access tokens are shared
+//! the same way through [`Kit::tokens`].
 
 pub mod web;
 pub mod webhook;
 
 use crate::config::EgressSettings;
-use botline_shared::config::{Env, StreamSettings};
+use crate::limits::Limit;
+use crate::tokens::TokenCache;
+use botline_shared::config::{enabled_platforms, Env, StreamSettings};
 use botline_shared::message::Reply;
+use botline_shared::redis_conn::Pool;
 use botline_shared::runner::Write;
 use botline_shared::streams::Streams;
 use botline_shared::Error;
@@ -30,9 +37,37 @@ pub trait Sender: Send + Sync + 'static {
         false
     }
 
+    /// The rate limits one send of `reply` counts against (per bot, per
+    /// chat, …); a slot in each is taken before every attempt.
+    fn limits(&self, _reply: &Reply) -> Vec<Limit> {
+        Vec::new()
+    }
+
     /// One attempt at delivering `reply`. Must not retry by itself.
     fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt>;
 }
+
+/// What a platform's sender may use besides its own settings.
+pub struct Kit<'a> {
+    pub env: &'a dyn Env,
+    pub streams: &'a Streams,
+    pub pool: &'a Pool,
+    /// Access tokens shared by every replica.
+    pub tokens: TokenCache,
+}
+
+/// One platform's sender, built from its `[egress.platforms.<name>]` table
+/// (already known to be enabled).
+pub struct Platform {
+    pub name: &'static str,
+    pub build: BuildSender,
+}
+
+/// Makes a platform's sender from its settings table.
+pub type BuildSender = fn(&toml::Value, &Kit) -> Result<Arc<dyn Sender>, Error>;
+
+/// Every platform egress can deliver to, besides `web` and `webhook`.
+pub const PLATFORMS: &[&Platform] = &[];
 
 /// What one attempt came to.
 #[derive(Debug)]
@@ -103,11 +138,27 @@ impl Sender for Unconfigured {
 /// The enabled senders, in the order their streams are read.
 pub fn build(
     settings: &EgressSettings,
-    env: &impl Env,
+    env: &dyn Env,
     streams: &Streams,
     stream_settings: &StreamSettings,
+    pool: &Pool,
 ) -> Result<Vec<Arc<dyn Sender>>, Error> {
     let mut senders: Vec<Arc<dyn Sender>> = Vec::new();
+    let known: Vec<&str> = PLATFORMS.iter().map(|platform| platform.name).collect();
+    let kit = Kit {
+        env,
+        streams,
+        pool,
+        tokens: TokenCache::new(pool.clone(), streams.clone()),
+    };
+    for (name, table) in enabled_platforms("egress", &settings.platforms, &known)? {
+        let platform = PLATFORMS
+            .iter()
+            .find(|platform| platform.name == name)
+            .expect("enabled_platforms returns known names");
+        senders.push((platform.build)(table, &kit)?);
+        info!(message = "platform sender enabled", platform = name);
+    }
     if settings.web.enabled {
         senders.push(Arc::new(web::WebSender::new(
             &settings.web,

@@ -58,7 +58,7 @@ pub struct WebhookSender {
 }
 
 impl WebhookSender {
-    pub fn new(settings: &WebhookSettings, env: &impl Env) -> Result<Self, Error> {
+    pub fn new(settings: &WebhookSettings, env: &(impl Env + ?Sized)) -> Result<Self, Error> {
         let secret = secret_env(env, SECRET_ENV, SECRET_MIN_LEN)?;
         let url = reqwest::Url::parse(&settings.url)
             .map_err(|error| Error::config("egress.webhook.url", error))?;

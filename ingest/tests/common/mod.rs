@@ -31,15 +31,26 @@ impl Drop for Harness {
 
 /// Ingest with its settings, as `main` builds it, for the redis at `url`.
 pub fn ingest_for(url: &str, jwt_secret: Option<&str>) -> Ingest {
+    configured_ingest(url, None, &[], jwt_secret).unwrap()
+}
+
+/// Ingest with the behaviour `overlay` (TOML) and the environment `env`
+/// (platform secrets), or the error that would stop it at start.
+pub fn configured_ingest(
+    url: &str,
+    overlay: Option<&str>,
+    env: &[(&str, &str)],
+    jwt_secret: Option<&str>,
+) -> Result<Ingest, botline_shared::Error> {
     let process = ProcessConfig::from_env(&[("BOTLINE_REDIS_URL", url)], "127.0.0.1:0").unwrap();
-    let settings = Settings::from_overlay(None).unwrap();
+    let settings = Settings::from_overlay(overlay)?;
     Ingest::connect(
         &process,
         &settings,
+        &env.to_vec(),
         jwt_secret.map(str::to_owned),
         Health::default(),
     )
-    .unwrap()
 }
 
 /// Start ingest with the generic API enabled; `adjust` may change its settings.
