@@ -47,6 +47,18 @@ impl Limit {
     }
 }
 
+/// A platform's rate settings, each at least 1, or an error naming the
+/// first that is not (`<table>.<name>`). For the senders' `build`.
+pub fn check_rates(table: &str, rates: &[(&str, u32)]) -> Result<(), Error> {
+    match rates.iter().find(|(_, value)| *value == 0) {
+        Some((name, _)) => Err(Error::config(
+            format!("{table}.{name}"),
+            "must be at least 1",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// KEYS: one per limit. ARGV: per limit, interval µs and burst tolerance µs.
 /// Returns 0 when a slot was taken in every limit, else the µs to wait
 /// before all of them have room (nothing taken).

@@ -15,6 +15,7 @@ use crate::delivery::{self, Delivery, RetryPolicy};
 use crate::limits::Limiter;
 use crate::senders::Sender;
 use botline_shared::message::{Receipt, Reply};
+use botline_shared::order::{self, ChatOrder, ChatTurn, Turns};
 use botline_shared::runner::{Envelope, Input, Outcome, Plumbing, Stage, Write};
 use botline_shared::streams::{group, Streams};
 use botline_shared::{now_ms, Error};
@@ -74,6 +75,8 @@ pub struct EgressStage {
     policy: RetryPolicy,
     /// The platforms' rate limits, shared with every replica.
     limiter: Limiter,
+    /// Each chat's replies in the order respond wrote them, across egress consumers.
+    order: ChatOrder,
     /// For the sending locks (the runner makes the ack).
     commands: redis::aio::ConnectionManager,
     streams: Streams,
@@ -118,6 +121,7 @@ impl EgressStage {
                 budget: settings.send_budget(),
             },
             limiter: Limiter::new(plumbing.pool.clone(), streams.clone()),
+            order: ChatOrder::new(plumbing.pool.clone(), group::EGRESS, &plumbing.runner),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             commands: plumbing.commands.clone(),
@@ -136,17 +140,6 @@ impl EgressStage {
     }
 
     async fn handle_batch(&self, batch: Vec<Envelope<Reply>>) -> Vec<Outcome> {
-        let locks = match self.take_locks(&batch).await {
-            Ok(locks) => locks,
-            Err(error) => {
-                warn!(message = "could not take the sending locks", %error);
-                let reason = format!("could not take the sending locks: {error}");
-                return batch
-                    .iter()
-                    .map(|_| Outcome::Retry(reason.clone()))
-                    .collect();
-            }
-        };
         // Entry indexes per chat, in entry order.
         let mut chats: Vec<Vec<usize>> = Vec::new();
         let mut chat_of: HashMap<(&str, &str), usize> = HashMap::new();
@@ -158,50 +151,125 @@ impl EgressStage {
             });
             chats[chat].push(index);
         }
-        let (batch, locks) = (&batch, &locks);
-        let per_chat = chats.into_iter().map(|indexes| async move {
-            let mut outcomes = Vec::with_capacity(indexes.len());
-            // Once a reply of this chat is not out, the later ones wait for it.
-            let mut waiting_for: Option<&str> = None;
-            for index in indexes {
-                let envelope = &batch[index];
-                let outcome = match waiting_for {
-                    Some(earlier) => Outcome::Retry(format!(
-                        "an earlier reply to this chat ({earlier}) is not delivered yet"
-                    )),
-                    None => self.deliver_one(envelope, &locks[index]).await,
-                };
-                if matches!(outcome, Outcome::Retry(_)) && waiting_for.is_none() {
-                    waiting_for = Some(envelope.record.id.as_str());
-                }
-                outcomes.push((index, outcome));
+        let turns: Vec<ChatTurn> = chats
+            .iter()
+            .map(|indexes| ChatTurn {
+                key: self.order_key(&batch[indexes[0]].record),
+                members: indexes
+                    .iter()
+                    .map(|index| batch[*index].record.id.clone())
+                    .collect(),
+            })
+            .collect();
+        let looked = match self.order.look(&turns).await {
+            Ok(looked) => looked,
+            Err(error) => {
+                let reason = format!("reading chat order: {error}");
+                return batch
+                    .iter()
+                    .map(|_| Outcome::Retry(reason.clone()))
+                    .collect();
             }
-            outcomes
-        });
+        };
+        let batch = &batch;
+        let per_chat = chats
+            .into_iter()
+            .zip(turns)
+            .zip(looked)
+            .map(|((indexes, turn), looked)| self.handle_chat(batch, indexes, turn, looked));
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         for (index, outcome) in join_all(per_chat).await.into_iter().flatten() {
-            outcomes[index] = Some(outcome);
+            outcomes[index] = Some(match outcome {
+                Outcome::Done(mut writes) => {
+                    writes.push(self.unorder(&batch[index].record));
+                    Outcome::Done(writes)
+                }
+                other => other,
+            });
         }
-        let outcomes: Vec<Outcome> = outcomes
+        outcomes
             .into_iter()
             .map(|outcome| outcome.expect("every reply has an outcome"))
-            .collect();
+            .collect()
+    }
+
+    /// One chat of a batch: its turn (waiting if another consumer holds an
+    /// earlier reply), then the sending locks of the replies whose turn it
+    /// is, and those replies sent one after another. Outcomes by batch index.
+    async fn handle_chat(
+        &self,
+        batch: &[Envelope<Reply>],
+        indexes: Vec<usize>,
+        turn: ChatTurn,
+        looked: Turns,
+    ) -> Vec<(usize, Outcome)> {
+        let retry_all = |reason: String| {
+            indexes
+                .iter()
+                .map(|index| (*index, Outcome::Retry(reason.clone())))
+                .collect::<Vec<_>>()
+        };
+        let turns = if looked.later.is_empty() {
+            looked
+        } else {
+            match self.order.settle(&turn, looked).await {
+                Ok(turns) => turns,
+                Err(error) => return retry_all(format!("reading chat order: {error}")),
+            }
+        };
+        let ready: Vec<&Envelope<Reply>> =
+            turns.ready.iter().map(|i| &batch[indexes[*i]]).collect();
+        let locks = match self.take_locks(&ready).await {
+            Ok(locks) => locks,
+            Err(error) => {
+                warn!(message = "could not take the sending locks", %error);
+                return retry_all(format!("could not take the sending locks: {error}"));
+            }
+        };
+        let mut outcomes = Vec::with_capacity(indexes.len());
+        let mut unsent = Vec::new();
+        // Once a reply of this chat is not out, the later ones wait for it.
+        let mut waiting_for: Option<&str> = None;
+        for (envelope, (i, lock)) in ready.iter().zip(turns.ready.iter().zip(&locks)) {
+            let outcome = match waiting_for {
+                Some(earlier) => Outcome::Retry(format!(
+                    "an earlier reply to this chat ({earlier}) is not delivered yet"
+                )),
+                None => self.deliver_one(envelope, lock).await,
+            };
+            if matches!(outcome, Outcome::Retry(_)) && waiting_for.is_none() {
+                waiting_for = Some(envelope.record.id.as_str());
+            }
+            if matches!(lock, Lock::Taken)
+                && !matches!(&outcome, Outcome::Done(writes) if !writes.is_empty())
+            {
+                unsent.push(&envelope.record);
+            }
+            outcomes.push((indexes[*i], outcome));
+        }
         // Let another try start at once rather than when the lock expires.
-        let undelivered: Vec<&Reply> = batch
-            .iter()
-            .zip(locks.iter().zip(&outcomes))
-            .filter(|(_, (lock, outcome))| {
-                matches!(lock, Lock::Taken)
-                    && !matches!(outcome, Outcome::Done(writes) if !writes.is_empty())
-            })
-            .map(|(envelope, _)| &envelope.record)
-            .collect();
-        self.release_locks(&undelivered).await;
+        self.release_locks(&unsent).await;
+        for later in &turns.later {
+            outcomes.push((indexes[*later], self.order.not_yet(&turns)));
+        }
         outcomes
     }
 
+    /// The reply's turn in its chat is over.
+    fn unorder(&self, reply: &Reply) -> Write {
+        Write::Unorder {
+            order: self.order_key(reply),
+            member: reply.id.clone(),
+        }
+    }
+
+    fn order_key(&self, reply: &Reply) -> String {
+        self.streams
+            .chat_order(order::LANE_OUT, &reply.platform, &reply.chat.id)
+    }
+
     /// Each reply's lock, taken unless the reply is already sent, in one script.
-    async fn take_locks(&self, batch: &[Envelope<Reply>]) -> Result<Vec<Lock>, Error> {
+    async fn take_locks(&self, batch: &[&Envelope<Reply>]) -> Result<Vec<Lock>, Error> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -370,5 +438,9 @@ impl Stage for EgressStage {
 
     async fn handle(&self, batch: Vec<Envelope<Reply>>) -> Vec<Outcome> {
         self.handle_batch(batch).await
+    }
+
+    fn release(&self, reply: &Reply) -> Vec<Write> {
+        vec![self.unorder(reply)]
     }
 }

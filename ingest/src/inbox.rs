@@ -1,6 +1,7 @@
 //! The one way a message gets into `in`: a Lua script that, per message,
 //! checks the platform event id's dedup key, adds the message (never with
-//! `MAXLEN`: `in` is a pipeline stream), sets the dedup key, and for the web
+//! `MAXLEN`: `in` is a pipeline stream) and its place in its chat's order
+//! (see [`botline_shared::order`]), sets the dedup key, and for the web
 //! chat adds the person's turn to the chat's transcript and announces it.
 //! All or nothing per message; a platform retry adds nothing.
 
@@ -13,23 +14,29 @@ use botline_shared::streams::Streams;
 use redis::Value;
 use std::sync::LazyLock;
 
-static ACCEPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACCEPT_SCRIPT));
+static ACCEPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&ACCEPT_SCRIPT.replace("{score}", botline_shared::order::SCORE_LUA))
+});
 
-/// KEYS per message: dedup key, `in`, then the transcript when it has one.
-/// ARGV[1]: message count; per message: dedup ttl ms (0: no dedup), field
-/// count, fields…, transcript flag (0/1), and with a transcript: cap, ttl
-/// ms, channel, chat id, field count, fields….
+/// KEYS per message: dedup key, `in`, the chat's order set, then the
+/// transcript when it has one. ARGV[1]: order ttl ms; ARGV[2]: message
+/// count; per message: dedup ttl ms (0: no dedup), message id, field count,
+/// fields…, transcript flag (0/1), and with a transcript: cap, ttl ms,
+/// channel, chat id, field count, fields….
 /// Returns per message the new entry id of `in`, or "" for a duplicate.
 const ACCEPT_SCRIPT: &str = r#"
-local p = 2
+local order_ttl = ARGV[1]
+local p = 3
 local k = 1
 local results = {}
-for i = 1, tonumber(ARGV[1]) do
+for i = 1, tonumber(ARGV[2]) do
   local dedup = KEYS[k]
   local stream = KEYS[k + 1]
+  local order = KEYS[k + 2]
   local ttl = tonumber(ARGV[p])
-  local count = tonumber(ARGV[p + 1])
-  p = p + 2
+  local message_id = ARGV[p + 1]
+  local count = tonumber(ARGV[p + 2])
+  p = p + 3
   local fields = {}
   for j = 0, count * 2 - 1 do fields[#fields + 1] = ARGV[p + j] end
   p = p + count * 2
@@ -38,8 +45,8 @@ for i = 1, tonumber(ARGV[1]) do
   local transcript, cap, transcript_ttl, channel, chat
   local turn = {}
   if has_transcript then
-    transcript = KEYS[k + 2]
-    k = k + 3
+    transcript = KEYS[k + 3]
+    k = k + 4
     cap = ARGV[p]
     transcript_ttl = ARGV[p + 1]
     channel = ARGV[p + 2]
@@ -49,12 +56,16 @@ for i = 1, tonumber(ARGV[1]) do
     for j = 0, turn_count * 2 - 1 do turn[#turn + 1] = ARGV[p + j] end
     p = p + turn_count * 2
   else
-    k = k + 2
+    k = k + 3
   end
   if ttl > 0 and redis.call('EXISTS', dedup) == 1 then
     results[i] = ''
   else
-    results[i] = redis.call('XADD', stream, '*', unpack(fields))
+    local id = redis.call('XADD', stream, '*', unpack(fields))
+    results[i] = id
+    local ms, seq = string.match(id, '(%d+)-(%d+)')
+    redis.call('ZADD', order, {score}, message_id)
+    redis.call('PEXPIRE', order, order_ttl)
     if ttl > 0 then
       redis.call('SET', dedup, '1', 'PX', ttl)
     end
@@ -119,20 +130,29 @@ impl Inbox {
     /// Counts `botline_ingest_accepted_total` and `botline_ingest_duplicates_total`.
     pub async fn admit(&self, submissions: &[Submission]) -> Result<Vec<Admission>, IngestError> {
         let mut script = ACCEPT.prepare_invoke();
-        script.arg(submissions.len());
+        script
+            .arg(botline_shared::order::ORDER_TTL.as_millis() as u64)
+            .arg(submissions.len());
         for submission in submissions {
             let message = &submission.message;
             let dedup_key = self.streams.dedup(
                 &message.platform,
                 submission.event_id.as_deref().unwrap_or(&message.id),
             );
-            script.key(dedup_key).key(self.streams.inbound());
+            script
+                .key(dedup_key)
+                .key(self.streams.inbound())
+                .key(self.streams.chat_order(
+                    botline_shared::order::LANE_IN,
+                    &message.platform,
+                    &message.chat.id,
+                ));
             let ttl = if submission.event_id.is_some() {
                 self.dedup_ttl_ms
             } else {
                 0
             };
-            script.arg(ttl);
+            script.arg(ttl).arg(&message.id);
             push_fields(&mut script, codec::encode(message));
             if submission.transcript {
                 script.key(self.streams.transcript(&message.chat.id));

@@ -15,8 +15,11 @@ use backend::{ReplyBackend, ReplyRequest};
 use botline_shared::codec;
 use botline_shared::config::{Env, ProcessEnv, Settings};
 use botline_shared::keywords::Audit;
-use botline_shared::message::{ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn};
+use botline_shared::message::{
+    ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn, UnifiedMessage,
+};
 use botline_shared::now_ms;
+use botline_shared::order::{self, ChatOrder, ChatTurn, Turns};
 use botline_shared::redis_conn::{self, Pool};
 use botline_shared::runner::{self, Envelope, Input, Outcome, Plumbing, Stage, Write};
 use botline_shared::streams::{group, Streams};
@@ -93,6 +96,8 @@ pub struct RespondStage {
     audit: Audit,
     streams: Streams,
     pool: Pool,
+    /// Each chat's messages in arrival order across respond consumers.
+    order: ChatOrder,
 }
 
 /// What became of one message, before it is written.
@@ -115,6 +120,7 @@ impl RespondStage {
         env: &impl Env,
         streams: Streams,
         pool: Pool,
+        order: ChatOrder,
     ) -> Result<Self, Error> {
         for (name, weight) in [
             ("respond.weights.urgent", settings.weights.urgent),
@@ -190,6 +196,7 @@ impl RespondStage {
             templates,
             streams,
             pool,
+            order,
         })
     }
 
@@ -393,15 +400,39 @@ impl RespondStage {
                     message_id: reply.id.clone(),
                     at_ms: reply.created_at_ms,
                 };
-                writes.push(Write::add(self.streams.outbound(&reply.platform), &reply));
+                writes.push(Write::AddOrdered {
+                    stream: self.streams.outbound(&reply.platform),
+                    fields: codec::encode(&reply),
+                    order: self.streams.chat_order(
+                        order::LANE_OUT,
+                        &reply.platform,
+                        &reply.chat.id,
+                    ),
+                    member: reply.id.clone(),
+                    order_ttl: order::ORDER_TTL,
+                });
                 if backend != "reset" {
                     writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
                     context.push(turn);
                 }
             }
+            writes.push(self.unorder(message));
             outcomes.push(Outcome::Done(writes));
         }
         outcomes
+    }
+
+    /// The message's turn in its chat is over.
+    fn unorder(&self, message: &UnifiedMessage) -> Write {
+        Write::Unorder {
+            order: self.order_key(message),
+            member: message.id.clone(),
+        }
+    }
+
+    fn order_key(&self, message: &UnifiedMessage) -> String {
+        self.streams
+            .chat_order(order::LANE_IN, &message.platform, &message.chat.id)
     }
 }
 
@@ -444,29 +475,110 @@ impl Stage for RespondStage {
                 None => chats.push((key, vec![index])),
             }
         }
-        let keys: Vec<String> = chats.iter().map(|(key, _)| key.clone()).collect();
-        let mut contexts = match self.contexts(&keys).await {
+        let turns: Vec<ChatTurn> = chats
+            .iter()
+            .map(|(_, indexes)| ChatTurn {
+                key: self.order_key(&batch[indexes[0]].record.message),
+                members: indexes
+                    .iter()
+                    .map(|i| batch[*i].record.message.id.clone())
+                    .collect(),
+            })
+            .collect();
+        let looked = match self.order.look(&turns).await {
+            Ok(looked) => looked,
+            Err(error) => {
+                return vec![Outcome::Retry(format!("reading chat order: {error}")); batch.len()]
+            }
+        };
+        // Contexts of the chats whose messages may all go now, in one read;
+        // the others are read once their turn has come.
+        let ready_now: Vec<String> = chats
+            .iter()
+            .zip(&looked)
+            .filter(|(_, turns)| turns.later.is_empty())
+            .map(|((key, _), _)| key.clone())
+            .collect();
+        let mut contexts = match self.contexts(&ready_now).await {
             Ok(contexts) => contexts,
             Err(error) => {
                 return vec![Outcome::Retry(format!("reading context: {error}")); batch.len()]
             }
         };
-        let handled = join_all(chats.iter().map(|(key, indexes)| {
-            let context = contexts.remove(key).unwrap_or_default();
-            let messages = indexes.iter().map(|i| &batch[*i].record).collect();
-            self.handle_chat(context, messages)
-        }))
+        let handled = join_all(chats.iter().zip(turns).zip(looked).map(
+            |(((key, indexes), turn), looked)| {
+                let context = contexts.remove(key);
+                self.handle_turns(key, indexes, &batch, turn, looked, context)
+            },
+        ))
         .await;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-        for ((_, indexes), chat_outcomes) in chats.iter().zip(handled) {
-            for (index, outcome) in indexes.iter().zip(chat_outcomes) {
-                outcomes[*index] = Some(outcome);
+        for chat_outcomes in handled {
+            for (index, outcome) in chat_outcomes {
+                outcomes[index] = Some(outcome);
             }
         }
         outcomes
             .into_iter()
             .map(|o| o.expect("every message handled"))
             .collect()
+    }
+
+    fn release(&self, classified: &ClassifiedMessage) -> Vec<Write> {
+        vec![self.unorder(&classified.message)]
+    }
+}
+
+impl RespondStage {
+    /// One chat of a batch: wait for its turn if another consumer holds an
+    /// earlier message, then answer the ready messages in arrival order;
+    /// the rest wait for a later batch. Outcomes by batch index.
+    async fn handle_turns(
+        &self,
+        context_key: &str,
+        indexes: &[usize],
+        batch: &[Envelope<ClassifiedMessage>],
+        turn: ChatTurn,
+        looked: Turns,
+        context: Option<Vec<Turn>>,
+    ) -> Vec<(usize, Outcome)> {
+        let fail = |reason: String| {
+            indexes
+                .iter()
+                .map(|index| (*index, Outcome::Retry(reason.clone())))
+                .collect()
+        };
+        let turns = if looked.later.is_empty() {
+            looked
+        } else {
+            match self.order.settle(&turn, looked).await {
+                Ok(turns) => turns,
+                Err(error) => return fail(format!("reading chat order: {error}")),
+            }
+        };
+        let context = match context {
+            Some(context) => context,
+            None if turns.ready.is_empty() => Vec::new(),
+            None => match self.contexts(&[context_key.to_string()]).await {
+                Ok(mut contexts) => contexts.remove(context_key).unwrap_or_default(),
+                Err(error) => return fail(format!("reading context: {error}")),
+            },
+        };
+        let ready: Vec<&ClassifiedMessage> = turns
+            .ready
+            .iter()
+            .map(|i| &batch[indexes[*i]].record)
+            .collect();
+        let mut outcomes: Vec<(usize, Outcome)> = turns
+            .ready
+            .iter()
+            .map(|i| indexes[*i])
+            .zip(self.handle_chat(context, ready).await)
+            .collect();
+        for later in &turns.later {
+            outcomes.push((indexes[*later], self.order.not_yet(&turns)));
+        }
+        outcomes
     }
 }
 
@@ -503,6 +615,7 @@ pub async fn run_with_env(
         env,
         plumbing.streams.clone(),
         plumbing.pool.clone(),
+        ChatOrder::new(plumbing.pool.clone(), group::RESPOND, &plumbing.runner),
     )?;
     runner::run(stage, plumbing, shutdown).await
 }

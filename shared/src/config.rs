@@ -305,6 +305,8 @@ pub struct RunnerSettings {
     pub max_deliveries: u64,
     pub shutdown_deadline_ms: u64,
     pub lease_ttl_ms: u64,
+    pub order_wait_ms: u64,
+    pub order_skip_ms: u64,
 }
 
 impl RunnerSettings {
@@ -322,6 +324,12 @@ impl RunnerSettings {
     }
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
+    }
+    pub fn order_wait(&self) -> Duration {
+        Duration::from_millis(self.order_wait_ms)
+    }
+    pub fn order_skip(&self) -> Duration {
+        Duration::from_millis(self.order_skip_ms)
     }
 
     pub fn validate(&self) -> Result<(), Error> {
@@ -342,6 +350,12 @@ impl RunnerSettings {
             return Err(Error::config(
                 "runner.claim_idle_ms",
                 "must be longer than runner.block_ms, or entries in hand are taken over",
+            ));
+        }
+        if self.order_skip_ms <= self.claim_idle_ms {
+            return Err(Error::config(
+                "runner.order_skip_ms",
+                "must be longer than runner.claim_idle_ms, or a message merely being taken over is skipped",
             ));
         }
         Ok(())
@@ -403,7 +417,7 @@ mod tests {
         );
         check_error(
             "[runner]\nbatch_sise = 3\n",
-            "setting runner.batch_sise: unknown field `batch_sise`, expected one of `batch_size`, `block_ms`, `claim_idle_ms`, `claim_interval_ms`, `max_deliveries`, `shutdown_deadline_ms`, `lease_ttl_ms`",
+            "setting runner.batch_sise: unknown field `batch_sise`, expected one of `batch_size`, `block_ms`, `claim_idle_ms`, `claim_interval_ms`, `max_deliveries`, `shutdown_deadline_ms`, `lease_ttl_ms`, `order_wait_ms`, `order_skip_ms`",
         );
         check_error(
             "[runer]\n",

@@ -14,6 +14,7 @@ pub mod keywords;
 pub mod lease;
 pub mod message;
 pub mod ops;
+pub mod order;
 pub mod redis_conn;
 pub mod runner;
 pub mod service;

@@ -58,6 +58,11 @@ pub enum Outcome {
     /// Leave it pending: it is delivered again after `claim_idle_ms`, and
     /// goes to `dead` after `max_deliveries`.
     Retry(String),
+    /// Not its turn yet (an earlier message of its chat is still with
+    /// another consumer): acknowledge it and add the same fields again at
+    /// the end of its stream, atomically, to be read again later. Unlike
+    /// `Retry` this neither waits for `claim_idle_ms` nor counts a delivery.
+    Defer(String),
 }
 
 /// One write made together with an entry's acknowledgement.
@@ -81,6 +86,18 @@ pub enum Write {
     Publish { channel: String, message: String },
     /// `DEL key`, in order with the entry's other writes.
     Delete { key: String },
+    /// `XADD stream * fields`, and the new entry's place in a chat's order:
+    /// `member` added to the sorted set `order` scored by the new entry id
+    /// (see [`crate::order`]), which expires `order_ttl` after its last add.
+    AddOrdered {
+        stream: String,
+        fields: Fields,
+        order: String,
+        member: String,
+        order_ttl: Duration,
+    },
+    /// `ZREM order member`: this entry's turn in its chat is over.
+    Unorder { order: String, member: String },
 }
 
 impl Write {
@@ -129,6 +146,12 @@ pub trait Stage: Send + Sync + 'static {
 
     /// One outcome per envelope, in the same order.
     fn handle(&self, batch: Vec<Envelope<Self::In>>) -> impl Future<Output = Vec<Outcome>> + Send;
+
+    /// Writes made when `record`'s entry goes to `dead` (leaving its place
+    /// in a chat's order, say), so a dead letter does not hold anything up.
+    fn release(&self, _record: &Self::In) -> Vec<Write> {
+        Vec::new()
+    }
 }
 
 /// What a runner needs from outside: connections, names and settings.
@@ -147,7 +170,9 @@ pub struct Plumbing {
     pub health: Health,
 }
 
-static ACK_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACK_SCRIPT_CODE));
+static ACK_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&ACK_SCRIPT_CODE.replace("{score}", crate::order::SCORE_LUA))
+});
 
 const ACK_SCRIPT_CODE: &str = r#"
 -- KEYS: every key written. ARGV: group, entry count, then per entry:
@@ -156,6 +181,8 @@ const ACK_SCRIPT_CODE: &str = r#"
 --   set <key index> <value> <expire ms>
 --   pub <channel> <message>
 --   del <key index>
+--   addo <key index> <order key index> <member> <order ttl ms> <field count> <field> <value> ...
+--   zrem <key index> <member>
 -- Writes happen only if XACK acknowledged the entry; a stream's expiry is
 -- set, and each distinct message published, once, after the batch.
 -- Returns 1/0 per entry.
@@ -200,6 +227,21 @@ for i = 1, count do
         redis.call('DEL', KEYS[tonumber(ARGV[p + 1])])
       end
       p = p + 2
+    elseif op == 'addo' then
+      local last = p + 5 + tonumber(ARGV[p + 5]) * 2
+      if ok == 1 then
+        local id = redis.call('XADD', KEYS[tonumber(ARGV[p + 1])], '*', unpack(ARGV, p + 6, last))
+        local order = KEYS[tonumber(ARGV[p + 2])]
+        local ms, seq = string.match(id, '(%d+)-(%d+)')
+        redis.call('ZADD', order, {score}, ARGV[p + 3])
+        redis.call('PEXPIRE', order, ARGV[p + 4])
+      end
+      p = last + 1
+    elseif op == 'zrem' then
+      if ok == 1 then
+        redis.call('ZREM', KEYS[tonumber(ARGV[p + 1])], ARGV[p + 2])
+      end
+      p = p + 3
     elseif op == 'pub' then
       if ok == 1 then
         publish[ARGV[p + 1] .. '\n' .. ARGV[p + 2]] = {ARGV[p + 1], ARGV[p + 2]}
@@ -296,6 +338,32 @@ impl AckCall {
                     let index = self.key(key);
                     self.push(index);
                 }
+                Write::AddOrdered {
+                    stream,
+                    fields,
+                    order,
+                    member,
+                    order_ttl,
+                } => {
+                    self.push("addo");
+                    let index = self.key(stream);
+                    self.push(index);
+                    let index = self.key(order);
+                    self.push(index);
+                    self.push(member.as_bytes());
+                    self.push(order_ttl.as_millis().to_string());
+                    self.push(fields.len().to_string());
+                    for (name, value) in fields {
+                        self.push(name.as_bytes());
+                        self.push(value.as_slice());
+                    }
+                }
+                Write::Unorder { order, member } => {
+                    self.push("zrem");
+                    let index = self.key(order);
+                    self.push(index);
+                    self.push(member.as_bytes());
+                }
                 Write::Publish { channel, message } => {
                     self.push("pub");
                     self.push(channel.as_bytes());
@@ -342,7 +410,15 @@ struct InFlight {
 }
 
 /// The `outcome` label values of `botline_stage_messages_total`.
-const OUTCOMES: [&str; 6] = ["forwarded", "dead", "retry", "stale", "claimed", "deleted"];
+const OUTCOMES: [&str; 7] = [
+    "forwarded",
+    "dead",
+    "retry",
+    "deferred",
+    "stale",
+    "claimed",
+    "deleted",
+];
 
 /// Counts outcomes into `botline_stage_messages_total{stage, outcome}`.
 fn count(stage: &'static str, outcome: &'static str, n: usize) {
@@ -818,8 +894,32 @@ impl<S: Stage> Runner<S> {
                     if let Write::Add { cap, .. } = &mut write {
                         *cap = Some(self.plumbing.stream_settings.dead_max_len);
                     }
-                    call.entry(&entry.stream, &entry.id, &[write]);
+                    // Decoded again: dead letters are rare, a copy of every record is not.
+                    let mut writes = entry
+                        .fields
+                        .as_ref()
+                        .and_then(|fields| {
+                            codec::decode::<S::In>(
+                                fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                            )
+                            .ok()
+                        })
+                        .map(|record| self.stage.release(&record))
+                        .unwrap_or_default();
+                    writes.push(write);
+                    call.entry(&entry.stream, &entry.id, &writes);
                     acked_kinds.push("dead");
+                }
+                Outcome::Defer(reason) => {
+                    debug!(message = "entry put back at the end of its stream", stage = self.group, id = %entry.id, reason = %reason);
+                    let again = Write::Add {
+                        stream: entry.stream.clone(),
+                        fields: entry.fields.clone().unwrap_or_default(),
+                        cap: None,
+                        expire: None,
+                    };
+                    call.entry(&entry.stream, &entry.id, &[again]);
+                    acked_kinds.push("deferred");
                 }
                 Outcome::Retry(reason) => {
                     debug!(message = "entry left pending for a retry", stage = self.group, id = %entry.id, reason = %reason);

@@ -51,6 +51,13 @@ impl Streams {
         self.key(&format!("token:{name}"))
     }
 
+    /// The arrival order of one chat's unfinished messages (`lane` `in`,
+    /// gated by respond) or replies (`lane` `out`, gated by egress): a
+    /// sorted set of their ULIDs, see [`crate::order`].
+    pub fn chat_order(&self, lane: &str, platform: &str, chat: &str) -> String {
+        self.key(&format!("order:{lane}:{platform}:{chat}"))
+    }
+
     /// Normalized inbound messages; written by ingest, read by classify.
     pub fn inbound(&self) -> String {
         self.key("in")

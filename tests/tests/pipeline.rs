@@ -217,10 +217,17 @@ async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
 
     let stopped = pipeline.stage("classify");
     stopped.stop();
-    // The stopped consumer's pending read takes the first of these into its pending list.
+    // The stopped consumer's pending read takes the first of these into its
+    // pending list. One chat each: this is about takeover, not about a chat
+    // waiting for its first message to be taken over.
     for n in 1..=20 {
         client
-            .send(&format!("s-{n}"), "s", "hello", Duration::from_secs(10))
+            .send(
+                &format!("s-{n}"),
+                &format!("s{n}"),
+                "hello",
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
     }

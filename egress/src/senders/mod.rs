@@ -8,8 +8,16 @@
 //! Redis, so they hold across every egress replica; access tokens are shared
 //! the same way through [`Kit::tokens`].
 
+pub mod dingtalk;
+pub mod feishu;
+pub mod http;
+pub mod mentions;
+pub mod onebot;
+pub mod slack;
+pub mod telegram;
 pub mod web;
 pub mod webhook;
+pub mod wecom;
 
 use crate::config::EgressSettings;
 use crate::limits::Limit;
@@ -67,7 +75,14 @@ pub struct Platform {
 pub type BuildSender = fn(&toml::Value, &Kit) -> Result<Arc<dyn Sender>, Error>;
 
 /// Every platform egress can deliver to, besides `web` and `webhook`.
-pub const PLATFORMS: &[&Platform] = &[];
+pub const PLATFORMS: &[&Platform] = &[
+    &dingtalk::PLATFORM,
+    &feishu::PLATFORM,
+    &slack::PLATFORM,
+    &telegram::PLATFORM,
+    &wecom::PLATFORM,
+    &onebot::PLATFORM,
+];
 
 /// What one attempt came to.
 #[derive(Debug)]

@@ -12,6 +12,13 @@
 //! retries add nothing. The answer goes out as soon as Redis has the
 //! events: nothing slower happens in the request.
 
+pub mod dingtalk;
+pub mod feishu;
+pub mod onebot;
+pub mod slack;
+pub mod telegram;
+pub mod wecom;
+
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
@@ -52,7 +59,14 @@ pub struct Registration {
 pub type BuildPlatform = fn(&toml::Value, &dyn Env) -> Result<Arc<dyn InboundPlatform>, Error>;
 
 /// Every platform ingest can receive from, besides the generic API and the web chat.
-pub const PLATFORMS: &[&Registration] = &[];
+pub const PLATFORMS: &[&Registration] = &[
+    &dingtalk::PLATFORM,
+    &feishu::PLATFORM,
+    &slack::PLATFORM,
+    &telegram::PLATFORM,
+    &wecom::PLATFORM,
+    &onebot::PLATFORM,
+];
 
 /// The platforms `[ingest.platforms]` enables.
 pub fn build(

@@ -63,6 +63,28 @@ pub async fn start_with(secret: Option<&str>, adjust: impl FnOnce(&mut Ingest)) 
     let mut ingest = ingest_for(&redis.url(), secret);
     ingest.settings.backlog_poll_ms = 20;
     adjust(&mut ingest);
+    serve(redis, ingest).await
+}
+
+/// Start ingest with the behaviour `overlay` (a platform enabled, say) and
+/// the environment `env` (its secrets).
+pub async fn start_configured(overlay: &str, env: &[(&str, &str)]) -> Harness {
+    let redis = RedisServer::start();
+    let ingest = configured_ingest(&redis.url(), Some(overlay), env, None).unwrap();
+    serve(redis, ingest).await
+}
+
+/// The text of `ingest/tests/fixtures/<platform>/<name>`.
+pub fn fixture(platform: &str, name: &str) -> String {
+    let path = format!(
+        "{}/tests/fixtures/{platform}/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{path}: {error}"))
+}
+
+/// Serve `ingest` on a free port.
+async fn serve(redis: RedisServer, ingest: Ingest) -> Harness {
     let streams = ingest.streams.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -138,4 +160,34 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// POST `body` (JSON) to `/hooks/<platform>` with `headers`: the status and
+/// the JSON answer (`null` if none).
+pub async fn post_hook(
+    harness: &Harness,
+    platform: &str,
+    body: &str,
+    headers: &[(&str, String)],
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new()
+        .post(harness.url(&format!("/hooks/{platform}")))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// An answer of `status` whose `error` says `error`.
+pub fn assert_refused(answer: (u16, serde_json::Value), status: u16, error: &str) {
+    assert_eq!(answer.0, status, "{answer:?}");
+    let said = answer.1["error"].as_str().unwrap_or_default();
+    assert!(said.contains(error), "expected {error:?} in {said:?}");
 }

@@ -1,0 +1,501 @@
+//! Platform `feishu`: replies through Feishu's (or Lark's) Open API as the
+//! app's bot.
+//!
+//! A reply to a message (`reply_to`, the inbound `message_id`) is
+//! `POST {base_url}/open-apis/im/v1/messages/{message_id}/reply`, in the
+//! thread when the message came from one (`reply_in_thread`); any other reply
+//! is `POST {base_url}/open-apis/im/v1/messages?receive_id_type=chat_id`. The
+//! body is a `text` message whose `content` is the JSON string
+//! `{"text": …}`, each mention rendered `<at user_id="ou_…"></at>` (where the
+//! text has `@ou_…`, else in front), and `uuid` is the reply's id: Feishu
+//! sends at most one message per uuid within an hour, so a resend after a
+//! lost answer is not a second message.
+//!
+//! `Authorization: Bearer <tenant_access_token>`, the token fetched from
+//! `/open-apis/auth/v3/tenant_access_token/internal` with the app id and
+//! `BOTLINE_FEISHU_APP_SECRET`, shared by every replica through the token
+//! cache until shortly before its `expire`. When Feishu says the token is
+//! invalid (codes 99991663, 99991664, 99991671, as the official SDKs
+//! check) it is dropped and the attempt retried at once with a new one.
+//!
+//! Limits (settings): per chat (Feishu: 5 QPS per user and per group, shared
+//! by the group's bots) and per app (50/s, 1000/min). A 429 (or code
+//! 99991400) is retried after `x-ogw-ratelimit-reset` seconds; 5xx and
+//! timeouts are retried; any other refusal is permanent, its reason naming
+//! Feishu's code and message.
+
+use super::http::{self, Answered};
+use super::mentions;
+use super::{Attempt, Kit, Platform, Sender, Verdict};
+use crate::limits::Limit;
+use crate::tokens::{Fetched, TokenCache};
+use botline_shared::config::{deserialize_setting, secret_env};
+use botline_shared::message::Reply;
+use botline_shared::Error;
+use futures_util::future::BoxFuture;
+use reqwest::StatusCode;
+use serde::Deserialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const NAME: &str = "feishu";
+/// The app's App Secret.
+pub const APP_SECRET_ENV: &str = "BOTLINE_FEISHU_APP_SECRET";
+/// Codes saying the access token is not (or no longer) valid.
+const TOKEN_INVALID: [i64; 3] = [99991663, 99991664, 99991671];
+/// "request trigger frequency limit" (HTTP 429, or 400 on older APIs).
+const RATE_LIMITED: i64 = 99991400;
+
+pub const PLATFORM: Platform = Platform { name: NAME, build };
+
+/// `[egress.platforms.feishu]`, documented in shared/defaults.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    #[allow(dead_code, reason = "read by enabled_platforms")]
+    enabled: bool,
+    app_id: String,
+    base_url: String,
+    timeout_ms: u64,
+    per_chat_per_second: u32,
+    per_app_per_second: u32,
+    per_app_per_minute: u32,
+}
+
+fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
+    let settings: Settings = deserialize_setting("egress.platforms.feishu", table.clone())?;
+    if settings.app_id.trim().is_empty() {
+        return Err(Error::config(
+            "egress.platforms.feishu.app_id",
+            "must be set (the app's App ID, cli_…)",
+        ));
+    }
+    let base_url = reqwest::Url::parse(&settings.base_url)
+        .ok()
+        .filter(|url| !url.cannot_be_a_base())
+        .ok_or_else(|| {
+            Error::config(
+                "egress.platforms.feishu.base_url",
+                format!("{:?} is not an http(s) URL", settings.base_url),
+            )
+        })?;
+    for (name, value) in [
+        ("per_chat_per_second", settings.per_chat_per_second),
+        ("per_app_per_second", settings.per_app_per_second),
+        ("per_app_per_minute", settings.per_app_per_minute),
+    ] {
+        if value == 0 {
+            return Err(Error::config(
+                format!("egress.platforms.feishu.{name}"),
+                "must be at least 1",
+            ));
+        }
+    }
+    let timeout = Duration::from_millis(settings.timeout_ms);
+    Ok(Arc::new(FeishuSender {
+        client: http::client("egress.platforms.feishu", timeout)?,
+        app_secret: secret_env(kit.env, APP_SECRET_ENV, 1)?,
+        token_name: format!("{NAME}:{}", settings.app_id),
+        base_url,
+        timeout,
+        tokens: kit.tokens.clone(),
+        settings,
+    }))
+}
+
+pub struct FeishuSender {
+    client: reqwest::Client,
+    base_url: reqwest::Url,
+    app_secret: String,
+    /// The token cache's name for this app's tenant_access_token.
+    token_name: String,
+    timeout: Duration,
+    tokens: TokenCache,
+    settings: Settings,
+}
+
+impl Sender for FeishuSender {
+    fn platform(&self) -> &'static str {
+        NAME
+    }
+
+    /// Paced evenly (a burst of one) per chat and per second, so no one
+    /// second holds more than Feishu allows; the minute's allowance may be
+    /// spent a second's worth at a time.
+    fn limits(&self, reply: &Reply) -> Vec<Limit> {
+        let app = format!("{NAME}:app:{}", self.settings.app_id);
+        let per_second = self.settings.per_app_per_second;
+        vec![
+            Limit::new(
+                format!("{NAME}:chat:{}", reply.chat.id),
+                self.settings.per_chat_per_second,
+                Duration::from_secs(1),
+            )
+            .with_burst(1),
+            Limit::new(format!("{app}:second"), per_second, Duration::from_secs(1)).with_burst(1),
+            Limit::new(
+                format!("{app}:minute"),
+                self.settings.per_app_per_minute,
+                Duration::from_secs(60),
+            )
+            .with_burst(per_second.min(self.settings.per_app_per_minute)),
+        ]
+    }
+
+    fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt> {
+        Box::pin(self.send(reply))
+    }
+}
+
+impl FeishuSender {
+    async fn send(&self, reply: &Reply) -> Attempt {
+        let refused = AtomicBool::new(false);
+        let token = self
+            .tokens
+            .get(&self.token_name, || self.fetch_token(&refused))
+            .await;
+        let token = match token {
+            Ok(token) => token,
+            Err(error) => {
+                let reason = error.to_string();
+                let verdict = if refused.load(Ordering::Relaxed) {
+                    Verdict::Permanent(reason)
+                } else {
+                    Verdict::RetryAfter { wait: None, reason }
+                };
+                return Attempt {
+                    response: None,
+                    verdict,
+                };
+            }
+        };
+        let (url, body) = request(&self.base_url, reply);
+        let sent = self.client.post(url).bearer_auth(&token).json(&body);
+        let answered = match http::send(sent, NAME, self.timeout).await {
+            Ok(answered) => answered,
+            Err(attempt) => return attempt,
+        };
+        if ApiAnswer::read(&answered.body).token_invalid() {
+            if let Err(error) = self.tokens.invalidate(&self.token_name).await {
+                return answered.attempt(Verdict::RetryAfter {
+                    wait: None,
+                    reason: format!("dropping the refused tenant_access_token failed: {error}"),
+                });
+            }
+        }
+        answered.attempt(judge(&answered))
+    }
+
+    /// A new tenant_access_token; `refused` is set when Feishu turned the
+    /// app's credentials down (so retrying cannot help).
+    async fn fetch_token(&self, refused: &AtomicBool) -> Result<Fetched, String> {
+        let request = self
+            .client
+            .post(endpoint(
+                &self.base_url,
+                &["auth", "v3", "tenant_access_token", "internal"],
+            ))
+            .json(&serde_json::json!({
+                "app_id": self.settings.app_id,
+                "app_secret": self.app_secret,
+            }));
+        let answered = http::send(request, "feishu token endpoint", self.timeout)
+            .await
+            .map_err(http::failure)?;
+        let token: TokenAnswer = serde_json::from_str(&answered.body).unwrap_or_default();
+        if answered.status.is_success() && token.code == 0 && !token.tenant_access_token.is_empty()
+        {
+            return Ok(Fetched {
+                token: token.tenant_access_token,
+                expires_in: Duration::from_secs(token.expire),
+            });
+        }
+        if !http::is_transient(answered.status) {
+            refused.store(true, Ordering::Relaxed);
+        }
+        Err(format!(
+            "feishu token endpoint answered {}: code {} {}",
+            answered.status.as_u16(),
+            token.code,
+            http::quote(&token.msg)
+        ))
+    }
+}
+
+/// `{base}/open-apis/<segments>`, each segment percent-encoded.
+fn endpoint(base: &reqwest::Url, segments: &[&str]) -> reqwest::Url {
+    let mut url = base.clone();
+    url.path_segments_mut()
+        .expect("checked at start: the base URL can be a base")
+        .pop_if_empty()
+        .push("open-apis")
+        .extend(segments);
+    url
+}
+
+/// The URL and JSON body of the send for `reply`.
+pub fn request(base: &reqwest::Url, reply: &Reply) -> (reqwest::Url, serde_json::Value) {
+    let content = serde_json::json!({ "text": render(&reply.text, &reply.mentions) }).to_string();
+    match &reply.reply_to {
+        Some(message_id) => (
+            endpoint(base, &["im", "v1", "messages", message_id, "reply"]),
+            serde_json::json!({
+                "msg_type": "text",
+                "content": content,
+                "reply_in_thread": reply.thread.is_some(),
+                "uuid": reply.id,
+            }),
+        ),
+        None => {
+            let mut url = endpoint(base, &["im", "v1", "messages"]);
+            url.set_query(Some("receive_id_type=chat_id"));
+            let body = serde_json::json!({
+                "receive_id": reply.chat.id,
+                "msg_type": "text",
+                "content": content,
+                "uuid": reply.id,
+            });
+            (url, body)
+        }
+    }
+}
+
+/// `text` with each of `mentions` as Feishu's `<at>` tag: in place of its
+/// unified `@<open_id>` where the text has one, else in front.
+pub fn render(text: &str, mentions: &[String]) -> String {
+    mentions::place(text, mentions, |id| format!("<at user_id=\"{id}\"></at>"))
+}
+
+/// What the body of an Open API answer says.
+#[derive(Debug, Default, Deserialize)]
+struct ApiAnswer {
+    #[serde(default)]
+    code: Option<i64>,
+    #[serde(default)]
+    msg: String,
+    #[serde(default)]
+    data: Option<SentMessage>,
+}
+
+impl ApiAnswer {
+    fn read(body: &str) -> Self {
+        serde_json::from_str(body).unwrap_or_default()
+    }
+
+    /// Whether Feishu says the access token is not (or no longer) valid.
+    fn token_invalid(&self) -> bool {
+        self.code.is_some_and(|code| TOKEN_INVALID.contains(&code))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SentMessage {
+    #[serde(default)]
+    message_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TokenAnswer {
+    #[serde(default = "unknown_code")]
+    code: i64,
+    #[serde(default)]
+    msg: String,
+    #[serde(default)]
+    tenant_access_token: String,
+    #[serde(default)]
+    expire: u64,
+}
+
+fn unknown_code() -> i64 {
+    -1
+}
+
+/// What Feishu's answer to a send means.
+fn judge(answered: &Answered) -> Verdict {
+    let answer = ApiAnswer::read(&answered.body);
+    let status = answered.status;
+    let reason = || match answer.code {
+        Some(code) => format!(
+            "feishu answered {}: code {code} {}",
+            status.as_u16(),
+            http::quote(&answer.msg)
+        ),
+        None => format!(
+            "feishu answered {}: {}",
+            status.as_u16(),
+            http::quote(&answered.body)
+        ),
+    };
+    if status == StatusCode::TOO_MANY_REQUESTS || answer.code == Some(RATE_LIMITED) {
+        let reset = answered
+            .headers
+            .get("x-ogw-ratelimit-reset")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse().ok())
+            .map(Duration::from_secs);
+        return Verdict::RetryAfter {
+            wait: reset.or(answered.retry_after),
+            reason: reason(),
+        };
+    }
+    if answer.token_invalid() {
+        return Verdict::RetryAfter {
+            wait: Some(Duration::ZERO),
+            reason: format!("{}; the tenant_access_token is fetched anew", reason()),
+        };
+    }
+    if status.is_success() && answer.code == Some(0) {
+        return Verdict::Delivered {
+            platform_message_id: answer
+                .data
+                .as_ref()
+                .and_then(|data| data.message_id.clone()),
+            writes: Vec::new(),
+        };
+    }
+    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        return Verdict::RetryAfter {
+            wait: None,
+            reason: reason(),
+        };
+    }
+    Verdict::Permanent(reason())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use botline_shared::message::{Chat, ChatKind, Priority};
+
+    fn reply(reply_to: Option<&str>, thread: Option<&str>, mentions: &[&str]) -> Reply {
+        Reply {
+            id: "01J00000000000000000000000".into(),
+            in_reply_to: "m".into(),
+            platform: NAME.into(),
+            bot: "cli_1".into(),
+            chat: Chat {
+                id: "oc_1".into(),
+                kind: ChatKind::Group,
+            },
+            thread: thread.map(str::to_string),
+            reply_to: reply_to.map(str::to_string),
+            text: "hi @ou_b".into(),
+            mentions: mentions.iter().map(|id| id.to_string()).collect(),
+            platform_data: Default::default(),
+            priority: Priority::Normal,
+            received_at_ms: 0,
+            created_at_ms: 0,
+            trace_id: "t".into(),
+            replay: false,
+        }
+    }
+
+    #[test]
+    fn mentions_are_rendered_as_at_tags() {
+        let check = |text: &str, mentions: &[&str], expected: &str| {
+            let mentions: Vec<String> = mentions.iter().map(|id| id.to_string()).collect();
+            assert_eq!(render(text, &mentions), expected, "{text:?} {mentions:?}");
+        };
+        check("hello", &[], "hello");
+        check("hello", &["ou_a"], "<at user_id=\"ou_a\"></at> hello");
+        check("hi @ou_a!", &["ou_a"], "hi <at user_id=\"ou_a\"></at>!");
+        check(
+            "x",
+            &["ou_a", "all"],
+            "<at user_id=\"ou_a\"></at> <at user_id=\"all\"></at> x",
+        );
+    }
+
+    #[test]
+    fn a_reply_quotes_its_message_and_stays_in_its_thread() {
+        let base = reqwest::Url::parse("http://127.0.0.1:1/lark/").unwrap();
+        let (url, body) = request(&base, &reply(Some("om_1"), Some("omt_1"), &["ou_a"]));
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:1/lark/open-apis/im/v1/messages/om_1/reply"
+        );
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "msg_type": "text",
+                "content": r#"{"text":"<at user_id=\"ou_a\"></at> hi @ou_b"}"#,
+                "reply_in_thread": true,
+                "uuid": "01J00000000000000000000000",
+            })
+        );
+        let (url, body) = request(&base, &reply(None, None, &[]));
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:1/lark/open-apis/im/v1/messages?receive_id_type=chat_id"
+        );
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "receive_id": "oc_1",
+                "msg_type": "text",
+                "content": r#"{"text":"hi @ou_b"}"#,
+                "uuid": "01J00000000000000000000000",
+            })
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_waits_for_the_reset_feishu_names() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-ogw-ratelimit-reset", "52".parse().unwrap());
+        let limited = Answered {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after: Some(Duration::from_secs(1)),
+            headers,
+            body: r#"{"code":99991400,"msg":"request trigger frequency limit"}"#.into(),
+        };
+        assert!(matches!(
+            judge(&limited),
+            Verdict::RetryAfter { wait: Some(wait), .. } if wait == Duration::from_secs(52)
+        ));
+    }
+
+    fn check_judge(status: u16, body: &str, expected: &str) {
+        assert_eq!(http::judged(judge, status, None, body), expected);
+    }
+
+    #[test]
+    fn answers_are_judged_by_status_and_code() {
+        check_judge(
+            200,
+            r#"{"code":0,"msg":"success","data":{"message_id":"om_9"}}"#,
+            r#"delivered Some("om_9")"#,
+        );
+        check_judge(
+            429,
+            r#"{"code":99991400,"msg":"request trigger frequency limit"}"#,
+            "retry None feishu answered 429: code 99991400 request trigger frequency limit",
+        );
+        check_judge(
+            400,
+            r#"{"code":99991400,"msg":"request trigger frequency limit"}"#,
+            "retry None feishu answered 400: code 99991400 request trigger frequency limit",
+        );
+        check_judge(
+            400,
+            r#"{"code":99991663,"msg":"Invalid access token for authorization."}"#,
+            "retry Some(0ns) feishu answered 400: code 99991663 Invalid access token for authorization.; the tenant_access_token is fetched anew",
+        );
+        check_judge(
+            502,
+            "bad gateway",
+            "retry None feishu answered 502: bad gateway",
+        );
+        check_judge(
+            400,
+            r#"{"code":230002,"msg":"Bot/User can NOT be out of the chat."}"#,
+            "permanent feishu answered 400: code 230002 Bot/User can NOT be out of the chat.",
+        );
+        check_judge(
+            200,
+            r#"{"code":230001,"msg":"invalid receive_id"}"#,
+            "permanent feishu answered 200: code 230001 invalid receive_id",
+        );
+    }
+}

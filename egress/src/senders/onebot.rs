@@ -1,0 +1,373 @@
+//! OneBot v11 (QQ through NapCat, Lagrange, go-cqhttp): the HTTP API's
+//! `send_msg` action, `POST {api_base_url}/send_msg` with
+//! `Authorization: Bearer <access token>`:
+//!
+//! ```json
+//! {"message_type": "group", "group_id": 123456789,        // or "private", "user_id"
+//!  "message": [{"type": "reply", "data": {"id": "-2147483001"}},   // when the reply quotes one
+//!              {"type": "at", "data": {"qq": "12345678"}},         // each mention
+//!              {"type": "text", "data": {"text": " hello"}}]}
+//! ```
+//!
+//! A mention written `@<qq>` in the text becomes an `at` segment where it
+//! stands; one the text does not name goes in front. Segments, not CQ
+//! strings, so the text needs no escaping. QQ ids are numbers: a chat id
+//! that is not one is refused.
+//!
+//! OneBot answers 401 (no token), 403 (wrong token), 400, 404 and 406 for
+//! requests it cannot take (permanent here), otherwise 200 with
+//! `{"status", "retcode", "data": {"message_id"}}`: `retcode` 0 is sent, 1
+//! (`async`) is accepted, anything else failed (permanent: OneBot cannot
+//! say whether a failed send was half done, and QQ is better off without a
+//! duplicate). 5xx and timeouts are retried. OneBot has no rate limit of
+//! its own; the limits here (per account, per group, per private chat) are
+//! to keep the QQ account out of trouble.
+
+use super::http::{self, Answered};
+use super::{Attempt, Kit, Platform, Sender, Verdict};
+use crate::limits::Limit;
+use botline_shared::config::{deserialize_setting, secret_env};
+use botline_shared::message::{ChatKind, Reply};
+use botline_shared::Error;
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const PLATFORM: Platform = Platform {
+    name: "onebot",
+    build,
+};
+
+/// The `access_token` set in the OneBot implementation's HTTP API settings.
+pub const TOKEN_ENV: &str = "BOTLINE_ONEBOT_ACCESS_TOKEN";
+
+/// `[egress.platforms.onebot]`, documented in shared/defaults.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OneBotSettings {
+    #[allow(dead_code)]
+    enabled: bool,
+    api_base_url: String,
+    timeout_ms: u64,
+    account_per_minute: u32,
+    group_per_minute: u32,
+    private_per_minute: u32,
+    burst: u32,
+}
+
+pub struct OneBotSender {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    authorization: String,
+    timeout: Duration,
+    account_per_minute: u32,
+    group_per_minute: u32,
+    private_per_minute: u32,
+    burst: u32,
+}
+
+fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
+    let settings: OneBotSettings = deserialize_setting("egress.platforms.onebot", table.clone())?;
+    let setting = |name: &str| format!("egress.platforms.onebot.{name}");
+    let positive = [
+        ("timeout_ms", settings.timeout_ms),
+        ("account_per_minute", u64::from(settings.account_per_minute)),
+        ("group_per_minute", u64::from(settings.group_per_minute)),
+        ("private_per_minute", u64::from(settings.private_per_minute)),
+        ("burst", u64::from(settings.burst)),
+    ];
+    for (name, value) in positive {
+        if value == 0 {
+            return Err(Error::config(setting(name), "must be greater than 0"));
+        }
+    }
+    let token = secret_env(kit.env, TOKEN_ENV, 1)?;
+    let url = reqwest::Url::parse(&format!(
+        "{}/send_msg",
+        settings.api_base_url.trim_end_matches('/')
+    ))
+    .ok()
+    .filter(|url| matches!(url.scheme(), "http" | "https"))
+    .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
+    let timeout = Duration::from_millis(settings.timeout_ms);
+    Ok(Arc::new(OneBotSender {
+        client: http::client(&setting("timeout_ms"), timeout)?,
+        url,
+        authorization: format!("Bearer {token}"),
+        timeout,
+        account_per_minute: settings.account_per_minute,
+        group_per_minute: settings.group_per_minute,
+        private_per_minute: settings.private_per_minute,
+        burst: settings.burst,
+    }))
+}
+
+impl Sender for OneBotSender {
+    fn platform(&self) -> &'static str {
+        PLATFORM.name
+    }
+
+    fn limits(&self, reply: &Reply) -> Vec<Limit> {
+        let minute = Duration::from_secs(60);
+        let (kind, per_minute) = match reply.chat.kind {
+            ChatKind::Direct => ("private", self.private_per_minute),
+            ChatKind::Group | ChatKind::Channel => ("group", self.group_per_minute),
+        };
+        vec![
+            Limit::new(
+                format!("onebot:{}", reply.bot),
+                self.account_per_minute,
+                minute,
+            )
+            .with_burst(self.burst),
+            Limit::new(
+                format!("onebot:{}:{kind}:{}", reply.bot, reply.chat.id),
+                per_minute,
+                minute,
+            )
+            .with_burst(self.burst),
+        ]
+    }
+
+    fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt> {
+        Box::pin(async move {
+            let body = match payload(reply) {
+                Ok(body) => body,
+                Err(reason) => {
+                    return Attempt {
+                        response: None,
+                        verdict: Verdict::Permanent(reason),
+                    }
+                }
+            };
+            let request = self
+                .client
+                .post(self.url.clone())
+                .header(reqwest::header::AUTHORIZATION, &self.authorization)
+                .json(&body);
+            match http::send(request, PLATFORM.name, self.timeout).await {
+                Ok(answered) => answered.attempt(judge(&answered)),
+                Err(attempt) => attempt,
+            }
+        })
+    }
+}
+
+/// The `send_msg` parameters for `reply` (documented at the top of this
+/// module), or why it cannot be sent.
+pub fn payload(reply: &Reply) -> Result<Value, String> {
+    let id: i64 = reply.chat.id.parse().map_err(|_| {
+        format!(
+            "onebot: chat {:?} is not a QQ number or group number",
+            reply.chat.id
+        )
+    })?;
+    let target = match reply.chat.kind {
+        ChatKind::Direct => json!({ "message_type": "private", "user_id": id }),
+        ChatKind::Group => json!({ "message_type": "group", "group_id": id }),
+        ChatKind::Channel => {
+            return Err(format!(
+                "onebot: chat {} is a channel; OneBot v11 sends to private chats and groups",
+                reply.chat.id
+            ))
+        }
+    };
+    let mut body = target;
+    body["message"] = Value::Array(segments(reply));
+    Ok(body)
+}
+
+fn segment(kind: &str, data: Value) -> Value {
+    json!({ "type": kind, "data": data })
+}
+
+/// The reply as message segments: the quote, mentions not in the text,
+/// then the text with its `@<qq>` mentions as `at` segments.
+fn segments(reply: &Reply) -> Vec<Value> {
+    let mut segments = Vec::new();
+    if let Some(id) = &reply.reply_to {
+        segments.push(segment("reply", json!({ "id": id })));
+    }
+    let named = |user: &str| find_mention(&reply.text, user).is_some();
+    let ahead: Vec<&String> = reply.mentions.iter().filter(|user| !named(user)).collect();
+    for user in &ahead {
+        segments.push(segment("at", json!({ "qq": user })));
+    }
+    let mut text = String::new();
+    if !ahead.is_empty() {
+        text.push(' ');
+    }
+    let mut rest = reply.text.as_str();
+    while let Some((at, user)) = reply
+        .mentions
+        .iter()
+        .filter_map(|user| find_mention(rest, user).map(|at| (at, user)))
+        .min()
+    {
+        text.push_str(&rest[..at]);
+        if !text.is_empty() {
+            segments.push(segment(
+                "text",
+                json!({ "text": std::mem::take(&mut text) }),
+            ));
+        }
+        segments.push(segment("at", json!({ "qq": user })));
+        rest = &rest[at + 1 + user.len()..];
+    }
+    text.push_str(rest);
+    if !text.is_empty() {
+        segments.push(segment("text", json!({ "text": text })));
+    }
+    segments
+}
+
+/// Where `@<user>` stands in `text` as a whole id (not followed by more digits).
+fn find_mention(text: &str, user: &str) -> Option<usize> {
+    if user.is_empty() {
+        return None;
+    }
+    let token = format!("@{user}");
+    let mut from = 0;
+    while let Some(found) = text[from..].find(&token) {
+        let at = from + found;
+        let after = &text[at + token.len()..];
+        if !after.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// An action's answer.
+#[derive(Debug, Deserialize)]
+struct ActionAnswer {
+    #[serde(default)]
+    status: String,
+    retcode: i64,
+    #[serde(default)]
+    data: Option<Value>,
+    /// go-cqhttp says why in `msg`, NapCat in `message`; both add `wording`.
+    #[serde(default, alias = "msg")]
+    message: Option<String>,
+    #[serde(default)]
+    wording: Option<String>,
+}
+
+/// What OneBot's answer means.
+fn judge(answered: &Answered) -> Verdict {
+    if let Some(verdict) = answered.status_verdict(PLATFORM.name) {
+        return verdict;
+    }
+    let Ok(answer) = serde_json::from_str::<ActionAnswer>(&answered.body) else {
+        return Verdict::Permanent(format!(
+            "onebot send_msg answered without OneBot JSON: {}",
+            http::quote(&answered.body)
+        ));
+    };
+    match answer.retcode {
+        0 | 1 => Verdict::Delivered {
+            platform_message_id: answer
+                .data
+                .as_ref()
+                .and_then(|data| data.get("message_id"))
+                .and_then(|id| match id {
+                    Value::Number(number) => Some(number.to_string()),
+                    Value::String(text) => Some(text.clone()),
+                    _ => None,
+                }),
+            writes: Vec::new(),
+        },
+        retcode => {
+            let why = [answer.wording, answer.message]
+                .into_iter()
+                .flatten()
+                .find(|why| !why.is_empty())
+                .unwrap_or_default();
+            Verdict::Permanent(format!(
+                "onebot send_msg retcode {retcode} ({}): {}",
+                answer.status,
+                http::quote(&why)
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use botline_shared::message::{Chat, Priority};
+
+    fn reply(kind: ChatKind, text: &str, mentions: &[&str], reply_to: Option<&str>) -> Reply {
+        Reply {
+            id: "r".into(),
+            in_reply_to: "m".into(),
+            platform: "onebot".into(),
+            bot: "10001000".into(),
+            chat: Chat {
+                id: "123456789".into(),
+                kind,
+            },
+            thread: None,
+            reply_to: reply_to.map(str::to_string),
+            text: text.into(),
+            mentions: mentions.iter().map(|user| user.to_string()).collect(),
+            platform_data: Default::default(),
+            priority: Priority::Normal,
+            received_at_ms: 0,
+            created_at_ms: 0,
+            trace_id: "t".into(),
+            replay: false,
+        }
+    }
+
+    fn check(reply: Reply, expected: Value) {
+        assert_eq!(payload(&reply).unwrap(), expected, "{reply:?}");
+    }
+
+    #[test]
+    fn replies_become_segments() {
+        check(
+            reply(ChatKind::Direct, "你好~", &[], None),
+            json!({"message_type": "private", "user_id": 123456789,
+                   "message": [{"type": "text", "data": {"text": "你好~"}}]}),
+        );
+        check(
+            reply(ChatKind::Group, "hello", &["12345678"], Some("-2147483001")),
+            json!({"message_type": "group", "group_id": 123456789, "message": [
+                {"type": "reply", "data": {"id": "-2147483001"}},
+                {"type": "at", "data": {"qq": "12345678"}},
+                {"type": "text", "data": {"text": " hello"}}]}),
+        );
+        check(
+            reply(
+                ChatKind::Group,
+                "hi @1 and @22, not @222x or @2",
+                &["22", "1"],
+                None,
+            ),
+            json!({"message_type": "group", "group_id": 123456789, "message": [
+                {"type": "text", "data": {"text": "hi "}},
+                {"type": "at", "data": {"qq": "1"}},
+                {"type": "text", "data": {"text": " and "}},
+                {"type": "at", "data": {"qq": "22"}},
+                {"type": "text", "data": {"text": ", not @222x or @2"}}]}),
+        );
+        check(
+            reply(ChatKind::Group, "@7", &["7"], None),
+            json!({"message_type": "group", "group_id": 123456789, "message": [
+                {"type": "at", "data": {"qq": "7"}}]}),
+        );
+    }
+
+    #[test]
+    fn chats_that_are_not_qq_numbers_are_refused() {
+        let mut channel = reply(ChatKind::Channel, "x", &[], None);
+        assert!(payload(&channel).unwrap_err().contains("channel"));
+        channel.chat.id = "abc".into();
+        channel.chat.kind = ChatKind::Group;
+        assert!(payload(&channel).unwrap_err().contains("not a QQ number"));
+    }
+}

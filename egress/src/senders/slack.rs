@@ -1,0 +1,316 @@
+//! Slack: each reply is one `POST <api>/chat.postMessage` with
+//! `Authorization: Bearer <BOTLINE_SLACK_BOT_TOKEN>`.
+//!
+//! ```json
+//! {
+//!   "channel": "C123ABC456",
+//!   "text": "<@U0LAN0Z89> your order &lt;A-1&gt; has shipped",
+//!   "thread_ts": "1355517523.000005"     // the message's thread, if any
+//! }
+//! ```
+//!
+//! The text is escaped (`&`, `<`, `>`); each user to mention becomes
+//! `<@U…>` in place of its `@U…` in the text, or else in front of it. A
+//! reply goes into the thread of the message it answers; with
+//! `thread_replies`, a channel message outside a thread is answered in a
+//! new thread under it (its `ts`).
+//!
+//! Answers: `{"ok": true, "ts": …}` is delivered (the `ts` is the platform
+//! message id); HTTP 429 waits `Retry-After`; 5xx and timeouts are retried;
+//! `ok: false` is permanent, its reason naming Slack's `error` code —
+//! except `ratelimited` and `service_unavailable`, retried. Errors such as
+//! `internal_error` or `fatal_error` are not retried: Slack says the message
+//! may have been posted all the same. Slack has no idempotency field;
+//! egress's sent keys keep a reply from being sent twice.
+
+use super::http::{self, Answered};
+use super::mentions::{self, escape};
+use super::{Attempt, Kit, Platform, Sender, Verdict};
+use crate::limits::{check_rates, Limit};
+use botline_shared::config::{deserialize_setting, secret_env};
+use botline_shared::message::{ChatKind, Reply};
+use botline_shared::Error;
+use futures_util::future::BoxFuture;
+use reqwest::StatusCode;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const PLATFORM: Platform = Platform {
+    name: "slack",
+    build,
+};
+
+/// The bot token (`xoxb-…`), with the `chat:write` scope.
+pub const TOKEN_ENV: &str = "BOTLINE_SLACK_BOT_TOKEN";
+/// Slack's `error` codes worth another attempt.
+const RETRYABLE_ERRORS: &[&str] = &["ratelimited", "service_unavailable"];
+
+/// `[egress.platforms.slack]`, documented in shared/defaults.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlackSettings {
+    /// Read by `enabled_platforms`; named here so `deny_unknown_fields` accepts it.
+    #[serde(rename = "enabled")]
+    _enabled: bool,
+    api_base_url: String,
+    timeout_ms: u64,
+    channel_per_second: u32,
+    channel_burst: u32,
+    bot_per_minute: u32,
+    thread_replies: bool,
+}
+
+pub struct SlackSender {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    token: String,
+    timeout: Duration,
+    channel_per_second: u32,
+    channel_burst: u32,
+    bot_per_minute: u32,
+    thread_replies: bool,
+}
+
+fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
+    let settings: SlackSettings = deserialize_setting("egress.platforms.slack", table.clone())?;
+    let token = secret_env(kit.env, TOKEN_ENV, 1)?;
+    if !token.starts_with("xox") {
+        return Err(Error::config(
+            TOKEN_ENV,
+            "is not a Slack token (xoxb-…, the bot user OAuth token)",
+        ));
+    }
+    check_rates(
+        "egress.platforms.slack",
+        &[
+            ("channel_per_second", settings.channel_per_second),
+            ("channel_burst", settings.channel_burst),
+            ("bot_per_minute", settings.bot_per_minute),
+        ],
+    )?;
+    let base = settings.api_base_url.trim_end_matches('/');
+    let url = reqwest::Url::parse(&format!("{base}/chat.postMessage"))
+        .map_err(|error| Error::config("egress.platforms.slack.api_base_url", error))?;
+    let timeout = Duration::from_millis(settings.timeout_ms);
+    Ok(Arc::new(SlackSender {
+        client: http::client("egress.platforms.slack", timeout)?,
+        url,
+        token,
+        timeout,
+        channel_per_second: settings.channel_per_second,
+        channel_burst: settings.channel_burst,
+        bot_per_minute: settings.bot_per_minute,
+        thread_replies: settings.thread_replies,
+    }))
+}
+
+impl Sender for SlackSender {
+    fn platform(&self) -> &'static str {
+        PLATFORM.name
+    }
+
+    /// The workspace's allowance (per bot) and the channel's pace.
+    fn limits(&self, reply: &Reply) -> Vec<Limit> {
+        vec![
+            Limit::new(
+                format!("slack:{}", reply.bot),
+                self.bot_per_minute,
+                Duration::from_secs(60),
+            )
+            .with_burst(1),
+            Limit::new(
+                format!("slack:{}:channel:{}", reply.bot, reply.chat.id),
+                self.channel_per_second,
+                Duration::from_secs(1),
+            )
+            .with_burst(self.channel_burst),
+        ]
+    }
+
+    fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt> {
+        Box::pin(async move {
+            let request = self
+                .client
+                .post(self.url.clone())
+                .bearer_auth(&self.token)
+                .json(&payload(reply, self.thread_replies));
+            match http::send(request, PLATFORM.name, self.timeout).await {
+                Ok(answered) => answered.attempt(judge(&answered)),
+                Err(attempt) => attempt,
+            }
+        })
+    }
+}
+
+/// The `chat.postMessage` body for `reply` (documented at the top of this module).
+pub fn payload(reply: &Reply, thread_replies: bool) -> serde_json::Value {
+    let text = mentions::place(&escape(&reply.text), &reply.mentions, |user| {
+        format!("<@{user}>")
+    });
+    let mut body = serde_json::json!({ "channel": reply.chat.id, "text": text });
+    let thread = reply.thread.as_ref().or(reply
+        .reply_to
+        .as_ref()
+        .filter(|_| thread_replies && reply.chat.kind != ChatKind::Direct));
+    if let Some(thread) = thread {
+        body["thread_ts"] = thread.as_str().into();
+    }
+    body
+}
+
+/// A Web API answer.
+#[derive(Debug, Deserialize)]
+struct ApiAnswer {
+    ok: bool,
+    #[serde(default)]
+    ts: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// What Slack's answer means.
+fn judge(answered: &Answered) -> Verdict {
+    let status = answered.status;
+    let retry = |reason: String| Verdict::RetryAfter {
+        wait: answered.retry_after,
+        reason,
+    };
+    let answer = serde_json::from_str::<ApiAnswer>(&answered.body).ok();
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        let code = answer.and_then(|answer| answer.error).unwrap_or_default();
+        return retry(format!("slack answered {} {code}", status.as_u16()));
+    }
+    match answer {
+        Some(answer) if answer.ok && status.is_success() => Verdict::Delivered {
+            platform_message_id: answer.ts,
+            writes: Vec::new(),
+        },
+        Some(answer) => {
+            let code = answer.error.unwrap_or_else(|| "unknown_error".into());
+            let reason = format!("slack error {code} (HTTP {})", status.as_u16());
+            if RETRYABLE_ERRORS.contains(&code.as_str()) {
+                retry(reason)
+            } else {
+                Verdict::Permanent(reason)
+            }
+        }
+        None => Verdict::Permanent(format!(
+            "slack answered {} without Web API JSON: {}",
+            status.as_u16(),
+            http::quote(&answered.body)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use botline_shared::message::{Chat, Priority};
+
+    fn reply(kind: ChatKind, text: &str, mentions: &[&str]) -> Reply {
+        Reply {
+            id: "r1".into(),
+            in_reply_to: "m1".into(),
+            platform: "slack".into(),
+            bot: "UBOT".into(),
+            chat: Chat {
+                id: "C123ABC456".into(),
+                kind,
+            },
+            thread: None,
+            reply_to: Some("1355517523.000005".into()),
+            text: text.into(),
+            mentions: mentions.iter().map(|user| user.to_string()).collect(),
+            platform_data: Default::default(),
+            priority: Priority::Normal,
+            received_at_ms: 0,
+            created_at_ms: 0,
+            trace_id: "t".into(),
+            replay: false,
+        }
+    }
+
+    #[test]
+    fn payloads_escape_text_mention_users_and_keep_threads() {
+        let sent = reply(ChatKind::Group, "thanks @U1, 1 < 2 & <@U2>", &["U1", "U3"]);
+        assert_eq!(
+            payload(&sent, false),
+            serde_json::json!({
+                "channel": "C123ABC456",
+                "text": "<@U3> thanks <@U1>, 1 &lt; 2 &amp; &lt;@U2&gt;",
+            })
+        );
+        assert_eq!(
+            payload(&sent, true)["thread_ts"],
+            "1355517523.000005",
+            "a new thread under the message"
+        );
+        let direct = reply(ChatKind::Direct, "hi", &[]);
+        assert!(payload(&direct, true).get("thread_ts").is_none());
+        let mut threaded = reply(ChatKind::Group, "hi", &[]);
+        threaded.thread = Some("1355517000.000001".into());
+        assert_eq!(payload(&threaded, false)["thread_ts"], "1355517000.000001");
+    }
+
+    fn check_judge(status: u16, retry_after: Option<u64>, body: &str, expected: &str) {
+        assert_eq!(
+            http::judged(judge, status, retry_after, body),
+            expected,
+            "{status} {body}"
+        );
+    }
+
+    #[test]
+    fn answers_are_judged_by_status_and_error_code() {
+        check_judge(
+            200,
+            None,
+            r#"{"ok":true,"channel":"C123ABC456","ts":"1503435956.000247","message":{"text":"hi"}}"#,
+            r#"delivered Some("1503435956.000247")"#,
+        );
+        check_judge(
+            429,
+            Some(30),
+            r#"{"ok":false,"error":"ratelimited"}"#,
+            "retry Some(30s) slack answered 429 ratelimited",
+        );
+        check_judge(
+            200,
+            None,
+            r#"{"ok":false,"error":"ratelimited"}"#,
+            "retry None slack error ratelimited (HTTP 200)",
+        );
+        check_judge(
+            200,
+            None,
+            r#"{"ok":false,"error":"channel_not_found"}"#,
+            "permanent slack error channel_not_found (HTTP 200)",
+        );
+        check_judge(
+            200,
+            None,
+            r#"{"ok":false,"error":"invalid_auth"}"#,
+            "permanent slack error invalid_auth (HTTP 200)",
+        );
+        check_judge(
+            200,
+            None,
+            r#"{"ok":false,"error":"fatal_error"}"#,
+            "permanent slack error fatal_error (HTTP 200)",
+        );
+        check_judge(
+            503,
+            None,
+            r#"{"ok":false,"error":"service_unavailable"}"#,
+            "retry None slack answered 503 service_unavailable",
+        );
+        check_judge(502, None, "<html>", "retry None slack answered 502 ");
+        check_judge(
+            404,
+            None,
+            "not found",
+            "permanent slack answered 404 without Web API JSON: not found",
+        );
+    }
+}

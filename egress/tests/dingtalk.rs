@@ -1,0 +1,319 @@
+//! The DingTalk sender against a local stand-in of DingTalk: a session
+//! webhook and the robot API (token, group and one-to-one sends), each
+//! request checked as DingTalk checks it (path, token header, JSON shape).
+
+mod senders;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use botline_shared::message::{ChatKind, Receipt, Reply};
+use botline_shared::now_ms;
+use senders::*;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const APP_KEY: &str = "dingeqqpkv3xxxx";
+const APP_SECRET: &str = "GT-lsu-taDAsTsxxxx-app-secret";
+const ROBOT_CODE: &str = "dingue4kfzdxbynxxxxxx";
+
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    ServerError,
+    RevokeToken,
+}
+
+/// A request DingTalk accepted: where, and what.
+#[derive(Debug, Clone)]
+struct Sent {
+    at: Instant,
+    path: String,
+    body: Value,
+}
+
+#[derive(Default)]
+struct Ding {
+    tokens: Vec<String>,
+    script: VecDeque<Answer>,
+    sent: Vec<Sent>,
+    malformed: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Ding>>;
+
+async fn start_ding() -> (Shared, String) {
+    let ding = Shared::default();
+    let app = Router::new()
+        .route("/robot/sendBySession", post(session))
+        .route("/v1.0/oauth2/accessToken", post(token))
+        .route("/v1.0/robot/groupMessages/send", post(robot_api))
+        .route("/v1.0/robot/oToMessages/batchSend", post(robot_api))
+        .with_state(ding.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (ding, url)
+}
+
+async fn session(State(ding): State<Shared>, uri: Uri, Json(body): Json<Value>) -> Response {
+    let mut ding = ding.lock().unwrap();
+    if let Some(Answer::ServerError) = ding.script.pop_front() {
+        return (StatusCode::BAD_GATEWAY, "upstream").into_response();
+    }
+    let well_formed = uri
+        .query()
+        .is_some_and(|query| query.starts_with("session="))
+        && body["msgtype"] == "text"
+        && body["text"]["content"].is_string()
+        && body["at"]["atUserIds"].is_array()
+        && body["at"]["isAtAll"].is_boolean();
+    if !well_formed {
+        ding.malformed.push(body.to_string());
+        return Json(json!({"errcode": 40035, "errmsg": "缺少参数 json"})).into_response();
+    }
+    ding.sent.push(Sent {
+        at: Instant::now(),
+        path: uri.path().into(),
+        body,
+    });
+    Json(json!({"errcode": 0, "errmsg": "ok"})).into_response()
+}
+
+async fn token(State(ding): State<Shared>, Json(body): Json<Value>) -> Response {
+    let mut ding = ding.lock().unwrap();
+    if body != json!({"appKey": APP_KEY, "appSecret": APP_SECRET}) {
+        let refused = json!({"code": "invalidClientSecret", "message": "应用凭证不合法"});
+        return (StatusCode::BAD_REQUEST, Json(refused)).into_response();
+    }
+    let token = format!("fw8ef8we8f76e6f7s8d{}", ding.tokens.len());
+    ding.tokens.push(token.clone());
+    Json(json!({"accessToken": token, "expireIn": 7200})).into_response()
+}
+
+async fn robot_api(
+    State(ding): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut ding = ding.lock().unwrap();
+    let token = headers
+        .get("x-acs-dingtalk-access-token")
+        .and_then(|value| value.to_str().ok());
+    let revoked = matches!(ding.script.front(), Some(Answer::RevokeToken));
+    if revoked || token.is_none() || token != ding.tokens.last().map(String::as_str) {
+        if revoked {
+            ding.script.pop_front();
+            ding.tokens.push("revoked".into());
+        }
+        let invalid = json!({"code": "InvalidAuthentication", "message": "不合法的access_token"});
+        return (StatusCode::UNAUTHORIZED, Json(invalid)).into_response();
+    }
+    let content = body["msgParam"]
+        .as_str()
+        .and_then(|param| serde_json::from_str::<Value>(param).ok());
+    let target = if uri.path().ends_with("batchSend") {
+        body["userIds"].is_array()
+    } else {
+        body["openConversationId"].is_string()
+    };
+    let well_formed = body["robotCode"] == ROBOT_CODE
+        && body["msgKey"] == "sampleText"
+        && content.is_some_and(|content| content["content"].is_string())
+        && target;
+    if !well_formed {
+        ding.malformed.push(body.to_string());
+        let refused = json!({"code": "invalidParameter.param.invalid", "message": "参数错误"});
+        return (StatusCode::BAD_REQUEST, Json(refused)).into_response();
+    }
+    ding.sent.push(Sent {
+        at: Instant::now(),
+        path: uri.path().into(),
+        body,
+    });
+    Json(json!({"processQueryKey": format!("q{}", ding.sent.len())})).into_response()
+}
+
+fn start(url: &str, extra: &str) -> Egress {
+    Egress::start(
+        &format!(
+            "[egress.platforms.dingtalk]\nenabled = true\nsession_webhook_base = \"{url}/robot/\"\n\
+             api_base_url = \"{url}\"\n{extra}"
+        ),
+        &[("BOTLINE_DINGTALK_APP_SECRET", APP_SECRET)],
+    )
+}
+
+fn with_robot_api() -> String {
+    format!("app_key = \"{APP_KEY}\"\nrobot_code = \"{ROBOT_CODE}\"\n")
+}
+
+/// A reply to a message whose session webhook (at `url`) expires `in_ms` from now.
+fn ding_reply(id: &str, kind: ChatKind, url: &str, in_ms: i64) -> Reply {
+    let mut reply = reply(
+        id,
+        "dingtalk",
+        chat("cid6KeBBLoveMJOGXoYKF5x7EeiodoA==", kind),
+        "你好",
+    );
+    reply.platform_data = [
+        (
+            "session_webhook".to_string(),
+            format!("{url}/robot/sendBySession?session=eb18e18e8669b0a3cd7dff1388fe5e6a"),
+        ),
+        (
+            "session_webhook_expires_ms".to_string(),
+            (now_ms() + in_ms).to_string(),
+        ),
+        ("user_id".to_string(), "2220111111".to_string()),
+    ]
+    .into();
+    reply
+}
+
+async fn delivered(egress: &Egress, count: usize) -> Vec<Receipt> {
+    eventually(&format!("{count} receipts"), || async {
+        egress.receipts().len() >= count
+    })
+    .await;
+    egress.receipts()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_goes_to_its_session_webhook_with_mentions() {
+    let (ding, url) = start_ding().await;
+    ding.lock().unwrap().script = VecDeque::from([Answer::ServerError]);
+    let egress = start(&url, "");
+    let mut reply = ding_reply("r1", ChatKind::Group, &url, 3_600_000);
+    reply.mentions = vec!["2220111111".into()];
+    egress.send(&reply);
+    let receipts = delivered(&egress, 1).await;
+    assert_eq!(receipts[0].attempts, 2, "the 502 was retried");
+    let ding = ding.lock().unwrap();
+    assert!(ding.malformed.is_empty(), "{:?}", ding.malformed);
+    assert!(ding.tokens.is_empty(), "no token for a session webhook");
+    assert_eq!(ding.sent.len(), 1);
+    assert_eq!(ding.sent[0].path, "/robot/sendBySession");
+    assert_eq!(
+        ding.sent[0].body,
+        json!({
+            "msgtype": "text",
+            "text": {"content": "@2220111111 你好"},
+            "at": {"atUserIds": ["2220111111"], "isAtAll": false},
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_webhook_gives_way_to_the_robot_api() {
+    let (ding, url) = start_ding().await;
+    let egress = start(&url, &with_robot_api());
+    egress.send(&ding_reply("r1", ChatKind::Group, &url, -1_000));
+    egress.send(&ding_reply("r2", ChatKind::Direct, &url, 1_000));
+    let receipts = delivered(&egress, 2).await;
+    let ding = ding.lock().unwrap();
+    assert!(ding.malformed.is_empty(), "{:?}", ding.malformed);
+    assert_eq!(ding.tokens.len(), 1, "one token for both");
+    let group = ding
+        .sent
+        .iter()
+        .find(|sent| sent.path == "/v1.0/robot/groupMessages/send")
+        .unwrap();
+    assert_eq!(
+        group.body,
+        json!({
+            "robotCode": ROBOT_CODE,
+            "openConversationId": "cid6KeBBLoveMJOGXoYKF5x7EeiodoA==",
+            "msgKey": "sampleText",
+            "msgParam": r#"{"content":"你好"}"#,
+        })
+    );
+    let direct = ding
+        .sent
+        .iter()
+        .find(|sent| sent.path == "/v1.0/robot/oToMessages/batchSend")
+        .unwrap();
+    assert_eq!(direct.body["userIds"], json!(["2220111111"]));
+    assert!(receipts
+        .iter()
+        .all(|receipt| receipt.platform_message_id.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_dingtalk_refuses_is_fetched_anew() {
+    let (ding, url) = start_ding().await;
+    let egress = start(&url, &with_robot_api());
+    egress.send(&ding_reply("r1", ChatKind::Group, &url, 0));
+    delivered(&egress, 1).await;
+    ding.lock().unwrap().script = VecDeque::from([Answer::RevokeToken]);
+    egress.send(&ding_reply("r2", ChatKind::Group, &url, 0));
+    let receipts = delivered(&egress, 2).await;
+    assert_eq!(receipts[1].attempts, 2);
+    assert_eq!(ding.lock().unwrap().tokens.len(), 3, "first, revoked, anew");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_or_expired_session_webhook_without_the_robot_api_goes_to_dead() {
+    let (ding, url) = start_ding().await;
+    let egress = start(&url, "");
+    let foreign = ding_reply("r1", ChatKind::Group, "http://127.0.0.1:1", 3_600_000);
+    egress.send(&foreign);
+    egress.send(&ding_reply("r2", ChatKind::Group, &url, -1));
+    eventually("two dead letters", || async { egress.dead().len() == 2 }).await;
+    assert!(egress.dead()[0].error.contains("app_key is not set"));
+    assert!(
+        ding.lock().unwrap().sent.is_empty(),
+        "nothing was posted anywhere"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_chat_gets_no_more_than_its_rate() {
+    let (ding, url) = start_ding().await;
+    let egress = start(&url, "per_chat_per_minute = 120\n");
+    for n in 0..4 {
+        egress.send(&ding_reply(
+            &format!("r{n}"),
+            ChatKind::Group,
+            &url,
+            3_600_000,
+        ));
+    }
+    delivered(&egress, 4).await;
+    let ding = ding.lock().unwrap();
+    let mut times: Vec<Instant> = ding.sent.iter().map(|sent| sent.at).collect();
+    times.sort();
+    assert_eq!(times.len(), 4, "each once");
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(450),
+            "two sends to one chat {:?} apart, at 120 a minute",
+            pair[1] - pair[0]
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_robot_api_needs_the_app_secret() {
+    let error = Egress::try_start(
+        &format!(
+            "[egress.platforms.dingtalk]\nenabled = true\n{}",
+            with_robot_api()
+        ),
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert_eq!(
+        error.to_string(),
+        "setting BOTLINE_DINGTALK_APP_SECRET: is not set"
+    );
+    assert!(
+        Egress::try_start("[egress.platforms.dingtalk]\nenabled = true\n", &[]).is_ok(),
+        "session webhooks alone need no secret"
+    );
+}

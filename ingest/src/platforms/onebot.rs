@@ -1,0 +1,471 @@
+//! OneBot v11 (QQ through NapCat, Lagrange, go-cqhttp): events by HTTP POST.
+//!
+//! The implementation POSTs each event as JSON to `/hooks/onebot`, with
+//! `X-Self-ID` (the bot's QQ number) and, since a secret is configured,
+//! `X-Signature: sha1=<hex HMAC-SHA1(secret, body)>`, checked here in
+//! constant time (401 `missing_signature`, `bad_signature`). OneBot has no
+//! timestamp window and does not retry; the dedup key is
+//! `<self_id>:<message_id>`, so a repeated post adds nothing.
+//!
+//! Only `post_type: message` becomes a message: `message_type` `private` is
+//! a direct chat with the sender (chat id = `user_id`), `group` a group chat
+//! (chat id = `group_id`). The message is either an array of segments or a
+//! CQ-code string (`[CQ:at,qq=123]`, text escaped with `&amp;` `&#91;`
+//! `&#93;`, parameter values also `&#44;`); both are read alike: `text`
+//! segments are the text, `at` becomes `@<qq>` (and a mention; the bot is
+//! mentioned when `qq` is its `self_id`, `@all` mentions no one in
+//! particular), `reply` is the message answered, `image`, `record`, `video`
+//! and `file` are attachments (by URL when given, and by file name). The
+//! bot's own messages (`message_sent`, or a sender that is the bot),
+//! `notice`, `request` and `meta_event` (heartbeats) are acknowledged and
+//! counted as ignored.
+
+use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
+use crate::error::IngestError;
+use crate::generic::{parse_json, Stamp};
+use botline_shared::config::{deserialize_setting, secret_env, Env};
+use botline_shared::message::{
+    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Sender, UnifiedMessage,
+};
+use botline_shared::Error;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha1::Sha1;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub const PLATFORM: Registration = Registration {
+    name: "onebot",
+    build,
+};
+
+/// The `secret` set in the OneBot implementation's HTTP POST settings.
+pub const SECRET_ENV: &str = "BOTLINE_ONEBOT_SECRET";
+const SIGNATURE_HEADER: &str = "x-signature";
+
+/// `[ingest.platforms.onebot]`, documented in shared/defaults.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OneBotSettings {
+    #[allow(dead_code)]
+    enabled: bool,
+}
+
+pub struct OneBot {
+    secret: Vec<u8>,
+}
+
+fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>, Error> {
+    let _: OneBotSettings = deserialize_setting("ingest.platforms.onebot", table.clone())?;
+    let secret = secret_env(env, SECRET_ENV, 8)?;
+    Ok(Arc::new(OneBot {
+        secret: secret.into_bytes(),
+    }))
+}
+
+impl InboundPlatform for OneBot {
+    fn name(&self) -> &'static str {
+        PLATFORM.name
+    }
+
+    fn receive(&self, request: &HookRequest) -> Result<Hook, IngestError> {
+        let unverified = |reason, detail: &str| IngestError::Unverified {
+            platform: PLATFORM.name,
+            reason,
+            detail: detail.to_string(),
+        };
+        let signature = request
+            .header(SIGNATURE_HEADER)
+            .ok_or_else(|| unverified("missing_signature", "no X-Signature header"))?;
+        let given = signature
+            .strip_prefix("sha1=")
+            .and_then(|hex| hex::decode(hex).ok())
+            .unwrap_or_default();
+        let mut mac = Hmac::<Sha1>::new_from_slice(&self.secret).expect("any key length");
+        mac.update(&request.body);
+        mac.verify_slice(&given).map_err(|_| {
+            unverified(
+                "bad_signature",
+                &format!("X-Signature does not match {SECRET_ENV}"),
+            )
+        })?;
+        let post: Post = parse_json(&request.body)?;
+        read_post(post, request.stamp())
+    }
+}
+
+// ---- OneBot's events, as far as botline reads them ----
+
+/// A QQ number or message id: a JSON number, or a string of one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Id {
+    Number(i64),
+    Text(String),
+}
+
+impl Id {
+    fn text(&self) -> String {
+        match self {
+            Id::Number(number) => number.to_string(),
+            Id::Text(text) => text.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Post {
+    post_type: String,
+    self_id: Id,
+    #[serde(default)]
+    time: Option<i64>,
+    #[serde(default)]
+    message_type: Option<String>,
+    #[serde(default)]
+    message_id: Option<Id>,
+    #[serde(default)]
+    user_id: Option<Id>,
+    #[serde(default)]
+    group_id: Option<Id>,
+    #[serde(default)]
+    message: Option<Content>,
+    #[serde(default)]
+    sender: Option<PostSender>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Segments(Vec<RawSegment>),
+    CqCode(String),
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSegment {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    data: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PostSender {
+    #[serde(default)]
+    nickname: Option<String>,
+    /// The group card (the name shown in that group).
+    #[serde(default)]
+    card: Option<String>,
+}
+
+/// One message segment, from either format: its type and its data as text.
+#[derive(Debug, PartialEq)]
+struct Segment {
+    kind: String,
+    data: BTreeMap<String, String>,
+}
+
+impl Segment {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.data
+            .get(name)
+            .map(String::as_str)
+            .filter(|value| !value.is_empty())
+    }
+}
+
+impl From<RawSegment> for Segment {
+    fn from(raw: RawSegment) -> Self {
+        let data = raw
+            .data
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let text = match value {
+                    serde_json::Value::String(text) => text,
+                    serde_json::Value::Number(number) => number.to_string(),
+                    serde_json::Value::Bool(flag) => flag.to_string(),
+                    _ => return None,
+                };
+                Some((name, text))
+            })
+            .collect();
+        Segment {
+            kind: raw.kind,
+            data,
+        }
+    }
+}
+
+/// The segments of a CQ-code string: plain text between the codes becomes
+/// `text` segments; an unclosed `[CQ:` is text.
+fn parse_cq(message: &str) -> Vec<Segment> {
+    let mut segments = Vec::new();
+    let text = |raw: &str, segments: &mut Vec<Segment>| {
+        if !raw.is_empty() {
+            segments.push(Segment {
+                kind: "text".into(),
+                data: BTreeMap::from([("text".into(), unescape(raw))]),
+            });
+        }
+    };
+    let mut rest = message;
+    while let Some(start) = rest.find("[CQ:") {
+        let Some(length) = rest[start..].find(']') else {
+            break;
+        };
+        text(&rest[..start], &mut segments);
+        let code = &rest[start + 4..start + length];
+        let mut parts = code.split(',');
+        let kind = parts.next().unwrap_or_default().to_string();
+        let data = parts
+            .filter_map(|part| part.split_once('='))
+            .map(|(name, value)| (name.to_string(), unescape(value)))
+            .collect();
+        segments.push(Segment { kind, data });
+        rest = &rest[start + length + 1..];
+    }
+    text(rest, &mut segments);
+    segments
+}
+
+/// CQ escapes undone in one pass: `&amp;` `&#91;` `&#93;` `&#44;`.
+fn unescape(text: &str) -> String {
+    const ESCAPES: [(&str, char); 4] = [
+        ("&amp;", '&'),
+        ("&#91;", '['),
+        ("&#93;", ']'),
+        ("&#44;", ','),
+    ];
+    let mut plain = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        plain.push_str(&rest[..at]);
+        rest = &rest[at..];
+        match ESCAPES.iter().find(|(escape, _)| rest.starts_with(escape)) {
+            Some((escape, character)) => {
+                plain.push(*character);
+                rest = &rest[escape.len()..];
+            }
+            None => {
+                plain.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    plain.push_str(rest);
+    plain
+}
+
+/// What a message's segments say, in unified terms.
+#[derive(Debug, Default, PartialEq)]
+struct Read {
+    text: String,
+    mentions: Mentions,
+    reply_to: Option<String>,
+    attachments: Vec<Attachment>,
+}
+
+fn read_segments(segments: Vec<Segment>, self_id: &str) -> Read {
+    let mut read = Read::default();
+    for segment in segments {
+        let attachment = |kind| Attachment {
+            kind,
+            url: segment
+                .get("url")
+                .or(segment.get("file").filter(|file| file.starts_with("http")))
+                .map(str::to_string),
+            file_id: segment.get("file").map(str::to_string),
+            mime: None,
+            size: None,
+            name: None,
+        };
+        match segment.kind.as_str() {
+            "text" => read.text.push_str(segment.get("text").unwrap_or_default()),
+            "at" => {
+                let Some(qq) = segment.get("qq") else {
+                    continue;
+                };
+                read.text.push('@');
+                read.text.push_str(qq);
+                if qq == self_id {
+                    read.mentions.bot = true;
+                }
+                if qq != "all" && !read.mentions.users.iter().any(|user| user == qq) {
+                    read.mentions.users.push(qq.to_string());
+                }
+            }
+            "reply" => read.reply_to = segment.get("id").map(str::to_string),
+            "image" => read.attachments.push(attachment(AttachmentKind::Image)),
+            "record" => read.attachments.push(attachment(AttachmentKind::Audio)),
+            "video" => read.attachments.push(attachment(AttachmentKind::Video)),
+            "file" => read.attachments.push(attachment(AttachmentKind::File)),
+            _ => {}
+        }
+    }
+    read
+}
+
+fn read_post(post: Post, stamp: Stamp) -> Result<Hook, IngestError> {
+    let ignored = |kind: &str| {
+        Ok(Hook::Ignored {
+            kind: kind.into(),
+            answer: Answer::ok(),
+        })
+    };
+    match post.post_type.as_str() {
+        "message" => {}
+        "message_sent" => return ignored("own_message"),
+        "notice" | "request" | "meta_event" => return ignored(&post.post_type),
+        _ => return ignored("unknown"),
+    }
+    let self_id = post.self_id.text();
+    let missing = |field: &str| IngestError::Malformed(format!("a message event without {field}"));
+    let user = post.user_id.ok_or_else(|| missing("user_id"))?.text();
+    if user == self_id {
+        return ignored("own_message");
+    }
+    let chat = match post.message_type.as_deref() {
+        Some("private") => Chat {
+            id: user.clone(),
+            kind: ChatKind::Direct,
+        },
+        Some("group") => Chat {
+            id: post.group_id.ok_or_else(|| missing("group_id"))?.text(),
+            kind: ChatKind::Group,
+        },
+        _ => return ignored("unsupported_message"),
+    };
+    let message_id = post.message_id.ok_or_else(|| missing("message_id"))?.text();
+    let segments = match post.message.ok_or_else(|| missing("message"))? {
+        Content::Segments(raw) => raw.into_iter().map(Segment::from).collect(),
+        Content::CqCode(text) => parse_cq(&text),
+    };
+    let read = read_segments(segments, &self_id);
+    let sender = post.sender.unwrap_or_default();
+    let name = [sender.card, sender.nickname]
+        .into_iter()
+        .flatten()
+        .find(|name| !name.trim().is_empty())
+        .unwrap_or_else(|| user.clone());
+    let message = UnifiedMessage {
+        id: stamp.id,
+        platform: PLATFORM.name.into(),
+        bot: self_id.clone(),
+        chat,
+        thread: None,
+        sender: Sender {
+            id: user,
+            name,
+            is_bot: false,
+        },
+        text: read.text,
+        mentions: read.mentions,
+        attachments: read.attachments,
+        reply_to: read.reply_to,
+        platform_message_id: Some(message_id.clone()),
+        platform_data: Default::default(),
+        platform_ts_ms: post.time.map(|seconds| seconds * 1000),
+        received_at_ms: stamp.received_at_ms,
+        trace_id: stamp.trace_id,
+        origin: Origin::User,
+        replay: false,
+        raw: stamp.raw,
+    };
+    Ok(Hook::Events {
+        events: vec![Event {
+            event_id: format!("{self_id}:{message_id}"),
+            message,
+        }],
+        answer: Answer::ok(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_unescape(escaped: &str, plain: &str) {
+        assert_eq!(unescape(escaped), plain, "{escaped:?}");
+    }
+
+    // The examples of OneBot 11's message/string.md.
+    #[test]
+    fn cq_escapes_are_undone_once() {
+        check_unescape(
+            "- &#91;x&#93; 使用 `&amp;data` 获取地址",
+            "- [x] 使用 `&data` 获取地址",
+        );
+        check_unescape("震惊&#44;小伙睡觉前居然...", "震惊,小伙睡觉前居然...");
+        check_unescape("&amp;#91;", "&#91;");
+        check_unescape("a & b &c; &#", "a & b &c; &#");
+        check_unescape("", "");
+    }
+
+    fn check_cq(message: &str, expected: &[(&str, &[(&str, &str)])]) {
+        let expected: Vec<Segment> = expected
+            .iter()
+            .map(|(kind, data)| Segment {
+                kind: kind.to_string(),
+                data: data
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.to_string()))
+                    .collect(),
+            })
+            .collect();
+        assert_eq!(parse_cq(message), expected, "{message:?}");
+    }
+
+    #[test]
+    fn cq_strings_become_segments() {
+        check_cq(
+            "[CQ:face,id=178]看看我刚拍的照片[CQ:image,file=123.jpg]",
+            &[
+                ("face", &[("id", "178")]),
+                ("text", &[("text", "看看我刚拍的照片")]),
+                ("image", &[("file", "123.jpg")]),
+            ],
+        );
+        check_cq(
+            "[CQ:share,title=标题中有=等号,url=http://baidu.com/?a=1&amp;b=2]",
+            &[(
+                "share",
+                &[
+                    ("title", "标题中有=等号"),
+                    ("url", "http://baidu.com/?a=1&b=2"),
+                ],
+            )],
+        );
+        check_cq("[CQ:shake]", &[("shake", &[])]);
+        check_cq(
+            "plain &#91;text&#93;",
+            &[("text", &[("text", "plain [text]")])],
+        );
+        check_cq(
+            "broken [CQ:at,qq=1",
+            &[("text", &[("text", "broken [CQ:at,qq=1")])],
+        );
+        check_cq("", &[]);
+    }
+
+    #[test]
+    fn segments_become_text_mentions_replies_and_attachments() {
+        let read = read_segments(
+            parse_cq(
+                "[CQ:reply,id=-42][CQ:at,qq=10001000] hi [CQ:at,qq=123][CQ:at,qq=123] [CQ:at,qq=all]\
+                 [CQ:image,file=a.image,url=https://x/a.jpg][CQ:record,file=https://x/v.amr]",
+            ),
+            "10001000",
+        );
+        assert_eq!(read.text, "@10001000 hi @123@123 @all");
+        assert_eq!(read.mentions.users, ["10001000", "123"]);
+        assert!(read.mentions.bot);
+        assert_eq!(read.reply_to.as_deref(), Some("-42"));
+        assert_eq!(read.attachments.len(), 2);
+        assert_eq!(read.attachments[0].url.as_deref(), Some("https://x/a.jpg"));
+        assert_eq!(read.attachments[0].file_id.as_deref(), Some("a.image"));
+        assert_eq!(read.attachments[1].kind, AttachmentKind::Audio);
+        assert_eq!(read.attachments[1].url.as_deref(), Some("https://x/v.amr"));
+
+        let someone_else = read_segments(parse_cq("[CQ:at,qq=123] hi"), "10001000");
+        assert!(!someone_else.mentions.bot);
+    }
+}

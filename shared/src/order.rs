@@ -1,0 +1,253 @@
+//! Per-chat order across consumers. Several respond (or egress) consumers
+//! read one stream, so two messages of one chat can be in two consumers'
+//! hands at once; without a rule the later one may be answered first, and
+//! answered without the earlier turn in its context.
+//!
+//! The rule: each chat has a sorted set of its unfinished entries' ULIDs,
+//! scored by arrival (the entry id of the `XADD` that made them, in the same
+//! script: ingest's for `in`, respond's acknowledgement for `out`). A stage
+//! handles an entry only when every earlier member of its set is done or in
+//! its own batch (handled first, in order); the acknowledgement that
+//! finishes an entry removes it ([`Write::Unorder`]) together with the
+//! entry's other writes. An entry whose turn has not come within
+//! `runner.order_wait_ms` is put back at the end of its stream
+//! ([`Outcome::Defer`]), not left pending (that would count deliveries
+//! against it). An earlier entry still unfinished after `runner.order_skip_ms` is taken
+//! out of the set, logged and counted, so a lost entry cannot hold its chat
+//! up for ever. Entries in no set (written before ordering existed, or put
+//! back from `dead`) are not held.
+//!
+//! [`Write::Unorder`]: crate::runner::Write::Unorder
+//! [`Outcome::Defer`]: crate::runner::Outcome::Defer
+
+use crate::config::RunnerSettings;
+use crate::redis_conn::Pool;
+use crate::runner::Outcome;
+use crate::{now_ms, Error};
+use redis::Value;
+use std::sync::LazyLock;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::warn;
+
+/// The order of messages in `in` and the queues, gated by respond.
+pub const LANE_IN: &str = "in";
+/// The order of replies in `out:<platform>`, gated by egress.
+pub const LANE_OUT: &str = "out";
+
+/// How long a chat's order set lives after its last addition.
+pub const ORDER_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The score of a stream entry id in an order set, in Lua: milliseconds ×
+/// 1000 + sequence (capped at 999), exact in a double.
+pub const SCORE_LUA: &str = "tonumber(ms) * 1000 + math.min(tonumber(seq), 999)";
+
+/// How many members of one chat's set one look reads.
+const LOOK_RANGE: usize = 256;
+
+/// KEYS: one order set per chat. ARGV[1]: range; then per chat: member
+/// count, members. Returns per chat: blocker (or ""), its score, how many
+/// members are ready in set order, those members, then the members in no
+/// set (ready too).
+static LOOK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local range = tonumber(ARGV[1])
+local p = 2
+local result = {}
+for i, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[p])
+  local wanted = {}
+  for j = 1, n do wanted[ARGV[p + j]] = true end
+  p = p + n + 1
+  local members = redis.call('ZRANGE', key, 0, range - 1, 'WITHSCORES')
+  local blocker, score = '', '0'
+  local ready = {}
+  for j = 1, #members, 2 do
+    local member = members[j]
+    if wanted[member] then
+      ready[#ready + 1] = member
+      wanted[member] = nil
+    else
+      blocker, score = member, members[j + 1]
+      break
+    end
+  end
+  local chat = {blocker, score, tostring(#ready)}
+  for _, member in ipairs(ready) do chat[#chat + 1] = member end
+  for member in pairs(wanted) do
+    if not redis.call('ZSCORE', key, member) then chat[#chat + 1] = member end
+  end
+  result[i] = chat
+end
+return result
+"#,
+    )
+});
+
+/// Removes `ARGV[1]` from the set only if it is still its first member.
+static SKIP: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+if first[1] == ARGV[1] then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"#,
+    )
+});
+
+/// One chat of a batch: its order set and its members in the batch.
+#[derive(Debug, Clone)]
+pub struct ChatTurn {
+    pub key: String,
+    pub members: Vec<String>,
+}
+
+/// Which of a chat's members may be handled now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turns {
+    /// Indexes into the chat's members, in the order to handle them.
+    pub ready: Vec<usize>,
+    /// Indexes of the members whose turn has not come, in batch order.
+    pub later: Vec<usize>,
+    /// The earlier member they wait for and when it arrived (UTC ms), when
+    /// it is in the range looked at.
+    pub blocker: Option<(String, i64)>,
+}
+
+/// Looks up, waits for and skips turns for one stage.
+#[derive(Clone)]
+pub struct ChatOrder {
+    pool: Pool,
+    stage: &'static str,
+    wait: Duration,
+    skip: Duration,
+}
+
+impl ChatOrder {
+    pub fn new(pool: Pool, stage: &'static str, runner: &RunnerSettings) -> Self {
+        ChatOrder {
+            pool,
+            stage,
+            wait: runner.order_wait(),
+            skip: runner.order_skip(),
+        }
+    }
+
+    /// One look at every chat of a batch, in one script call.
+    pub async fn look(&self, chats: &[ChatTurn]) -> Result<Vec<Turns>, Error> {
+        if chats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = LOOK.prepare_invoke();
+        invocation.arg(LOOK_RANGE);
+        for chat in chats {
+            invocation.key(&chat.key).arg(chat.members.len());
+            for member in &chat.members {
+                invocation.arg(member);
+            }
+        }
+        let mut connection = self.pool.get().await?;
+        let reply: Vec<Vec<Value>> = invocation.invoke_async(&mut connection).await?;
+        chats
+            .iter()
+            .zip(reply)
+            .map(|(chat, answer)| turns_from(chat, answer))
+            .collect()
+    }
+
+    /// `turns` of `chat` once every member is ready, or `order_wait_ms` has
+    /// passed; an earlier member older than `order_skip_ms` is skipped.
+    pub async fn settle(&self, chat: &ChatTurn, mut turns: Turns) -> Result<Turns, Error> {
+        let until = Instant::now() + self.wait;
+        let mut pause = Duration::from_millis(2);
+        while !turns.later.is_empty() {
+            if let Some((blocker, arrived_ms)) = &turns.blocker {
+                if now_ms() - arrived_ms > self.skip.as_millis() as i64 {
+                    self.skip(chat, blocker, *arrived_ms).await?;
+                    turns = self.look_one(chat).await?;
+                    continue;
+                }
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+            turns = self.look_one(chat).await?;
+        }
+        Ok(turns)
+    }
+
+    /// What becomes of a member whose turn has not come: put back at the
+    /// end of its stream. Never left pending: a redelivery would count
+    /// against `max_deliveries` for what is no fault of its own. (However
+    /// many are waiting, a consumer puts back at most a batch per
+    /// `order_wait_ms`.)
+    pub fn not_yet(&self, turns: &Turns) -> Outcome {
+        Outcome::Defer(match &turns.blocker {
+            Some((blocker, _)) => {
+                format!("an earlier message of this chat ({blocker}) is unfinished")
+            }
+            None => "earlier messages of this chat are unfinished".into(),
+        })
+    }
+
+    async fn look_one(&self, chat: &ChatTurn) -> Result<Turns, Error> {
+        let mut turns = self.look(std::slice::from_ref(chat)).await?;
+        Ok(turns.pop().expect("one chat looked at"))
+    }
+
+    async fn skip(&self, chat: &ChatTurn, blocker: &str, arrived_ms: i64) -> Result<(), Error> {
+        let mut connection = self.pool.get().await?;
+        let removed: i64 = SKIP
+            .key(&chat.key)
+            .arg(blocker)
+            .invoke_async(&mut connection)
+            .await?;
+        if removed == 1 {
+            warn!(
+                message = "an earlier message held its chat up too long; no longer waited for",
+                stage = self.stage,
+                order = %chat.key,
+                skipped = blocker,
+                age_ms = now_ms() - arrived_ms
+            );
+            metrics::counter!("botline_order_skipped_total", "stage" => self.stage).increment(1);
+        }
+        Ok(())
+    }
+}
+
+/// A look's answer for one chat, as indexes into its members.
+fn turns_from(chat: &ChatTurn, answer: Vec<Value>) -> Result<Turns, Error> {
+    let mut strings = answer.into_iter().map(crate::redis_conn::string);
+    let mut next = || {
+        strings
+            .next()
+            .unwrap_or_else(|| Err(Error::Garbage("short order look reply".into())))
+    };
+    let blocker = next()?;
+    let score: f64 = next()?.parse().unwrap_or_default();
+    let in_order: usize = next()?.parse().unwrap_or_default();
+    let index_of = |member: &str| chat.members.iter().position(|m| m == member);
+    let mut ordered = Vec::with_capacity(in_order);
+    for _ in 0..in_order {
+        ordered.extend(index_of(&next()?));
+    }
+    // Members in no set go first, in batch order: nothing is before them.
+    let mut ready: Vec<usize> = strings
+        .filter_map(|member| member.ok().and_then(|member| index_of(&member)))
+        .collect();
+    ready.sort_unstable();
+    ready.extend(ordered);
+    let later = (0..chat.members.len())
+        .filter(|index| !ready.contains(index))
+        .collect();
+    Ok(Turns {
+        ready,
+        later,
+        blocker: (!blocker.is_empty()).then(|| (blocker, (score / 1000.0) as i64)),
+    })
+}

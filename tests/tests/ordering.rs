@@ -1,0 +1,104 @@
+//! Order per chat with several consumers: three respond and three egress
+//! processes, an LLM stand-in answering each request after a random delay
+//! (so a later message is often answered before an earlier one is), and
+//! every chat's replies still reach the platform in the order its messages
+//! arrived, each answered with all of the chat's earlier turns in context.
+
+use botline_shared::testing::{wait_for, RedisServer};
+use botline_tests::llm::SlowLlm;
+use botline_tests::sink::Sink;
+use botline_tests::{ApiClient, Pipeline, WEBHOOK_SECRET};
+use futures_util::stream::{self, StreamExt};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const CHATS: usize = 24;
+const PER_CHAT: usize = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_consumers() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let llm = SlowLlm::echoing().await;
+    // Small batches spread each chat's messages over the consumers.
+    let overlay = format!(
+        "[runner]\nbatch_size = 4\nblock_ms = 200\nclaim_idle_ms = 10000\nclaim_interval_ms = 500\norder_skip_ms = 60000\n\
+         [egress.webhook]\nurl = \"{}\"\n\
+         [respond]\nbackends = [\"llm\"]\n[respond.routes]\n\
+         greeting = [\"llm\"]\ngoodbye = [\"llm\"]\nthanks = [\"llm\"]\nhelp = [\"llm\"]\n\
+         [respond.llm]\nbase_url = \"{}\"\nbudget_ms = 2000\nmax_in_flight = 32\n",
+        sink.url, llm.base_url
+    );
+    let mut pipeline = Pipeline::start(&redis, &overlay);
+    for _ in 0..2 {
+        pipeline.add("respond");
+        pipeline.add("egress");
+    }
+    pipeline.wait_ready(Duration::from_secs(60)).await;
+    let client = ApiClient::new(&pipeline.base_url());
+
+    // Each chat's messages one after another, the chats all at once.
+    stream::iter(0..CHATS)
+        .for_each_concurrent(None, |chat| {
+            let client = &client;
+            async move {
+                for n in 0..PER_CHAT {
+                    client
+                        .send(
+                            &format!("o-{chat}-{n}"),
+                            &format!("chat-{chat}"),
+                            &format!("chat {chat} message {n}"),
+                            Duration::from_secs(60),
+                        )
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+        .await;
+    let expected = CHATS * PER_CHAT;
+    wait_for("every reply", Duration::from_secs(120), || {
+        sink.count() >= expected
+    })
+    .await;
+    // A moment for any reply that should not exist (a double) to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
+    for reply in sink.received() {
+        per_chat.entry(reply.chat).or_default().push(reply.text);
+    }
+    assert_eq!(per_chat.len(), CHATS);
+    for (chat, replies) in &per_chat {
+        let n: usize = chat.trim_start_matches("chat-").parse().unwrap();
+        let expected: Vec<String> = (0..PER_CHAT)
+            .map(|m| format!("chat {n} message {m} | {m}"))
+            .collect();
+        assert_eq!(
+            replies, &expected,
+            "{chat}: replies in arrival order, each with every earlier turn in context"
+        );
+    }
+    assert_eq!(sink.count(), expected, "no reply doubled");
+
+    // The consumers did share the work (the test would prove nothing with one).
+    let logs = pipeline.logs();
+    for stage in ["respond", "egress"] {
+        let mut busy = 0;
+        for process in pipeline.processes.iter().filter(|p| p.stage == stage) {
+            let handled = process
+                .metric(&format!(
+                    "botline_stage_messages_total{{stage=\"{stage}\",outcome=\"forwarded\"}}"
+                ))
+                .await
+                .unwrap_or(0.0);
+            if handled > 0.0 {
+                busy += 1;
+            }
+        }
+        assert!(
+            busy >= 2,
+            "{stage}: work went to {busy} consumer(s)\n{logs}"
+        );
+    }
+}
