@@ -42,25 +42,22 @@ pub const ORDER_TTL: Duration = Duration::from_secs(24 * 3600);
 /// 1000 + sequence (capped at 999), exact in a double.
 pub const SCORE_LUA: &str = "tonumber(ms) * 1000 + math.min(tonumber(seq), 999)";
 
-/// How many members of one chat's set one look reads.
-const LOOK_RANGE: usize = 256;
-
-/// KEYS: one order set per chat. ARGV[1]: range; then per chat: member
-/// count, members. Returns per chat: blocker (or ""), its score, how many
-/// members are ready in set order, those members, then the members in no
-/// set (ready too).
+/// KEYS: one order set per chat. ARGV: per chat, member count and members.
+/// Returns per chat: blocker (or ""), its score, how many members are ready
+/// in set order, those members, then the members in no set (ready too).
+/// Only the first n members of a set are read for n members asked about:
+/// either they are all among them, or one of those is the blocker.
 static LOOK: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
-local range = tonumber(ARGV[1])
-local p = 2
+local p = 1
 local result = {}
 for i, key in ipairs(KEYS) do
   local n = tonumber(ARGV[p])
   local wanted = {}
   for j = 1, n do wanted[ARGV[p + j]] = true end
   p = p + n + 1
-  local members = redis.call('ZRANGE', key, 0, range - 1, 'WITHSCORES')
+  local members = redis.call('ZRANGE', key, 0, n - 1, 'WITHSCORES')
   local blocker, score = '', '0'
   local ready = {}
   for j = 1, #members, 2 do
@@ -110,8 +107,7 @@ pub struct Turns {
     pub ready: Vec<usize>,
     /// Indexes of the members whose turn has not come, in batch order.
     pub later: Vec<usize>,
-    /// The earlier member they wait for and when it arrived (UTC ms), when
-    /// it is in the range looked at.
+    /// The earlier member they wait for and when it arrived (UTC ms).
     pub blocker: Option<(String, i64)>,
 }
 
@@ -140,7 +136,6 @@ impl ChatOrder {
             return Ok(Vec::new());
         }
         let mut invocation = LOOK.prepare_invoke();
-        invocation.arg(LOOK_RANGE);
         for chat in chats {
             invocation.key(&chat.key).arg(chat.members.len());
             for member in &chat.members {
