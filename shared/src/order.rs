@@ -122,6 +122,8 @@ pub struct ChatOrder {
 
 impl ChatOrder {
     pub fn new(pool: Pool, stage: &'static str, runner: &RunnerSettings) -> Self {
+        // Exported from the start, so the first skip is an increase, not a new series.
+        metrics::counter!("botline_order_skipped_total", "stage" => stage).increment(0);
         ChatOrder {
             pool,
             stage,

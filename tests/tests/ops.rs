@@ -60,7 +60,7 @@ fn alert_rules_pass_their_promtool_tests() {
         .lines()
         .filter_map(|line| line.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(alertnames.len(), 8, "rules in alerts.yml: {alertnames:?}");
+    assert_eq!(alertnames.len(), 9, "rules in alerts.yml: {alertnames:?}");
     for alertname in alertnames {
         let cases: Vec<&str> = tests
             .split("alertname: ")
@@ -316,7 +316,7 @@ async fn lag_alert_fires_in_prometheus_while_a_stage_is_stopped_and_resolves() {
         .map(|p| (p.stage, format!("127.0.0.1:{}", p.metrics_port)))
         .collect();
     let mut prometheus = Prometheus::start(&targets, &rules);
-    prometheus.wait_ready(8, Duration::from_secs(30)).await;
+    prometheus.wait_ready(9, Duration::from_secs(30)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
