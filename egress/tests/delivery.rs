@@ -2,6 +2,8 @@
 //! the webhook receiver. Each test has its own Redis; nothing waits on a
 //! fixed sleep: every wait is for a condition, with a deadline.
 
+mod senders;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -20,6 +22,7 @@ use botline_shared::{now_ms, Error};
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use redis::aio::MultiplexedConnection;
+use senders::eventually;
 use sha2::Sha256;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,19 +34,6 @@ use tokio_util::sync::CancellationToken;
 const SECRET: &str = "test-secret-0123456789";
 const PREFIX: &str = "{t}";
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Wait until `check` holds, or fail naming `what`.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 // ---- the webhook receiver ----
 

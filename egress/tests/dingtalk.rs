@@ -4,42 +4,30 @@
 
 mod senders;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
-use botline_shared::message::{ChatKind, Receipt, Reply};
+use botline_shared::message::{ChatKind, Reply};
 use botline_shared::now_ms;
 use senders::*;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const APP_KEY: &str = "dingeqqpkv3xxxx";
 const APP_SECRET: &str = "GT-lsu-taDAsTsxxxx-app-secret";
 const ROBOT_CODE: &str = "dingue4kfzdxbynxxxxxx";
 
 #[derive(Debug, Clone, Copy)]
-enum Answer {
+enum Script {
     ServerError,
     RevokeToken,
-}
-
-/// A request DingTalk accepted: where, and what.
-#[derive(Debug, Clone)]
-struct Sent {
-    at: Instant,
-    path: String,
-    body: Value,
 }
 
 #[derive(Default)]
 struct Ding {
     tokens: Vec<String>,
-    script: VecDeque<Answer>,
-    sent: Vec<Sent>,
+    script: VecDeque<Script>,
+    /// The requests DingTalk accepted.
+    sent: Vec<Received>,
     malformed: Vec<String>,
 }
 
@@ -47,76 +35,80 @@ type Shared = Arc<Mutex<Ding>>;
 
 async fn start_ding() -> (Shared, String) {
     let ding = Shared::default();
-    let app = Router::new()
-        .route("/robot/sendBySession", post(session))
-        .route("/v1.0/oauth2/accessToken", post(token))
-        .route("/v1.0/robot/groupMessages/send", post(robot_api))
-        .route("/v1.0/robot/oToMessages/batchSend", post(robot_api))
-        .with_state(ding.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (ding, url)
+    let shared = ding.clone();
+    let api =
+        StandIn::start(move |_, received| answer_ding(&mut shared.lock().unwrap(), received)).await;
+    (ding, api.url)
 }
 
-async fn session(State(ding): State<Shared>, uri: Uri, Json(body): Json<Value>) -> Response {
-    let mut ding = ding.lock().unwrap();
-    if let Some(Answer::ServerError) = ding.script.pop_front() {
-        return (StatusCode::BAD_GATEWAY, "upstream").into_response();
+fn answer_ding(ding: &mut Ding, received: &Received) -> Answer {
+    let json_body = received
+        .header("content-type")
+        .is_some_and(|value| value.starts_with("application/json"));
+    let body = serde_json::from_slice::<Value>(&received.body).ok();
+    let (Some(body), true, "POST") = (body, json_body, received.method.as_str()) else {
+        ding.malformed
+            .push(format!("not a JSON POST: {}", received.uri));
+        return answer(
+            400,
+            json!({"code": "invalidParameter", "message": "参数错误"}),
+        );
+    };
+    match received.path() {
+        "/robot/sendBySession" => session(ding, received, body),
+        "/v1.0/oauth2/accessToken" => token(ding, &body),
+        "/v1.0/robot/groupMessages/send" | "/v1.0/robot/oToMessages/batchSend" => {
+            robot_api(ding, received, body)
+        }
+        _ => (404, Vec::new(), String::new()),
     }
-    let well_formed = uri
-        .query()
-        .is_some_and(|query| query.starts_with("session="))
+}
+
+fn session(ding: &mut Ding, received: &Received, body: Value) -> Answer {
+    if let Some(Script::ServerError) = ding.script.pop_front() {
+        return (502, Vec::new(), "upstream".into());
+    }
+    let well_formed = received
+        .uri
+        .split_once('?')
+        .is_some_and(|(_, query)| query.starts_with("session="))
         && body["msgtype"] == "text"
         && body["text"]["content"].is_string()
         && body["at"]["atUserIds"].is_array()
         && body["at"]["isAtAll"].is_boolean();
     if !well_formed {
         ding.malformed.push(body.to_string());
-        return Json(json!({"errcode": 40035, "errmsg": "缺少参数 json"})).into_response();
+        return answer(200, json!({"errcode": 40035, "errmsg": "缺少参数 json"}));
     }
-    ding.sent.push(Sent {
-        at: Instant::now(),
-        path: uri.path().into(),
-        body,
-    });
-    Json(json!({"errcode": 0, "errmsg": "ok"})).into_response()
+    ding.sent.push(received.clone());
+    answer(200, json!({"errcode": 0, "errmsg": "ok"}))
 }
 
-async fn token(State(ding): State<Shared>, Json(body): Json<Value>) -> Response {
-    let mut ding = ding.lock().unwrap();
-    if body != json!({"appKey": APP_KEY, "appSecret": APP_SECRET}) {
+fn token(ding: &mut Ding, body: &Value) -> Answer {
+    if *body != json!({"appKey": APP_KEY, "appSecret": APP_SECRET}) {
         let refused = json!({"code": "invalidClientSecret", "message": "应用凭证不合法"});
-        return (StatusCode::BAD_REQUEST, Json(refused)).into_response();
+        return answer(400, refused);
     }
     let token = format!("fw8ef8we8f76e6f7s8d{}", ding.tokens.len());
     ding.tokens.push(token.clone());
-    Json(json!({"accessToken": token, "expireIn": 7200})).into_response()
+    answer(200, json!({"accessToken": token, "expireIn": 7200}))
 }
 
-async fn robot_api(
-    State(ding): State<Shared>,
-    uri: Uri,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    let mut ding = ding.lock().unwrap();
-    let token = headers
-        .get("x-acs-dingtalk-access-token")
-        .and_then(|value| value.to_str().ok());
-    let revoked = matches!(ding.script.front(), Some(Answer::RevokeToken));
+fn robot_api(ding: &mut Ding, received: &Received, body: Value) -> Answer {
+    let token = received.header("x-acs-dingtalk-access-token");
+    let revoked = matches!(ding.script.front(), Some(Script::RevokeToken));
     if revoked || token.is_none() || token != ding.tokens.last().map(String::as_str) {
         if revoked {
             ding.script.pop_front();
             ding.tokens.push("revoked".into());
         }
         let invalid = json!({"code": "InvalidAuthentication", "message": "不合法的access_token"});
-        return (StatusCode::UNAUTHORIZED, Json(invalid)).into_response();
+        return answer(401, invalid);
     }
     let content = body["msgParam"]
         .as_str()
         .and_then(|param| serde_json::from_str::<Value>(param).ok());
-    let target = if uri.path().ends_with("batchSend") {
+    let target = if received.path().ends_with("batchSend") {
         body["userIds"].is_array()
     } else {
         body["openConversationId"].is_string()
@@ -128,14 +120,13 @@ async fn robot_api(
     if !well_formed {
         ding.malformed.push(body.to_string());
         let refused = json!({"code": "invalidParameter.param.invalid", "message": "参数错误"});
-        return (StatusCode::BAD_REQUEST, Json(refused)).into_response();
+        return answer(400, refused);
     }
-    ding.sent.push(Sent {
-        at: Instant::now(),
-        path: uri.path().into(),
-        body,
-    });
-    Json(json!({"processQueryKey": format!("q{}", ding.sent.len())})).into_response()
+    ding.sent.push(received.clone());
+    answer(
+        200,
+        json!({"processQueryKey": format!("q{}", ding.sent.len())}),
+    )
 }
 
 fn start(url: &str, extra: &str) -> Egress {
@@ -175,31 +166,23 @@ fn ding_reply(id: &str, kind: ChatKind, url: &str, in_ms: i64) -> Reply {
     reply
 }
 
-async fn delivered(egress: &Egress, count: usize) -> Vec<Receipt> {
-    eventually(&format!("{count} receipts"), || async {
-        egress.receipts().len() >= count
-    })
-    .await;
-    egress.receipts()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_goes_to_its_session_webhook_with_mentions() {
     let (ding, url) = start_ding().await;
-    ding.lock().unwrap().script = VecDeque::from([Answer::ServerError]);
+    ding.lock().unwrap().script = VecDeque::from([Script::ServerError]);
     let egress = start(&url, "");
     let mut reply = ding_reply("r1", ChatKind::Group, &url, 3_600_000);
     reply.mentions = vec!["2220111111".into()];
     egress.send(&reply);
-    let receipts = delivered(&egress, 1).await;
+    let receipts = egress.delivered(1).await;
     assert_eq!(receipts[0].attempts, 2, "the 502 was retried");
     let ding = ding.lock().unwrap();
     assert!(ding.malformed.is_empty(), "{:?}", ding.malformed);
     assert!(ding.tokens.is_empty(), "no token for a session webhook");
     assert_eq!(ding.sent.len(), 1);
-    assert_eq!(ding.sent[0].path, "/robot/sendBySession");
+    assert_eq!(ding.sent[0].path(), "/robot/sendBySession");
     assert_eq!(
-        ding.sent[0].body,
+        ding.sent[0].json(),
         json!({
             "msgtype": "text",
             "text": {"content": "@2220111111 你好"},
@@ -214,17 +197,17 @@ async fn an_expired_session_webhook_gives_way_to_the_robot_api() {
     let egress = start(&url, &with_robot_api());
     egress.send(&ding_reply("r1", ChatKind::Group, &url, -1_000));
     egress.send(&ding_reply("r2", ChatKind::Direct, &url, 1_000));
-    let receipts = delivered(&egress, 2).await;
+    let receipts = egress.delivered(2).await;
     let ding = ding.lock().unwrap();
     assert!(ding.malformed.is_empty(), "{:?}", ding.malformed);
     assert_eq!(ding.tokens.len(), 1, "one token for both");
     let group = ding
         .sent
         .iter()
-        .find(|sent| sent.path == "/v1.0/robot/groupMessages/send")
+        .find(|sent| sent.path() == "/v1.0/robot/groupMessages/send")
         .unwrap();
     assert_eq!(
-        group.body,
+        group.json(),
         json!({
             "robotCode": ROBOT_CODE,
             "openConversationId": "cid6KeBBLoveMJOGXoYKF5x7EeiodoA==",
@@ -235,9 +218,9 @@ async fn an_expired_session_webhook_gives_way_to_the_robot_api() {
     let direct = ding
         .sent
         .iter()
-        .find(|sent| sent.path == "/v1.0/robot/oToMessages/batchSend")
+        .find(|sent| sent.path() == "/v1.0/robot/oToMessages/batchSend")
         .unwrap();
-    assert_eq!(direct.body["userIds"], json!(["2220111111"]));
+    assert_eq!(direct.json()["userIds"], json!(["2220111111"]));
     assert!(receipts
         .iter()
         .all(|receipt| receipt.platform_message_id.is_some()));
@@ -248,10 +231,10 @@ async fn a_token_dingtalk_refuses_is_fetched_anew() {
     let (ding, url) = start_ding().await;
     let egress = start(&url, &with_robot_api());
     egress.send(&ding_reply("r1", ChatKind::Group, &url, 0));
-    delivered(&egress, 1).await;
-    ding.lock().unwrap().script = VecDeque::from([Answer::RevokeToken]);
+    egress.delivered(1).await;
+    ding.lock().unwrap().script = VecDeque::from([Script::RevokeToken]);
     egress.send(&ding_reply("r2", ChatKind::Group, &url, 0));
-    let receipts = delivered(&egress, 2).await;
+    let receipts = egress.delivered(2).await;
     assert_eq!(receipts[1].attempts, 2);
     assert_eq!(ding.lock().unwrap().tokens.len(), 3, "first, revoked, anew");
 }
@@ -283,18 +266,9 @@ async fn one_chat_gets_no_more_than_its_rate() {
             3_600_000,
         ));
     }
-    delivered(&egress, 4).await;
-    let ding = ding.lock().unwrap();
-    let mut times: Vec<Instant> = ding.sent.iter().map(|sent| sent.at).collect();
-    times.sort();
-    assert_eq!(times.len(), 4, "each once");
-    for pair in times.windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_millis(450),
-            "two sends to one chat {:?} apart, at 120 a minute",
-            pair[1] - pair[0]
-        );
-    }
+    egress.delivered(4).await;
+    // 120 a minute: each once, at least half a second apart (less a little for clocks).
+    assert_paced(&ding.lock().unwrap().sent, 4, Duration::from_millis(450));
 }
 
 #[tokio::test]

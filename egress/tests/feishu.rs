@@ -5,12 +5,7 @@
 
 mod senders;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
-use botline_shared::message::{ChatKind, Receipt};
+use botline_shared::message::ChatKind;
 use senders::*;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
@@ -19,10 +14,11 @@ use std::time::{Duration, Instant};
 
 const APP_ID: &str = "cli_a1b2c3d4e5f60718";
 const APP_SECRET: &str = "dskLLdkasdjlasdKK";
+const MESSAGES: &str = "/open-apis/im/v1/messages";
 
 /// How the stand-in answers the next send.
 #[derive(Debug, Clone, Copy)]
-enum Answer {
+enum Script {
     RateLimited {
         reset_secs: u64,
     },
@@ -31,20 +27,13 @@ enum Answer {
     RevokeToken,
 }
 
-/// A send Feishu accepted: which API, for whom, and when.
-#[derive(Debug, Clone)]
-struct Sent {
-    at: Instant,
-    path: String,
-    body: Value,
-}
-
 #[derive(Default)]
 struct Lark {
     /// Every token handed out; only the last is valid.
     tokens: Vec<String>,
-    script: VecDeque<Answer>,
-    sent: Vec<Sent>,
+    script: VecDeque<Script>,
+    /// The sends Feishu accepted.
+    sent: Vec<Received>,
     /// uuid → message_id: a uuid seen before makes no new message.
     by_uuid: HashMap<String, String>,
     /// Requests Feishu would refuse as malformed, with why.
@@ -56,45 +45,58 @@ type Shared = Arc<Mutex<Lark>>;
 
 async fn start_lark() -> (Shared, String) {
     let lark = Shared::default();
-    let app = Router::new()
-        .route(
-            "/open-apis/auth/v3/tenant_access_token/internal",
-            post(token),
-        )
-        .route("/open-apis/im/v1/messages", post(create))
-        .route(
-            "/open-apis/im/v1/messages/{message_id}/reply",
-            post(reply_to),
-        )
-        .with_state(lark.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (lark, url)
+    let shared = lark.clone();
+    let api =
+        StandIn::start(move |_, received| answer_lark(&mut shared.lock().unwrap(), received)).await;
+    (lark, api.url)
 }
 
-async fn token(State(lark): State<Shared>, Json(body): Json<Value>) -> Json<Value> {
-    let mut lark = lark.lock().unwrap();
-    if lark.refuse_credentials || body != json!({"app_id": APP_ID, "app_secret": APP_SECRET}) {
-        return Json(json!({"code": 10014, "msg": "app secret invalid"}));
+fn answer_lark(lark: &mut Lark, received: &Received) -> Answer {
+    let json_body = received
+        .header("content-type")
+        .is_some_and(|value| value.starts_with("application/json"));
+    let body = serde_json::from_slice::<Value>(&received.body).ok();
+    let (Some(body), true, "POST") = (body, json_body, received.method.as_str()) else {
+        lark.malformed
+            .push(format!("not a JSON POST: {}", received.uri));
+        return answer(400, json!({"code": 9499, "msg": "Bad Request"}));
+    };
+    let path = received.path();
+    if path == "/open-apis/auth/v3/tenant_access_token/internal" {
+        return token(lark, &body);
+    }
+    if path == MESSAGES {
+        return create(lark, received, body);
+    }
+    match path
+        .strip_prefix("/open-apis/im/v1/messages/")
+        .and_then(|rest| rest.strip_suffix("/reply"))
+    {
+        Some(message_id) if !message_id.contains('/') => reply_to(lark, received, body),
+        _ => answer(404, json!({"code": 404, "msg": "404 page not found"})),
+    }
+}
+
+fn token(lark: &mut Lark, body: &Value) -> Answer {
+    if lark.refuse_credentials || *body != json!({"app_id": APP_ID, "app_secret": APP_SECRET}) {
+        return answer(200, json!({"code": 10014, "msg": "app secret invalid"}));
     }
     let token = format!(
         "t-g1044ghJRUIJJ5ZPPZMOHKWZISL33E4QSS3ab{}",
         lark.tokens.len()
     );
     lark.tokens.push(token.clone());
-    Json(json!({"code": 0, "msg": "ok", "tenant_access_token": token, "expire": 7200}))
+    answer(
+        200,
+        json!({"code": 0, "msg": "ok", "tenant_access_token": token, "expire": 7200}),
+    )
 }
 
-async fn create(
-    State(lark): State<Shared>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
+fn create(lark: &mut Lark, received: &Received, body: Value) -> Answer {
     let mut problems = Vec::new();
-    if query.get("receive_id_type").map(String::as_str) != Some("chat_id") {
-        problems.push(format!("receive_id_type {query:?}"));
+    let receive_id_type = received.query("receive_id_type");
+    if receive_id_type.as_deref() != Some("chat_id") {
+        problems.push(format!("receive_id_type {receive_id_type:?}"));
     }
     if !body["receive_id"]
         .as_str()
@@ -102,21 +104,10 @@ async fn create(
     {
         problems.push(format!("receive_id {}", body["receive_id"]));
     }
-    answer(
-        &lark,
-        "/open-apis/im/v1/messages".into(),
-        &headers,
-        body,
-        problems,
-    )
+    send(lark, received, body, problems)
 }
 
-async fn reply_to(
-    State(lark): State<Shared>,
-    Path(message_id): Path<String>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
+fn reply_to(lark: &mut Lark, received: &Received, body: Value) -> Answer {
     let mut problems = Vec::new();
     if body.get("receive_id").is_some() {
         problems.push("a reply has no receive_id".into());
@@ -124,26 +115,22 @@ async fn reply_to(
     if !body["reply_in_thread"].is_boolean() {
         problems.push(format!("reply_in_thread {}", body["reply_in_thread"]));
     }
-    let path = format!("/open-apis/im/v1/messages/{message_id}/reply");
-    answer(&lark, path, &headers, body, problems)
+    send(lark, received, body, problems)
 }
 
 /// Checks common to both send APIs, then the scripted or the normal answer.
-fn answer(
-    lark: &Shared,
-    path: String,
-    headers: &HeaderMap,
-    body: Value,
-    mut problems: Vec<String>,
-) -> Response {
-    let mut lark = lark.lock().unwrap();
-    let bearer = headers
-        .get("authorization")
-        .and_then(|value| value.to_str().ok())
+fn send(lark: &mut Lark, received: &Received, body: Value, mut problems: Vec<String>) -> Answer {
+    let bearer = received
+        .header("authorization")
         .and_then(|value| value.strip_prefix("Bearer "));
+    let invalid_token = || {
+        answer(
+            400,
+            json!({"code": 99991663, "msg": "Invalid access token for authorization."}),
+        )
+    };
     if bearer.is_none() || bearer != lark.tokens.last().map(String::as_str) {
-        let invalid = json!({"code": 99991663, "msg": "Invalid access token for authorization."});
-        return (StatusCode::BAD_REQUEST, Json(invalid)).into_response();
+        return invalid_token();
     }
     if body["msg_type"] != "text" {
         problems.push(format!("msg_type {}", body["msg_type"]));
@@ -160,41 +147,37 @@ fn answer(
     }
     if !problems.is_empty() {
         lark.malformed.extend(problems);
-        let refused = json!({"code": 230001, "msg": "invalid request parameter"});
-        return (StatusCode::BAD_REQUEST, Json(refused)).into_response();
+        return answer(
+            400,
+            json!({"code": 230001, "msg": "invalid request parameter"}),
+        );
     }
     match lark.script.pop_front() {
-        Some(Answer::RateLimited { reset_secs }) => {
+        Some(Script::RateLimited { reset_secs }) => {
             let limited = json!({"code": 99991400, "msg": "request trigger frequency limit"});
             return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [
+                429,
+                vec![
                     ("x-ogw-ratelimit-limit", "50".to_string()),
                     ("x-ogw-ratelimit-reset", reset_secs.to_string()),
                 ],
-                Json(limited),
-            )
-                .into_response();
+                limited.to_string(),
+            );
         }
-        Some(Answer::ServerError) => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, "upstream failure").into_response()
-        }
-        Some(Answer::RevokeToken) => {
+        Some(Script::ServerError) => return (500, Vec::new(), "upstream failure".into()),
+        Some(Script::RevokeToken) => {
             lark.tokens.push("revoked".into());
-            let invalid =
-                json!({"code": 99991663, "msg": "Invalid access token for authorization."});
-            return (StatusCode::BAD_REQUEST, Json(invalid)).into_response();
+            return invalid_token();
         }
         None => {}
     }
     let next = format!("om_{}", lark.by_uuid.len() + 1);
     let message_id = lark.by_uuid.entry(uuid).or_insert(next).clone();
-    lark.sent.push(Sent {
-        at: Instant::now(),
-        path,
-        body,
-    });
-    Json(json!({"code": 0, "msg": "success", "data": {"message_id": message_id}})).into_response()
+    lark.sent.push(received.clone());
+    answer(
+        200,
+        json!({"code": 0, "msg": "success", "data": {"message_id": message_id}}),
+    )
 }
 
 fn overlay(url: &str, extra: &str) -> String {
@@ -219,15 +202,6 @@ fn feishu_reply(id: &str, chat_id: &str) -> botline_shared::message::Reply {
     )
 }
 
-/// The receipts once there are `count`.
-async fn delivered(egress: &Egress, count: usize) -> Vec<Receipt> {
-    eventually(&format!("{count} receipts"), || async {
-        egress.receipts().len() >= count
-    })
-    .await;
-    egress.receipts()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_and_chat_messages_arrive_once_as_feishu_expects() {
     let (lark, url) = start_lark().await;
@@ -238,7 +212,7 @@ async fn replies_and_chat_messages_arrive_once_as_feishu_expects() {
     quoted.mentions = vec!["ou_84aad35d084aa403a838cf73ee18467".into()];
     egress.send(&quoted);
     egress.send(&feishu_reply("01JREPLY0000000000000000A2", "oc_group"));
-    let receipts = delivered(&egress, 2).await;
+    let receipts = egress.delivered(2).await;
 
     let lark = lark.lock().unwrap();
     assert!(lark.malformed.is_empty(), "{:?}", lark.malformed);
@@ -247,14 +221,14 @@ async fn replies_and_chat_messages_arrive_once_as_feishu_expects() {
     let replied = lark
         .sent
         .iter()
-        .find(|sent| sent.path.ends_with("/reply"))
+        .find(|sent| sent.path().ends_with("/reply"))
         .unwrap();
     assert_eq!(
-        replied.path,
+        replied.path(),
         "/open-apis/im/v1/messages/om_dc13264520392913993dd051dba21dcf/reply"
     );
     assert_eq!(
-        replied.body,
+        replied.json(),
         json!({
             "msg_type": "text",
             "content": r#"{"text":"<at user_id=\"ou_84aad35d084aa403a838cf73ee18467\"></at> answer 01JREPLY0000000000000000A1"}"#,
@@ -265,10 +239,10 @@ async fn replies_and_chat_messages_arrive_once_as_feishu_expects() {
     let created = lark
         .sent
         .iter()
-        .find(|sent| sent.path == "/open-apis/im/v1/messages")
+        .find(|sent| sent.path() == MESSAGES)
         .unwrap();
-    assert_eq!(created.body["receive_id"], "oc_group");
-    assert_eq!(created.body["uuid"], "01JREPLY0000000000000000A2");
+    assert_eq!(created.json()["receive_id"], "oc_group");
+    assert_eq!(created.json()["uuid"], "01JREPLY0000000000000000A2");
     let mut ids: Vec<_> = receipts
         .iter()
         .map(|receipt| receipt.platform_message_id.clone().unwrap())
@@ -281,11 +255,11 @@ async fn replies_and_chat_messages_arrive_once_as_feishu_expects() {
 async fn a_429_waits_for_its_reset_and_a_5xx_is_retried() {
     let (lark, url) = start_lark().await;
     lark.lock().unwrap().script =
-        VecDeque::from([Answer::RateLimited { reset_secs: 1 }, Answer::ServerError]);
+        VecDeque::from([Script::RateLimited { reset_secs: 1 }, Script::ServerError]);
     let egress = start(&url, "");
     let refused_at = Instant::now();
     egress.send(&feishu_reply("01JRETRY0000000000000000B1", "oc_a"));
-    let receipts = delivered(&egress, 1).await;
+    let receipts = egress.delivered(1).await;
     assert_eq!(receipts[0].attempts, 3);
     let lark = lark.lock().unwrap();
     assert_eq!(lark.sent.len(), 1, "delivered once");
@@ -300,10 +274,10 @@ async fn a_token_feishu_calls_invalid_is_fetched_anew() {
     let (lark, url) = start_lark().await;
     let egress = start(&url, "");
     egress.send(&feishu_reply("01JTOKEN0000000000000000C1", "oc_a"));
-    delivered(&egress, 1).await;
-    lark.lock().unwrap().script = VecDeque::from([Answer::RevokeToken]);
+    egress.delivered(1).await;
+    lark.lock().unwrap().script = VecDeque::from([Script::RevokeToken]);
     egress.send(&feishu_reply("01JTOKEN0000000000000000C2", "oc_a"));
-    let receipts = delivered(&egress, 2).await;
+    let receipts = egress.delivered(2).await;
     assert_eq!(receipts[1].attempts, 2);
     let lark = lark.lock().unwrap();
     assert_eq!(lark.tokens.len(), 3, "first, revoked, fetched anew");
@@ -333,7 +307,7 @@ async fn one_chat_gets_no_more_than_its_rate() {
             "oc_busy",
         ));
     }
-    delivered(&egress, 6).await;
+    egress.delivered(6).await;
     let lark = lark.lock().unwrap();
     assert_eq!(lark.sent.len(), 6);
     let mut times: Vec<Instant> = lark.sent.iter().map(|sent| sent.at).collect();

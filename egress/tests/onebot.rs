@@ -3,60 +3,35 @@
 
 mod senders;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use botline_shared::message::{ChatKind, Reply};
 use senders::*;
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const TOKEN: &str = "kSLuTF2GC2Q4q4ugm3";
 const ENV: [(&str, &str); 1] = [("BOTLINE_ONEBOT_ACCESS_TOKEN", TOKEN)];
 
-/// How the stand-in answers a well-formed request, by its number (0-based).
-type Script = fn(usize) -> Response;
-
-#[derive(Clone)]
-struct Api {
-    calls: Arc<Mutex<Vec<(Instant, Value)>>>,
-    script: Script,
+fn sent(nth: usize) -> Answer {
+    answer(
+        200,
+        json!({"status": "ok", "retcode": 0, "data": {"message_id": 1000 + nth}}),
+    )
 }
 
-impl Api {
-    fn bodies(&self) -> Vec<Value> {
-        let calls = self.calls.lock().unwrap();
-        calls.iter().map(|(_, body)| body.clone()).collect()
+/// `POST /send_msg` answered by `script` (given the request's number,
+/// 0-based), or refused as OneBot refuses: 401 without a token, 403 with
+/// another, 400 for a body that is not send_msg's.
+fn send_msg(nth: usize, received: &Received, script: fn(usize) -> Answer) -> Answer {
+    let refused = |status: u16| (status, Vec::new(), String::new());
+    if received.method != "POST" || received.path() != "/send_msg" {
+        return refused(404);
     }
-
-    fn arrivals(&self) -> Vec<Instant> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(at, _)| *at)
-            .collect()
-    }
-}
-
-fn sent(nth: usize) -> Response {
-    Json(json!({"status": "ok", "retcode": 0, "data": {"message_id": 1000 + nth}})).into_response()
-}
-
-/// `POST /send_msg`, refused as OneBot refuses: 401 without a token, 403
-/// with another, 400 for a body that is not send_msg's.
-async fn send_msg(State(api): State<Api>, headers: HeaderMap, body: String) -> Response {
-    match headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        None => return StatusCode::UNAUTHORIZED.into_response(),
-        Some(value) if value != format!("Bearer {TOKEN}") => {
-            return StatusCode::FORBIDDEN.into_response()
-        }
+    match received.header("authorization") {
+        None => return refused(401),
+        Some(value) if value != format!("Bearer {TOKEN}") => return refused(403),
         Some(_) => {}
     }
-    let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let json: Value = serde_json::from_slice(&received.body).unwrap_or(Value::Null);
     let target_ok = match json["message_type"].as_str() {
         Some("private") => json["user_id"].is_i64(),
         Some("group") => json["group_id"].is_i64(),
@@ -68,30 +43,18 @@ async fn send_msg(State(api): State<Api>, headers: HeaderMap, body: String) -> R
                 .iter()
                 .all(|segment| segment["type"].is_string() && segment["data"].is_object())
     });
-    let json_header = headers.get("content-type").and_then(|v| v.to_str().ok());
-    if !target_ok || !segments_ok || json_header != Some("application/json") {
-        return StatusCode::BAD_REQUEST.into_response();
+    if !target_ok || !segments_ok || received.header("content-type") != Some("application/json") {
+        return refused(400);
     }
-    let nth = {
-        let mut calls = api.calls.lock().unwrap();
-        calls.push((Instant::now(), json));
-        calls.len() - 1
-    };
-    (api.script)(nth)
+    script(nth)
 }
 
-async fn stand_in(script: Script) -> (Api, String) {
-    let api = Api {
-        calls: Arc::default(),
-        script,
-    };
-    let app = Router::new()
-        .route("/send_msg", post(send_msg))
-        .with_state(api.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (api, url)
+async fn stand_in(script: fn(usize) -> Answer) -> StandIn {
+    StandIn::start(move |nth, received| send_msg(nth, received, script)).await
+}
+
+fn bodies(api: &StandIn) -> Vec<Value> {
+    api.received().iter().map(Received::json).collect()
 }
 
 fn settings(url: &str, extra: &str) -> String {
@@ -108,15 +71,15 @@ fn group_reply(id: &str, text: &str) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_reply_quotes_and_mentions_once() {
-    let (api, url) = stand_in(sent).await;
-    let egress = Egress::start(&settings(&url, ""), &ENV);
+    let api = stand_in(sent).await;
+    let egress = Egress::start(&settings(&api.url, ""), &ENV);
     egress.send(&group_reply("r-1", "收到 & [ok]"));
     let mut private = reply("r-2", "onebot", chat("12345678", ChatKind::Direct), "hi");
     private.bot = "10001000".into();
     egress.send(&private);
     eventually("two receipts", || async { egress.receipts().len() == 2 }).await;
 
-    let mut bodies = api.bodies();
+    let mut bodies = bodies(&api);
     bodies.sort_by_key(|body| body["message_type"].to_string());
     assert_eq!(
         bodies,
@@ -144,25 +107,20 @@ async fn a_group_reply_quotes_and_mentions_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_and_a_server_error_are_retried_until_sent() {
-    let (api, url) = stand_in(|nth| match nth {
-        0 => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("retry-after", "1")],
-            "slow down",
-        )
-            .into_response(),
-        1 => (StatusCode::BAD_GATEWAY, "down").into_response(),
+    let api = stand_in(|nth| match nth {
+        0 => (429, vec![("retry-after", "1".into())], "slow down".into()),
+        1 => (502, Vec::new(), "down".into()),
         _ => sent(nth),
     })
     .await;
-    let egress = Egress::start(&settings(&url, ""), &ENV);
+    let egress = Egress::start(&settings(&api.url, ""), &ENV);
     egress.send(&group_reply("r-1", "hi"));
     eventually("a receipt", || async { egress.receipts().len() == 1 }).await;
-    assert_eq!(api.bodies().len(), 3);
+    assert_eq!(api.count(), 3);
     assert_eq!(egress.receipts()[0].attempts, 3);
-    let at = api.arrivals();
+    let received = api.received();
     assert!(
-        at[1] - at[0] >= Duration::from_secs(1),
+        received[1].at - received[0].at >= Duration::from_secs(1),
         "Retry-After honoured"
     );
     egress.stop().await;
@@ -170,13 +128,15 @@ async fn a_429_and_a_server_error_are_retried_until_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_go_to_dead_with_their_reason() {
-    let (api, url) = stand_in(|_| {
-        Json(json!({"status": "failed", "retcode": 100, "data": null,
-                    "message": "群不存在", "wording": "group not found"}))
-        .into_response()
+    let api = stand_in(|_| {
+        answer(
+            200,
+            json!({"status": "failed", "retcode": 100, "data": null,
+                   "message": "群不存在", "wording": "group not found"}),
+        )
     })
     .await;
-    let egress = Egress::start(&settings(&url, ""), &ENV);
+    let egress = Egress::start(&settings(&api.url, ""), &ENV);
     egress.send(&group_reply("r-1", "hi"));
     eventually("a dead letter", || async { egress.dead().len() == 1 }).await;
     let error = &egress.dead()[0].error;
@@ -184,11 +144,11 @@ async fn refusals_go_to_dead_with_their_reason() {
         error.contains("retcode 100 (failed): group not found"),
         "{error}"
     );
-    assert_eq!(api.bodies().len(), 1, "not retried");
+    assert_eq!(api.count(), 1, "not retried");
     egress.stop().await;
 
     let wrong_token = [("BOTLINE_ONEBOT_ACCESS_TOKEN", "not-the-token")];
-    let egress = Egress::start(&settings(&url, ""), &wrong_token);
+    let egress = Egress::start(&settings(&api.url, ""), &wrong_token);
     egress.send(&group_reply("r-2", "hi"));
     eventually("a dead letter", || async { egress.dead().len() == 1 }).await;
     let error = &egress.dead()[0].error;
@@ -199,11 +159,11 @@ async fn refusals_go_to_dead_with_their_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_groups_replies_are_paced_by_the_group_limit() {
-    let (api, url) = stand_in(sent).await;
+    let api = stand_in(sent).await;
     // 120 a minute, no burst: one every 500 ms.
     let egress = Egress::start(
         &settings(
-            &url,
+            &api.url,
             "account_per_minute = 6000\ngroup_per_minute = 120\nburst = 1\n",
         ),
         &ENV,
@@ -212,7 +172,7 @@ async fn one_groups_replies_are_paced_by_the_group_limit() {
         egress.send(&group_reply(&format!("r-{n}"), &format!("reply {n}")));
     }
     eventually("three receipts", || async { egress.receipts().len() == 3 }).await;
-    assert_paced(&api.arrivals(), 3, Duration::from_millis(450));
+    assert_paced(&api.received(), 3, Duration::from_millis(450));
     egress.stop().await;
 }
 

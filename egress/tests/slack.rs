@@ -4,12 +4,10 @@
 //! `Retry-After`, 5xx, or an `ok: false` error code.
 
 mod senders;
-mod stand_in;
 
 use botline_shared::message::{ChatKind, Reply};
 use senders::*;
 use serde_json::{json, Value};
-use stand_in::{Answer, Received, StandIn};
 use std::time::Duration;
 
 const TOKEN: &str = "xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy";
@@ -67,7 +65,7 @@ fn start(api: &StandIn, extra: &str) -> Egress {
 }
 
 fn slack_reply(id: &str, channel: &str, kind: ChatKind, text: &str) -> Reply {
-    let mut reply = reply(id, "slack", senders::chat(channel, kind), text);
+    let mut reply = reply(id, "slack", chat(channel, kind), text);
     reply.bot = "U0LAN0Z89".into();
     reply
 }
@@ -200,7 +198,7 @@ async fn one_channel_gets_no_more_than_its_pace() {
     }
     eventually("four receipts", || async { egress.receipts().len() == 4 }).await;
     // A quarter of a second apart at the least (less a little for clocks).
-    api.assert_spaced(|_| true, 4, Duration::from_millis(200));
+    assert_paced(&api.received(), 4, Duration::from_millis(200));
     egress.stop().await;
 }
 

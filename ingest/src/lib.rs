@@ -186,7 +186,7 @@ pub async fn run(
     for platform in &ingest.platforms {
         platform
             .clone()
-            .start(state.inbox.clone(), shutdown.clone());
+            .start(state.inbox.clone(), ingest.health.clone(), shutdown.clone());
     }
     info!(message = "ingest listening", addr = %listener.local_addr()?);
     ingest.health.set("http", true);

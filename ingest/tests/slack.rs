@@ -13,11 +13,7 @@ const SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 const BOT_USER: &str = "U0LAN0Z89";
 
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/tests/fixtures/slack/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    common::fixture("slack", name)
 }
 
 async fn start_slack() -> Harness {

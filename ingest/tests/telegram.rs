@@ -25,11 +25,7 @@ const BOT_SETTINGS: &str = "enabled = true\nbot_id = \"999\"\nbot_username = \"s
 const WAIT: Duration = Duration::from_secs(20);
 
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/tests/fixtures/telegram/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    common::fixture("telegram", name)
 }
 
 async fn start_webhook() -> Harness {

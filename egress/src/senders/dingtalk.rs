@@ -23,12 +23,12 @@
 //! (with `Retry-After` when given); other refusals are permanent, their
 //! reason naming DingTalk's code and message.
 
-use super::http::{self, Answered};
+use super::http::{self, Answered, Http};
 use super::mentions;
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
 use crate::tokens::{Fetched, TokenCache};
-use botline_shared::config::{deserialize_setting, secret_env};
+use botline_shared::config::secret_env;
 use botline_shared::message::{ChatKind, Reply};
 use botline_shared::{now_ms, Error};
 use futures_util::future::BoxFuture;
@@ -78,18 +78,12 @@ struct RobotApi {
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
-    let settings: Settings = deserialize_setting("egress.platforms.dingtalk", table.clone())?;
-    for (name, value) in [
-        ("per_chat_per_minute", settings.per_chat_per_minute),
-        ("per_app_per_second", settings.per_app_per_second),
-    ] {
-        if value == 0 {
-            return Err(Error::config(
-                format!("egress.platforms.dingtalk.{name}"),
-                "must be at least 1",
-            ));
-        }
-    }
+    let settings = super::settings(NAME, table, |settings: &Settings| {
+        vec![
+            ("per_chat_per_minute", settings.per_chat_per_minute),
+            ("per_app_per_second", settings.per_app_per_second),
+        ]
+    })?;
     let url = |name: &str, value: &str| {
         Url::parse(value)
             .ok()
@@ -117,18 +111,15 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             tokens: kit.tokens.clone(),
         })
     };
-    let timeout = Duration::from_millis(settings.timeout_ms);
     Ok(Arc::new(DingTalkSender {
-        client: http::client("egress.platforms.dingtalk", timeout)?,
-        timeout,
+        http: Http::new(NAME, settings.timeout_ms)?,
         api,
         settings,
     }))
 }
 
 pub struct DingTalkSender {
-    client: reqwest::Client,
-    timeout: Duration,
+    http: Http,
     api: Option<RobotApi>,
     settings: Settings,
 }
@@ -193,11 +184,10 @@ impl DingTalkSender {
     }
 
     async fn to_session(&self, webhook: Url, reply: &Reply) -> Attempt {
-        let sent = self.client.post(webhook).json(&session_body(reply));
-        match http::send(sent, "dingtalk session webhook", self.timeout).await {
-            Ok(answered) => answered.attempt(judge_session(&answered)),
-            Err(attempt) => attempt,
-        }
+        let sent = self.http.post(webhook).json(&session_body(reply));
+        self.http
+            .attempt(sent, "dingtalk session webhook", judge_session)
+            .await
     }
 
     async fn to_robot_api(&self, api: &RobotApi, reply: &Reply) -> Attempt {
@@ -217,28 +207,16 @@ impl DingTalkSender {
             .await
         {
             Ok(token) => token,
-            Err(error) if refused.load(Ordering::Relaxed) => {
-                return Attempt {
-                    response: None,
-                    verdict: Verdict::Permanent(error.to_string()),
-                }
-            }
             Err(error) => {
-                return Attempt {
-                    response: None,
-                    verdict: Verdict::RetryAfter {
-                        wait: None,
-                        reason: error.to_string(),
-                    },
-                }
+                return http::without_token(error.to_string(), refused.load(Ordering::Relaxed))
             }
         };
         let sent = self
-            .client
+            .http
             .post(endpoint(&api.base_url, path))
             .header("x-acs-dingtalk-access-token", token)
             .json(&body);
-        let answered = match http::send(sent, NAME, self.timeout).await {
+        let answered = match self.http.send(sent, NAME).await {
             Ok(answered) => answered,
             Err(attempt) => return attempt,
         };
@@ -258,10 +236,12 @@ impl DingTalkSender {
     /// credentials down.
     async fn fetch_token(&self, api: &RobotApi, refused: &AtomicBool) -> Result<Fetched, String> {
         let request = self
-            .client
+            .http
             .post(endpoint(&api.base_url, "/v1.0/oauth2/accessToken"))
             .json(&serde_json::json!({ "appKey": api.app_key, "appSecret": api.app_secret }));
-        let answered = http::send(request, "dingtalk token endpoint", self.timeout)
+        let answered = self
+            .http
+            .send(request, "dingtalk token endpoint")
             .await
             .map_err(http::failure)?;
         let token: ApiAnswer = serde_json::from_str(&answered.body).unwrap_or_default();
@@ -421,28 +401,18 @@ fn judge_api(answered: &Answered) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use botline_shared::message::{Chat, Priority};
 
     fn reply(kind: ChatKind, mentions: &[&str]) -> Reply {
         Reply {
-            id: "r1".into(),
-            in_reply_to: "m".into(),
-            platform: NAME.into(),
-            bot: "dingxxxxx".into(),
-            chat: Chat {
-                id: "cid6KeBBLoveMJOGXoYKF5x7EeiodoA==".into(),
-                kind,
-            },
-            thread: None,
-            reply_to: None,
-            text: "hi".into(),
             mentions: mentions.iter().map(|id| id.to_string()).collect(),
             platform_data: [(USER_ID.to_string(), "2220111111".to_string())].into(),
-            priority: Priority::Normal,
-            received_at_ms: 0,
-            created_at_ms: 0,
-            trace_id: "t".into(),
-            replay: false,
+            ..http::test_reply(
+                NAME,
+                "dingxxxxx",
+                "cid6KeBBLoveMJOGXoYKF5x7EeiodoA==",
+                kind,
+                "hi",
+            )
         }
     }
 

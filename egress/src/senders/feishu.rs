@@ -24,12 +24,12 @@
 //! timeouts are retried; any other refusal is permanent, its reason naming
 //! Feishu's code and message.
 
-use super::http::{self, Answered};
+use super::http::{self, Answered, Http};
 use super::mentions;
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
 use crate::tokens::{Fetched, TokenCache};
-use botline_shared::config::{deserialize_setting, secret_env};
+use botline_shared::config::secret_env;
 use botline_shared::message::Reply;
 use botline_shared::Error;
 use futures_util::future::BoxFuture;
@@ -64,7 +64,13 @@ struct Settings {
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
-    let settings: Settings = deserialize_setting("egress.platforms.feishu", table.clone())?;
+    let settings = super::settings(NAME, table, |settings: &Settings| {
+        vec![
+            ("per_chat_per_second", settings.per_chat_per_second),
+            ("per_app_per_second", settings.per_app_per_second),
+            ("per_app_per_minute", settings.per_app_per_minute),
+        ]
+    })?;
     if settings.app_id.trim().is_empty() {
         return Err(Error::config(
             "egress.platforms.feishu.app_id",
@@ -80,37 +86,22 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
                 format!("{:?} is not an http(s) URL", settings.base_url),
             )
         })?;
-    for (name, value) in [
-        ("per_chat_per_second", settings.per_chat_per_second),
-        ("per_app_per_second", settings.per_app_per_second),
-        ("per_app_per_minute", settings.per_app_per_minute),
-    ] {
-        if value == 0 {
-            return Err(Error::config(
-                format!("egress.platforms.feishu.{name}"),
-                "must be at least 1",
-            ));
-        }
-    }
-    let timeout = Duration::from_millis(settings.timeout_ms);
     Ok(Arc::new(FeishuSender {
-        client: http::client("egress.platforms.feishu", timeout)?,
+        http: Http::new(NAME, settings.timeout_ms)?,
         app_secret: secret_env(kit.env, APP_SECRET_ENV, 1)?,
         token_name: format!("{NAME}:{}", settings.app_id),
         base_url,
-        timeout,
         tokens: kit.tokens.clone(),
         settings,
     }))
 }
 
 pub struct FeishuSender {
-    client: reqwest::Client,
+    http: Http,
     base_url: reqwest::Url,
     app_secret: String,
     /// The token cache's name for this app's tenant_access_token.
     token_name: String,
-    timeout: Duration,
     tokens: TokenCache,
     settings: Settings,
 }
@@ -158,21 +149,12 @@ impl FeishuSender {
         let token = match token {
             Ok(token) => token,
             Err(error) => {
-                let reason = error.to_string();
-                let verdict = if refused.load(Ordering::Relaxed) {
-                    Verdict::Permanent(reason)
-                } else {
-                    Verdict::RetryAfter { wait: None, reason }
-                };
-                return Attempt {
-                    response: None,
-                    verdict,
-                };
+                return http::without_token(error.to_string(), refused.load(Ordering::Relaxed))
             }
         };
         let (url, body) = request(&self.base_url, reply);
-        let sent = self.client.post(url).bearer_auth(&token).json(&body);
-        let answered = match http::send(sent, NAME, self.timeout).await {
+        let sent = self.http.post(url).bearer_auth(&token).json(&body);
+        let answered = match self.http.send(sent, NAME).await {
             Ok(answered) => answered,
             Err(attempt) => return attempt,
         };
@@ -191,7 +173,7 @@ impl FeishuSender {
     /// app's credentials down (so retrying cannot help).
     async fn fetch_token(&self, refused: &AtomicBool) -> Result<Fetched, String> {
         let request = self
-            .client
+            .http
             .post(endpoint(
                 &self.base_url,
                 &["auth", "v3", "tenant_access_token", "internal"],
@@ -200,7 +182,9 @@ impl FeishuSender {
                 "app_id": self.settings.app_id,
                 "app_secret": self.app_secret,
             }));
-        let answered = http::send(request, "feishu token endpoint", self.timeout)
+        let answered = self
+            .http
+            .send(request, "feishu token endpoint")
             .await
             .map_err(http::failure)?;
         let token: TokenAnswer = serde_json::from_str(&answered.body).unwrap_or_default();
@@ -366,28 +350,15 @@ fn judge(answered: &Answered) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use botline_shared::message::{Chat, ChatKind, Priority};
+    use botline_shared::message::ChatKind;
 
     fn reply(reply_to: Option<&str>, thread: Option<&str>, mentions: &[&str]) -> Reply {
         Reply {
             id: "01J00000000000000000000000".into(),
-            in_reply_to: "m".into(),
-            platform: NAME.into(),
-            bot: "cli_1".into(),
-            chat: Chat {
-                id: "oc_1".into(),
-                kind: ChatKind::Group,
-            },
             thread: thread.map(str::to_string),
             reply_to: reply_to.map(str::to_string),
-            text: "hi @ou_b".into(),
             mentions: mentions.iter().map(|id| id.to_string()).collect(),
-            platform_data: Default::default(),
-            priority: Priority::Normal,
-            received_at_ms: 0,
-            created_at_ms: 0,
-            trace_id: "t".into(),
-            replay: false,
+            ..http::test_reply(NAME, "cli_1", "oc_1", ChatKind::Group, "hi @ou_b")
         }
     }
 

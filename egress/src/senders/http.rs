@@ -23,6 +23,57 @@ pub fn client(setting: &str, timeout: Duration) -> Result<reqwest::Client, Error
         .map_err(|error| Error::config(setting, error))
 }
 
+/// A platform's client (made by [`client`]) and the timeout it was made
+/// with, which a timed-out attempt's reason names.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    timeout: Duration,
+}
+
+impl Http {
+    /// The client for `[egress.platforms.<platform>]`, timing out after `timeout_ms`.
+    pub fn new(platform: &str, timeout_ms: u64) -> Result<Http, Error> {
+        let timeout = Duration::from_millis(timeout_ms);
+        Ok(Http {
+            client: client(&format!("egress.platforms.{platform}"), timeout)?,
+            timeout,
+        })
+    }
+
+    pub fn get(&self, url: reqwest::Url) -> reqwest::RequestBuilder {
+        self.client.get(url)
+    }
+
+    pub fn post(&self, url: reqwest::Url) -> reqwest::RequestBuilder {
+        self.client.post(url)
+    }
+
+    /// [`send`] with this client's timeout; `what` names the platform (or
+    /// its endpoint) in reasons.
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<Answered, Attempt> {
+        send(request, what, self.timeout).await
+    }
+
+    /// One request as one attempt: the platform's answer as `judge` reads
+    /// it, or the failure to get one.
+    pub async fn attempt(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+        judge: fn(&Answered) -> Verdict,
+    ) -> Attempt {
+        match self.send(request, what).await {
+            Ok(answered) => answered.attempt(judge(&answered)),
+            Err(attempt) => attempt,
+        }
+    }
+}
+
 /// A platform's answer to one request.
 #[derive(Debug)]
 pub struct Answered {
@@ -138,6 +189,38 @@ pub fn judged(
     }
 }
 
+/// A reply as respond writes it, for the senders' unit tests: `text` to
+/// `chat` (of `kind`) on `platform`, from `bot`, and nothing else.
+#[cfg(test)]
+pub fn test_reply(
+    platform: &str,
+    bot: &str,
+    chat: &str,
+    kind: botline_shared::message::ChatKind,
+    text: &str,
+) -> botline_shared::message::Reply {
+    botline_shared::message::Reply {
+        id: "r1".into(),
+        in_reply_to: "m1".into(),
+        platform: platform.into(),
+        bot: bot.into(),
+        chat: botline_shared::message::Chat {
+            id: chat.into(),
+            kind,
+        },
+        thread: None,
+        reply_to: None,
+        text: text.into(),
+        mentions: Vec::new(),
+        platform_data: Default::default(),
+        priority: botline_shared::message::Priority::Normal,
+        received_at_ms: 0,
+        created_at_ms: 0,
+        trace_id: "t".into(),
+        replay: false,
+    }
+}
+
 /// The first characters of a body, for a reason.
 pub fn quote(body: &str) -> String {
     body.chars().take(BODY_QUOTE_CHARS).collect()
@@ -149,6 +232,21 @@ pub fn is_transient(status: StatusCode) -> bool {
     status.is_server_error()
         || status == StatusCode::TOO_MANY_REQUESTS
         || status == StatusCode::REQUEST_TIMEOUT
+}
+
+/// The attempt of a reply for which no access token came: never retried
+/// when the platform `refused` the app's credentials (retrying cannot
+/// help), else retried.
+pub fn without_token(reason: String, refused: bool) -> Attempt {
+    let verdict = if refused {
+        Verdict::Permanent(reason)
+    } else {
+        Verdict::RetryAfter { wait: None, reason }
+    };
+    Attempt {
+        response: None,
+        verdict,
+    }
 }
 
 /// Why an attempt failed, as text (for a token fetch, whose failure is a

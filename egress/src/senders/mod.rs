@@ -9,6 +9,7 @@
 //! the same way through [`Kit::tokens`].
 
 pub mod dingtalk;
+pub mod discord;
 pub mod feishu;
 pub mod http;
 pub mod mentions;
@@ -82,7 +83,21 @@ pub const PLATFORMS: &[&Platform] = &[
     &telegram::PLATFORM,
     &wecom::PLATFORM,
     &onebot::PLATFORM,
+    &discord::PLATFORM,
 ];
+
+/// A sender's `[egress.platforms.<platform>]` table as `S`, each of the
+/// rate settings `rates` names at least 1. For the senders' `build`.
+pub fn settings<S: serde::de::DeserializeOwned>(
+    platform: &str,
+    table: &toml::Value,
+    rates: impl FnOnce(&S) -> Vec<(&'static str, u32)>,
+) -> Result<S, Error> {
+    let name = format!("egress.platforms.{platform}");
+    let settings = botline_shared::config::deserialize_setting(&name, table.clone())?;
+    crate::limits::check_rates(&name, &rates(&settings))?;
+    Ok(settings)
+}
 
 /// What one attempt came to.
 #[derive(Debug)]

@@ -23,10 +23,10 @@
 //! its own; the limits here (per account, per group, per private chat) are
 //! to keep the QQ account out of trouble.
 
-use super::http::{self, Answered};
+use super::http::{self, Answered, Http};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
-use botline_shared::config::{deserialize_setting, secret_env};
+use botline_shared::config::secret_env;
 use botline_shared::message::{ChatKind, Reply};
 use botline_shared::Error;
 use futures_util::future::BoxFuture;
@@ -58,10 +58,9 @@ struct OneBotSettings {
 }
 
 pub struct OneBotSender {
-    client: reqwest::Client,
+    http: Http,
     url: reqwest::Url,
     authorization: String,
-    timeout: Duration,
     account_per_minute: u32,
     group_per_minute: u32,
     private_per_minute: u32,
@@ -69,19 +68,20 @@ pub struct OneBotSender {
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
-    let settings: OneBotSettings = deserialize_setting("egress.platforms.onebot", table.clone())?;
+    let settings = super::settings(PLATFORM.name, table, |settings: &OneBotSettings| {
+        vec![
+            ("account_per_minute", settings.account_per_minute),
+            ("group_per_minute", settings.group_per_minute),
+            ("private_per_minute", settings.private_per_minute),
+            ("burst", settings.burst),
+        ]
+    })?;
     let setting = |name: &str| format!("egress.platforms.onebot.{name}");
-    let positive = [
-        ("timeout_ms", settings.timeout_ms),
-        ("account_per_minute", u64::from(settings.account_per_minute)),
-        ("group_per_minute", u64::from(settings.group_per_minute)),
-        ("private_per_minute", u64::from(settings.private_per_minute)),
-        ("burst", u64::from(settings.burst)),
-    ];
-    for (name, value) in positive {
-        if value == 0 {
-            return Err(Error::config(setting(name), "must be greater than 0"));
-        }
+    if settings.timeout_ms == 0 {
+        return Err(Error::config(
+            setting("timeout_ms"),
+            "must be greater than 0",
+        ));
     }
     let token = secret_env(kit.env, TOKEN_ENV, 1)?;
     let url = reqwest::Url::parse(&format!(
@@ -91,12 +91,10 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
     .ok()
     .filter(|url| matches!(url.scheme(), "http" | "https"))
     .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
-    let timeout = Duration::from_millis(settings.timeout_ms);
     Ok(Arc::new(OneBotSender {
-        client: http::client(&setting("timeout_ms"), timeout)?,
+        http: Http::new(PLATFORM.name, settings.timeout_ms)?,
         url,
         authorization: format!("Bearer {token}"),
-        timeout,
         account_per_minute: settings.account_per_minute,
         group_per_minute: settings.group_per_minute,
         private_per_minute: settings.private_per_minute,
@@ -143,14 +141,11 @@ impl Sender for OneBotSender {
                 }
             };
             let request = self
-                .client
+                .http
                 .post(self.url.clone())
                 .header(reqwest::header::AUTHORIZATION, &self.authorization)
                 .json(&body);
-            match http::send(request, PLATFORM.name, self.timeout).await {
-                Ok(answered) => answered.attempt(judge(&answered)),
-                Err(attempt) => attempt,
-            }
+            self.http.attempt(request, PLATFORM.name, judge).await
         })
     }
 }
@@ -298,28 +293,12 @@ fn judge(answered: &Answered) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use botline_shared::message::{Chat, Priority};
 
     fn reply(kind: ChatKind, text: &str, mentions: &[&str], reply_to: Option<&str>) -> Reply {
         Reply {
-            id: "r".into(),
-            in_reply_to: "m".into(),
-            platform: "onebot".into(),
-            bot: "10001000".into(),
-            chat: Chat {
-                id: "123456789".into(),
-                kind,
-            },
-            thread: None,
             reply_to: reply_to.map(str::to_string),
-            text: text.into(),
             mentions: mentions.iter().map(|user| user.to_string()).collect(),
-            platform_data: Default::default(),
-            priority: Priority::Normal,
-            received_at_ms: 0,
-            created_at_ms: 0,
-            trace_id: "t".into(),
-            replay: false,
+            ..http::test_reply("onebot", "10001000", "123456789", kind, text)
         }
     }
 

@@ -23,11 +23,11 @@
 //! may have been posted all the same. Slack has no idempotency field;
 //! egress's sent keys keep a reply from being sent twice.
 
-use super::http::{self, Answered};
+use super::http::{self, Answered, Http};
 use super::mentions::{self, escape};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
-use crate::limits::{check_rates, Limit};
-use botline_shared::config::{deserialize_setting, secret_env};
+use crate::limits::Limit;
+use botline_shared::config::secret_env;
 use botline_shared::message::{ChatKind, Reply};
 use botline_shared::Error;
 use futures_util::future::BoxFuture;
@@ -62,10 +62,9 @@ struct SlackSettings {
 }
 
 pub struct SlackSender {
-    client: reqwest::Client,
+    http: Http,
     url: reqwest::Url,
     token: String,
-    timeout: Duration,
     channel_per_second: u32,
     channel_burst: u32,
     bot_per_minute: u32,
@@ -73,7 +72,13 @@ pub struct SlackSender {
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
-    let settings: SlackSettings = deserialize_setting("egress.platforms.slack", table.clone())?;
+    let settings = super::settings(PLATFORM.name, table, |settings: &SlackSettings| {
+        vec![
+            ("channel_per_second", settings.channel_per_second),
+            ("channel_burst", settings.channel_burst),
+            ("bot_per_minute", settings.bot_per_minute),
+        ]
+    })?;
     let token = secret_env(kit.env, TOKEN_ENV, 1)?;
     if !token.starts_with("xox") {
         return Err(Error::config(
@@ -81,23 +86,13 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             "is not a Slack token (xoxb-…, the bot user OAuth token)",
         ));
     }
-    check_rates(
-        "egress.platforms.slack",
-        &[
-            ("channel_per_second", settings.channel_per_second),
-            ("channel_burst", settings.channel_burst),
-            ("bot_per_minute", settings.bot_per_minute),
-        ],
-    )?;
     let base = settings.api_base_url.trim_end_matches('/');
     let url = reqwest::Url::parse(&format!("{base}/chat.postMessage"))
         .map_err(|error| Error::config("egress.platforms.slack.api_base_url", error))?;
-    let timeout = Duration::from_millis(settings.timeout_ms);
     Ok(Arc::new(SlackSender {
-        client: http::client("egress.platforms.slack", timeout)?,
+        http: Http::new(PLATFORM.name, settings.timeout_ms)?,
         url,
         token,
-        timeout,
         channel_per_second: settings.channel_per_second,
         channel_burst: settings.channel_burst,
         bot_per_minute: settings.bot_per_minute,
@@ -131,14 +126,11 @@ impl Sender for SlackSender {
     fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
             let request = self
-                .client
+                .http
                 .post(self.url.clone())
                 .bearer_auth(&self.token)
                 .json(&payload(reply, self.thread_replies));
-            match http::send(request, PLATFORM.name, self.timeout).await {
-                Ok(answered) => answered.attempt(judge(&answered)),
-                Err(attempt) => attempt,
-            }
+            self.http.attempt(request, PLATFORM.name, judge).await
         })
     }
 }
@@ -206,28 +198,12 @@ fn judge(answered: &Answered) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use botline_shared::message::{Chat, Priority};
 
     fn reply(kind: ChatKind, text: &str, mentions: &[&str]) -> Reply {
         Reply {
-            id: "r1".into(),
-            in_reply_to: "m1".into(),
-            platform: "slack".into(),
-            bot: "UBOT".into(),
-            chat: Chat {
-                id: "C123ABC456".into(),
-                kind,
-            },
-            thread: None,
             reply_to: Some("1355517523.000005".into()),
-            text: text.into(),
             mentions: mentions.iter().map(|user| user.to_string()).collect(),
-            platform_data: Default::default(),
-            priority: Priority::Normal,
-            received_at_ms: 0,
-            created_at_ms: 0,
-            trace_id: "t".into(),
-            replay: false,
+            ..http::test_reply("slack", "UBOT", "C123ABC456", kind, text)
         }
     }
 

@@ -23,11 +23,11 @@
 //! Telegram's `error_code` and `description`. Telegram has no idempotency
 //! field; egress's sent keys keep a reply from being sent twice.
 
-use super::http::{self, Answered};
+use super::http::{self, Answered, Http};
 use super::mentions::{self, escape};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
-use crate::limits::{check_rates, Limit};
-use botline_shared::config::{deserialize_setting, secret_env};
+use crate::limits::Limit;
+use botline_shared::config::secret_env;
 use botline_shared::message::{ChatKind, Reply};
 use botline_shared::Error;
 use futures_util::future::BoxFuture;
@@ -62,12 +62,11 @@ struct TelegramSettings {
 }
 
 pub struct TelegramSender {
-    client: reqwest::Client,
+    http: Http,
     /// `<api>/bot<token>/sendMessage`: holds the token, so never logged.
     url: reqwest::Url,
     /// The digits before `:` in the token: names the bot's limits.
     bot_id: String,
-    timeout: Duration,
     bot_per_second: u32,
     chat_per_second: u32,
     chat_burst: u32,
@@ -75,8 +74,14 @@ pub struct TelegramSender {
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
-    let settings: TelegramSettings =
-        deserialize_setting("egress.platforms.telegram", table.clone())?;
+    let settings = super::settings(PLATFORM.name, table, |settings: &TelegramSettings| {
+        vec![
+            ("bot_per_second", settings.bot_per_second),
+            ("chat_per_second", settings.chat_per_second),
+            ("chat_burst", settings.chat_burst),
+            ("group_per_minute", settings.group_per_minute),
+        ]
+    })?;
     let token = secret_env(kit.env, TOKEN_ENV, 1)?;
     let bot_id = match token.split_once(':') {
         Some((id, rest))
@@ -91,15 +96,6 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             ))
         }
     };
-    check_rates(
-        "egress.platforms.telegram",
-        &[
-            ("bot_per_second", settings.bot_per_second),
-            ("chat_per_second", settings.chat_per_second),
-            ("chat_burst", settings.chat_burst),
-            ("group_per_minute", settings.group_per_minute),
-        ],
-    )?;
     let base = settings.api_base_url.trim_end_matches('/');
     let url = reqwest::Url::parse(&format!("{base}/bot{token}/sendMessage")).map_err(|_| {
         Error::config(
@@ -107,12 +103,10 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             "with the bot token, does not make a URL",
         )
     })?;
-    let timeout = Duration::from_millis(settings.timeout_ms);
     Ok(Arc::new(TelegramSender {
-        client: http::client("egress.platforms.telegram", timeout)?,
+        http: Http::new(PLATFORM.name, settings.timeout_ms)?,
         url,
         bot_id,
-        timeout,
         bot_per_second: settings.bot_per_second,
         chat_per_second: settings.chat_per_second,
         chat_burst: settings.chat_burst,
@@ -155,11 +149,8 @@ impl Sender for TelegramSender {
 
     fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
-            let request = self.client.post(self.url.clone()).json(&payload(reply));
-            match http::send(request, PLATFORM.name, self.timeout).await {
-                Ok(answered) => answered.attempt(judge(&answered)),
-                Err(attempt) => attempt,
-            }
+            let request = self.http.post(self.url.clone()).json(&payload(reply));
+            self.http.attempt(request, PLATFORM.name, judge).await
         })
     }
 }
@@ -304,28 +295,12 @@ fn judge(answered: &Answered) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use botline_shared::message::{Chat, Priority};
 
     fn reply(kind: ChatKind, text: &str, mentions: &[&str]) -> Reply {
         Reply {
-            id: "r1".into(),
-            in_reply_to: "m1".into(),
-            platform: "telegram".into(),
-            bot: "999".into(),
-            chat: Chat {
-                id: "-1001234".into(),
-                kind,
-            },
-            thread: None,
-            reply_to: None,
-            text: text.into(),
             mentions: mentions.iter().map(|user| user.to_string()).collect(),
             platform_data: [("name:42".to_string(), "Ann <3".to_string())].into(),
-            priority: Priority::Normal,
-            received_at_ms: 0,
-            created_at_ms: 0,
-            trace_id: "t".into(),
-            replay: false,
+            ..http::test_reply("telegram", "999", "-1001234", kind, text)
         }
     }
 
@@ -459,10 +434,9 @@ mod tests {
     #[test]
     fn group_replies_count_against_the_group_minute() {
         let sender = TelegramSender {
-            client: reqwest::Client::new(),
+            http: Http::new("telegram", 1000).unwrap(),
             url: reqwest::Url::parse("http://127.0.0.1:1/bot1:x/sendMessage").unwrap(),
             bot_id: "1".into(),
-            timeout: Duration::from_secs(1),
             bot_per_second: 30,
             chat_per_second: 1,
             chat_burst: 1,

@@ -23,11 +23,11 @@
 //! Limits, shared by every replica: per member per minute and per hour (WeCom
 //! silently drops what is beyond them), and per app.
 
-use super::http::{self, Answered};
+use super::http::{self, Answered, Http};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
 use crate::tokens::{Fetched, TokenCache, TokenError};
-use botline_shared::config::{deserialize_setting, secret_env};
+use botline_shared::config::secret_env;
 use botline_shared::message::{ChatKind, Reply};
 use botline_shared::Error;
 use futures_util::future::BoxFuture;
@@ -67,7 +67,7 @@ struct WeComSettings {
 }
 
 pub struct WeComSender {
-    client: reqwest::Client,
+    http: Http,
     send_url: reqwest::Url,
     token_url: reqwest::Url,
     tokens: TokenCache,
@@ -75,7 +75,6 @@ pub struct WeComSender {
     /// `wecom:<corp id>:<agent id>`.
     app: String,
     agent_id: u64,
-    timeout: Duration,
     member_per_minute: u32,
     member_per_hour: u32,
     app_per_minute: u32,
@@ -84,7 +83,13 @@ pub struct WeComSender {
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
-    let settings: WeComSettings = deserialize_setting("egress.platforms.wecom", table.clone())?;
+    let settings = super::settings(PLATFORM.name, table, |settings: &WeComSettings| {
+        vec![
+            ("member_per_minute", settings.member_per_minute),
+            ("member_per_hour", settings.member_per_hour),
+            ("app_per_minute", settings.app_per_minute),
+        ]
+    })?;
     let setting = |name: &str| format!("egress.platforms.wecom.{name}");
     if settings.corp_id.trim().is_empty() {
         return Err(Error::config(
@@ -98,16 +103,11 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             "must be the app's AgentId",
         ));
     }
-    let positive = [
-        ("timeout_ms", settings.timeout_ms),
-        ("member_per_minute", u64::from(settings.member_per_minute)),
-        ("member_per_hour", u64::from(settings.member_per_hour)),
-        ("app_per_minute", u64::from(settings.app_per_minute)),
-    ];
-    for (name, value) in positive {
-        if value == 0 {
-            return Err(Error::config(setting(name), "must be greater than 0"));
-        }
+    if settings.timeout_ms == 0 {
+        return Err(Error::config(
+            setting("timeout_ms"),
+            "must be greater than 0",
+        ));
     }
     let secret = secret_env(kit.env, SECRET_ENV, 16)?;
     let base = reqwest::Url::parse(&settings.api_base_url)
@@ -124,15 +124,13 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
         .query_pairs_mut()
         .append_pair("corpid", &settings.corp_id)
         .append_pair("corpsecret", &secret);
-    let timeout = Duration::from_millis(settings.timeout_ms);
     Ok(Arc::new(WeComSender {
-        client: http::client(&setting("timeout_ms"), timeout)?,
+        http: Http::new(PLATFORM.name, settings.timeout_ms)?,
         send_url,
         token_url,
         tokens: kit.tokens.clone(),
         app: format!("wecom:{}:{}", settings.corp_id, settings.agent_id),
         agent_id: settings.agent_id,
-        timeout,
         member_per_minute: settings.member_per_minute,
         member_per_hour: settings.member_per_hour,
         app_per_minute: settings.app_per_minute,
@@ -191,10 +189,10 @@ impl WeComSender {
         let mut url = self.send_url.clone();
         url.query_pairs_mut().append_pair("access_token", &token);
         let request =
-            self.client
+            self.http
                 .post(url)
                 .json(&payload(reply, self.agent_id, self.duplicate_check_secs));
-        let answered = match http::send(request, PLATFORM.name, self.timeout).await {
+        let answered = match self.http.send(request, PLATFORM.name).await {
             Ok(answered) => answered,
             Err(attempt) => return attempt,
         };
@@ -259,8 +257,8 @@ impl WeComSender {
     }
 
     async fn fetch_token(&self) -> Result<Fetched, Attempt> {
-        let request = self.client.get(self.token_url.clone());
-        let answered = http::send(request, PLATFORM.name, self.timeout).await?;
+        let request = self.http.get(self.token_url.clone());
+        let answered = self.http.send(request, PLATFORM.name).await?;
         let answer =
             read_answer(&answered, "gettoken").map_err(|verdict| answered.attempt(verdict))?;
         match (answer.errcode, &answer.access_token) {

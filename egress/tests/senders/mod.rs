@@ -1,15 +1,23 @@
 //! What the platform sender tests share: egress with one platform enabled,
 //! running against its own redis-server, replies put into `out:<platform>`,
-//! receipts and dead letters read back, and waits for a condition with a
-//! deadline (never a fixed sleep).
+//! receipts and dead letters read back, waits for a condition with a
+//! deadline (never a fixed sleep), and [`StandIn`], a local stand-in of a
+//! platform's API on 127.0.0.1:0 that records every request and answers
+//! each as the test's script says.
 #![allow(dead_code)]
 
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
 use botline_egress::EgressSettings;
 use botline_shared::message::{Chat, ChatKind, DeadLetter, Priority, Receipt, Reply};
 use botline_shared::streams::Streams;
 use botline_shared::testing::{add_entry, read_stream, RedisServer};
 use botline_shared::{codec, now_ms, Error};
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -29,8 +37,11 @@ where
     }
 }
 
-/// `count` requests arrived, each at least `gap` after the one before.
-pub fn assert_paced(arrivals: &[Instant], count: usize, gap: Duration) {
+/// There were `count` requests, each at least `gap` after the one before
+/// (a rate limit kept).
+pub fn assert_paced(requests: &[Received], count: usize, gap: Duration) {
+    let mut arrivals: Vec<Instant> = requests.iter().map(|request| request.at).collect();
+    arrivals.sort();
     assert_eq!(arrivals.len(), count, "requests");
     for pair in arrivals.windows(2) {
         let between = pair[1] - pair[0];
@@ -94,6 +105,15 @@ impl Egress {
         read_stream(&mut self.redis.connection(), &self.streams.delivered())
     }
 
+    /// The receipts once there are at least `count`.
+    pub async fn delivered(&self, count: usize) -> Vec<Receipt> {
+        eventually(&format!("{count} receipts"), || async {
+            self.receipts().len() >= count
+        })
+        .await;
+        self.receipts()
+    }
+
     pub fn dead(&self) -> Vec<DeadLetter> {
         read_stream(&mut self.redis.connection(), &self.streams.dead())
     }
@@ -125,4 +145,111 @@ pub fn chat(id: &str, kind: ChatKind) -> Chat {
         id: id.into(),
         kind,
     }
+}
+
+/// One request the stand-in received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub method: Method,
+    /// Path and query.
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// The path, without the query.
+    pub fn path(&self) -> &str {
+        self.uri.split('?').next().unwrap_or_default()
+    }
+
+    /// A query parameter, percent-decoded.
+    pub fn query(&self, name: &str) -> Option<String> {
+        let url = reqwest::Url::parse(&format!("http://stand-in{}", self.uri)).unwrap();
+        url.query_pairs()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    }
+}
+
+/// The stand-in's answer: status, headers, body (sent as JSON).
+pub type Answer = (u16, Vec<(&'static str, String)>, String);
+
+/// An answer of `status` with `body` and no particular headers.
+pub fn answer(status: u16, body: serde_json::Value) -> Answer {
+    (status, Vec::new(), body.to_string())
+}
+
+/// How the stand-in answers a request, given how many came before it.
+type Script = dyn Fn(usize, &Received) -> Answer + Send + Sync;
+
+#[derive(Clone)]
+pub struct StandIn {
+    pub url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    script: Arc<Script>,
+}
+
+impl StandIn {
+    /// A server on 127.0.0.1:0 answering every request with `script`.
+    pub async fn start(
+        script: impl Fn(usize, &Received) -> Answer + Send + Sync + 'static,
+    ) -> StandIn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stand_in = StandIn {
+            url: format!("http://{}", listener.local_addr().unwrap()),
+            received: Arc::default(),
+            script: Arc::new(script),
+        };
+        let app = Router::new().fallback(respond).with_state(stand_in.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        stand_in
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+async fn respond(
+    State(stand_in): State<StandIn>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let received = Received {
+        at: Instant::now(),
+        method,
+        uri: uri.to_string(),
+        headers,
+        body,
+    };
+    let nth = {
+        let mut all = stand_in.received.lock().unwrap();
+        all.push(received.clone());
+        all.len() - 1
+    };
+    let (status, headers, body) = (stand_in.script)(nth, &received);
+    let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    for (name, value) in headers {
+        response.headers_mut().insert(name, value.parse().unwrap());
+    }
+    response
 }

@@ -26,7 +26,7 @@ use crate::generic::parse_json;
 use base64::Engine;
 use botline_shared::config::{deserialize_setting, secret_env, Env};
 use botline_shared::message::{
-    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Sender, UnifiedMessage,
+    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
 use botline_shared::Error;
 use hmac::{Hmac, Mac};
@@ -302,35 +302,26 @@ impl Callback {
             platform_data.insert(USER_ID.to_string(), staff_id);
         }
         let stamp = request.stamp();
+        let bot = self.robot_code.unwrap_or_else(|| NAME.into());
+        let chat = Chat {
+            id: self.conversation_id,
+            kind,
+        };
+        let sender = Sender {
+            name: self.sender_nick.unwrap_or_else(|| sender_id.clone()),
+            id: sender_id,
+            is_bot: false,
+        };
         Some(UnifiedMessage {
-            id: stamp.id,
-            platform: NAME.into(),
-            bot: self.robot_code.unwrap_or_else(|| NAME.into()),
-            chat: Chat {
-                id: self.conversation_id,
-                kind,
-            },
-            thread: None,
-            sender: Sender {
-                name: self.sender_nick.unwrap_or_else(|| sender_id.clone()),
-                id: sender_id,
-                is_bot: false,
-            },
-            text: text.trim().to_string(),
             mentions: Mentions {
                 users,
                 bot: self.is_in_at_list || kind == ChatKind::Direct,
             },
             attachments,
-            reply_to: None,
             platform_message_id: Some(self.msg_id),
             platform_data,
             platform_ts_ms: self.create_at,
-            received_at_ms: stamp.received_at_ms,
-            trace_id: stamp.trace_id,
-            origin: Origin::User,
-            replay: false,
-            raw: stamp.raw,
+            ..stamp.user_message(NAME, bot, chat, sender, text.trim().to_string())
         })
     }
 }

@@ -27,7 +27,7 @@ use aes::cipher::{BlockDecryptMut, KeyIvInit};
 use base64::Engine;
 use botline_shared::config::{deserialize_setting, secret_env, Env};
 use botline_shared::message::{
-    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Sender, UnifiedMessage,
+    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
 use botline_shared::Error;
 use serde::de::DeserializeOwned;
@@ -228,21 +228,18 @@ impl Feishu {
         if text.trim().is_empty() && content.attachments.is_empty() {
             return Ok(Err("empty_message"));
         }
+        let bot = app_id.unwrap_or_else(|| NAME.into());
+        let chat = Chat {
+            id: message.chat_id,
+            kind,
+        };
+        let sender = Sender {
+            name: sender_id.clone(),
+            id: sender_id,
+            is_bot: false,
+        };
         Ok(Ok(UnifiedMessage {
-            id: stamp.id,
-            platform: NAME.into(),
-            bot: app_id.unwrap_or_else(|| NAME.into()),
-            chat: Chat {
-                id: message.chat_id,
-                kind,
-            },
             thread: non_empty(message.thread_id),
-            sender: Sender {
-                name: sender_id.clone(),
-                id: sender_id,
-                is_bot: false,
-            },
-            text,
             mentions: Mentions {
                 users,
                 bot: addressed,
@@ -250,13 +247,8 @@ impl Feishu {
             attachments: content.attachments,
             reply_to: non_empty(message.parent_id),
             platform_message_id: Some(message.message_id),
-            platform_data: Default::default(),
             platform_ts_ms: message.create_time.and_then(|ms| ms.parse().ok()),
-            received_at_ms: stamp.received_at_ms,
-            trace_id: stamp.trace_id,
-            origin: Origin::User,
-            replay: false,
-            raw: stamp.raw,
+            ..stamp.user_message(NAME, bot, chat, sender, text)
         }))
     }
 }
@@ -284,9 +276,15 @@ pub fn decrypt(encrypt_key: &str, encrypted: &str) -> Result<Vec<u8>, String> {
     }
     let (iv, ciphertext) = data.split_at(16);
     let key = Sha256::digest(encrypt_key.as_bytes());
-    cbc::Decryptor::<aes::Aes256>::new(&key, iv.into())
+    let plaintext = cbc::Decryptor::<aes::Aes256>::new(&key, iv.into())
         .decrypt_padded_vec_mut::<Pkcs7>(ciphertext)
-        .map_err(|_| "`encrypt` does not decrypt with the encrypt key (bad padding)".to_string())
+        .map_err(|_| "`encrypt` does not decrypt with the encrypt key (bad padding)".to_string())?;
+    // A wrong key still yields valid padding about once in 256 tries; what
+    // it yields then is noise, almost never UTF-8. JSON is always UTF-8.
+    if std::str::from_utf8(&plaintext).is_err() {
+        return Err("`encrypt` does not decrypt with the encrypt key (not UTF-8)".into());
+    }
+    Ok(plaintext)
 }
 
 /// `text` with each mention's placeholder (`@_user_1`) as `@<open_id>`;

@@ -12,7 +12,9 @@
 //! retries add nothing. The answer goes out as soon as Redis has the
 //! events: nothing slower happens in the request.
 
+pub mod connection;
 pub mod dingtalk;
+pub mod discord;
 pub mod feishu;
 pub mod onebot;
 pub mod slack;
@@ -29,7 +31,8 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use botline_shared::config::{enabled_platforms, Env};
-use botline_shared::message::UnifiedMessage;
+use botline_shared::message::{Chat, Mentions, Origin, Sender, UnifiedMessage};
+use botline_shared::telemetry::Health;
 use botline_shared::Error;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -44,8 +47,9 @@ pub trait InboundPlatform: Send + Sync + 'static {
     fn receive(&self, request: &HookRequest) -> Result<Hook, IngestError>;
 
     /// Work besides the webhook (long polling for hosts without a public
-    /// URL, say), started once with the server.
-    fn start(self: Arc<Self>, _inbox: Inbox, _shutdown: CancellationToken) {}
+    /// URL, a gateway connection), started once with the server; `health`
+    /// is what `/readyz` reports, for the connections it keeps.
+    fn start(self: Arc<Self>, _inbox: Inbox, _health: Health, _shutdown: CancellationToken) {}
 }
 
 /// One platform's inbound side, built from its `[ingest.platforms.<name>]`
@@ -66,6 +70,7 @@ pub const PLATFORMS: &[&Registration] = &[
     &telegram::PLATFORM,
     &wecom::PLATFORM,
     &onebot::PLATFORM,
+    &discord::PLATFORM,
 ];
 
 /// The platforms `[ingest.platforms]` enables.
@@ -123,6 +128,42 @@ impl HookRequest {
             received_at_ms: self.received_at_ms,
             trace_id: self.trace_id.clone(),
             raw: Some(raw_event(&self.body)),
+        }
+    }
+}
+
+impl Stamp {
+    /// A user's message on `platform` as ingest stamps it; in no thread,
+    /// mentioning no one, without attachments, quote, platform ids or
+    /// platform data, which a platform module sets where it has them
+    /// (`UnifiedMessage { thread, ..stamp.user_message(…) }`).
+    pub fn user_message(
+        self,
+        platform: &str,
+        bot: String,
+        chat: Chat,
+        sender: Sender,
+        text: String,
+    ) -> UnifiedMessage {
+        UnifiedMessage {
+            id: self.id,
+            platform: platform.into(),
+            bot,
+            chat,
+            thread: None,
+            sender,
+            text,
+            mentions: Mentions::default(),
+            attachments: Vec::new(),
+            reply_to: None,
+            platform_message_id: None,
+            platform_data: Default::default(),
+            platform_ts_ms: None,
+            received_at_ms: self.received_at_ms,
+            trace_id: self.trace_id,
+            origin: Origin::User,
+            replay: false,
+            raw: self.raw,
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
 use botline_shared::config::{deserialize_setting, secret_env, Env};
 use botline_shared::message::{
-    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Sender, UnifiedMessage,
+    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
 use botline_shared::Error;
 use hmac::{Hmac, Mac};
@@ -346,29 +346,18 @@ fn read_post(post: Post, stamp: Stamp) -> Result<Hook, IngestError> {
         .flatten()
         .find(|name| !name.trim().is_empty())
         .unwrap_or_else(|| user.clone());
+    let sender = Sender {
+        id: user,
+        name,
+        is_bot: false,
+    };
     let message = UnifiedMessage {
-        id: stamp.id,
-        platform: PLATFORM.name.into(),
-        bot: self_id.clone(),
-        chat,
-        thread: None,
-        sender: Sender {
-            id: user,
-            name,
-            is_bot: false,
-        },
-        text: read.text,
         mentions: read.mentions,
         attachments: read.attachments,
         reply_to: read.reply_to,
         platform_message_id: Some(message_id.clone()),
-        platform_data: Default::default(),
         platform_ts_ms: post.time.map(|seconds| seconds * 1000),
-        received_at_ms: stamp.received_at_ms,
-        trace_id: stamp.trace_id,
-        origin: Origin::User,
-        replay: false,
-        raw: stamp.raw,
+        ..stamp.user_message(PLATFORM.name, self_id.clone(), chat, sender, read.text)
     };
     Ok(Hook::Events {
         events: vec![Event {

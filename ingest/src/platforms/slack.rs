@@ -25,7 +25,7 @@ use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
 use botline_shared::config::{deserialize_setting, secret_env, Env};
 use botline_shared::message::{
-    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Sender, UnifiedMessage,
+    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
 use botline_shared::Error;
 use hmac::{Hmac, Mac};
@@ -301,35 +301,25 @@ fn read_event(event: InnerEvent, bot: &Bot, stamp: Stamp) -> Read {
         .or(event.bot_id.clone())
         .unwrap_or_else(|| "unknown".into());
     let platform_ts_ms = slack_ts_ms(&ts);
+    let chat = Chat {
+        id: channel.clone(),
+        kind,
+    };
+    let sender = Sender {
+        name: sender_id.clone(),
+        id: sender_id,
+        is_bot: event.bot_id.is_some(),
+    };
     let message = UnifiedMessage {
-        id: stamp.id,
-        platform: PLATFORM.name.into(),
-        bot: bot.user_id.clone(),
-        chat: Chat {
-            id: channel.clone(),
-            kind,
-        },
         thread: event.thread_ts,
-        sender: Sender {
-            name: sender_id.clone(),
-            id: sender_id,
-            is_bot: event.bot_id.is_some(),
-        },
-        text,
         mentions: Mentions {
             users,
             bot: bot_mentioned,
         },
         attachments,
-        reply_to: None,
         platform_message_id: Some(ts.clone()),
-        platform_data: Default::default(),
         platform_ts_ms,
-        received_at_ms: stamp.received_at_ms,
-        trace_id: stamp.trace_id,
-        origin: Origin::User,
-        replay: false,
-        raw: stamp.raw,
+        ..stamp.user_message(PLATFORM.name, bot.user_id.clone(), chat, sender, text)
     };
     Read::Message(Box::new(Event {
         event_id: format!("{channel}:{ts}"),

@@ -20,19 +20,21 @@
 //! the names of the sender and of the users mentioned go into
 //! `platform_data` (`name:<user id>`), so egress can link mentions by name.
 
+use super::connection::Lease;
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
 use botline_shared::config::{deserialize_setting, secret_env, Env};
 use botline_shared::message::{
-    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Sender, UnifiedMessage,
+    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
+use botline_shared::telemetry::Health;
 use botline_shared::Error;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -200,7 +202,7 @@ impl InboundPlatform for Telegram {
         })
     }
 
-    fn start(self: Arc<Self>, inbox: Inbox, shutdown: CancellationToken) {
+    fn start(self: Arc<Self>, inbox: Inbox, _health: Health, shutdown: CancellationToken) {
         if self.poller.is_some() {
             tokio::spawn(async move {
                 let poller = self.poller.as_ref().expect("checked above");
@@ -418,20 +420,15 @@ fn read_update(update: Update, bot: &Bot, stamp: Stamp) -> Read {
             }
         }
     };
+    let chat = Chat {
+        id: message.chat.id.to_string(),
+        kind: message.chat.kind(),
+    };
     let message = UnifiedMessage {
-        id: stamp.id,
-        platform: PLATFORM.name.into(),
-        bot: bot.id.to_string(),
-        chat: Chat {
-            id: message.chat.id.to_string(),
-            kind: message.chat.kind(),
-        },
         thread: message
             .message_thread_id
             .filter(|_| message.is_topic_message)
             .map(|thread| thread.to_string()),
-        sender,
-        text,
         mentions,
         attachments,
         reply_to: message
@@ -440,11 +437,7 @@ fn read_update(update: Update, bot: &Bot, stamp: Stamp) -> Read {
         platform_message_id: Some(message.message_id.to_string()),
         platform_data,
         platform_ts_ms: Some(message.date.saturating_mul(1000)),
-        received_at_ms: stamp.received_at_ms,
-        trace_id: stamp.trace_id,
-        origin: Origin::User,
-        replay: false,
-        raw: stamp.raw,
+        ..stamp.user_message(PLATFORM.name, bot.id.to_string(), chat, sender, text)
     };
     Read::Message(Box::new(Event {
         event_id: format!("{}:{}", bot.id, update.update_id),
@@ -538,32 +531,6 @@ fn attachments(
 
 // ---- getUpdates long polling ----
 
-/// Takes the lease if it is free or already ours, and extends it.
-static HOLD: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local current = redis.call('GET', KEYS[1])
-if current == false or current == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"#,
-    )
-});
-
-/// Gives the lease up, if it is still ours.
-static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#,
-    )
-});
-
 /// Polls `getUpdates` while this replica holds the poller lease.
 struct Poller {
     client: reqwest::Client,
@@ -630,15 +597,20 @@ impl Poller {
     }
 
     async fn run(&self, bot: &Bot, inbox: Inbox, shutdown: CancellationToken) {
-        let key = inbox
-            .streams
-            .consumer_lease("telegram-poller", &bot.id.to_string());
-        let holder = ulid::Ulid::new().to_string();
-        let ttl_ms = self.lease_ttl().as_millis() as u64;
+        let lease = Lease::new(
+            inbox.pool.clone(),
+            inbox
+                .streams
+                .consumer_lease("telegram-poller", &bot.id.to_string()),
+            self.lease_ttl(),
+        );
         let mut offset: Option<i64> = None;
         let mut polling = false;
         while !shutdown.is_cancelled() {
-            let held = hold(&inbox, &key, &holder, ttl_ms).await;
+            let held = lease.hold().await.unwrap_or_else(|error| {
+                warn!(message = "could not take the telegram poller lease", %error);
+                false
+            });
             if held != polling {
                 info!(message = "telegram getUpdates poller", held);
                 polling = held;
@@ -658,19 +630,7 @@ impl Poller {
                 }
             }
         }
-        let released: Result<i64, _> = async {
-            let mut connection = inbox.pool.get().await?;
-            RELEASE
-                .key(&key)
-                .arg(&holder)
-                .invoke_async(&mut connection)
-                .await
-                .map_err(botline_shared::Error::from)
-        }
-        .await;
-        if let Err(error) = released {
-            warn!(message = "could not release the telegram poller lease", %error);
-        }
+        lease.release().await;
     }
 
     /// One `getUpdates` and the admission of what it brought; on failure,
@@ -754,27 +714,6 @@ impl Poller {
         }
         *offset = next;
         Ok(())
-    }
-}
-
-/// Whether this replica holds the poller lease (taking or extending it).
-async fn hold(inbox: &Inbox, key: &str, holder: &str, ttl_ms: u64) -> bool {
-    let held: Result<i64, botline_shared::Error> = async {
-        let mut connection = inbox.pool.get().await?;
-        Ok(HOLD
-            .key(key)
-            .arg(holder)
-            .arg(ttl_ms)
-            .invoke_async(&mut connection)
-            .await?)
-    }
-    .await;
-    match held {
-        Ok(held) => held == 1,
-        Err(error) => {
-            warn!(message = "could not take the telegram poller lease", %error);
-            false
-        }
     }
 }
 

@@ -36,7 +36,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use base64::Engine;
 use botline_shared::config::{deserialize_setting, secret_env, Env};
 use botline_shared::message::{
-    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Sender, UnifiedMessage,
+    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
 use botline_shared::Error;
 use cbc::cipher::block_padding::NoPadding;
@@ -362,36 +362,26 @@ fn read_message(message: Message, stamp: Stamp) -> Result<Hook, IngestError> {
             "a WeCom message without FromUserName".into(),
         ));
     }
+    let bot = message.agent_id.unwrap_or_default();
+    let chat = Chat {
+        id: user.clone(),
+        kind: ChatKind::Direct,
+    };
+    let sender = Sender {
+        id: user.clone(),
+        name: user,
+        is_bot: false,
+    };
     let unified = UnifiedMessage {
-        id: stamp.id,
-        platform: PLATFORM.name.into(),
-        bot: message.agent_id.unwrap_or_default(),
-        chat: Chat {
-            id: user.clone(),
-            kind: ChatKind::Direct,
-        },
-        thread: None,
-        sender: Sender {
-            id: user.clone(),
-            name: user,
-            is_bot: false,
-        },
-        text,
         // A member writes to the app alone: it is always addressed.
         mentions: Mentions {
             users: Vec::new(),
             bot: true,
         },
         attachments,
-        reply_to: None,
         platform_message_id: Some(msg_id.clone()),
-        platform_data: Default::default(),
         platform_ts_ms: message.create_time.map(|seconds| seconds * 1000),
-        received_at_ms: stamp.received_at_ms,
-        trace_id: stamp.trace_id,
-        origin: Origin::User,
-        replay: false,
-        raw: stamp.raw,
+        ..stamp.user_message(PLATFORM.name, bot, chat, sender, text)
     };
     Ok(Hook::Events {
         events: vec![Event {
