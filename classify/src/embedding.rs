@@ -6,10 +6,11 @@
 //! is adding examples: nothing is trained.
 //!
 //! The classifier only sees vectors, so any [`Embedder`] serves: the
-//! transformer today, cheaper ones (static token vectors) beside it later.
+//! transformer, or the static token vectors of the fast path; each set of
+//! intents is embedded by the embedder that will judge against it.
 
 use crate::model::{cosine, Embedder, ModelError};
-use crate::rules::{IntentModel, Understanding, UNKNOWN_INTENT};
+use crate::rules::{Understanding, UNKNOWN_INTENT};
 use botline_shared::message::{FaqMatch, Intent};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -52,14 +53,45 @@ impl Index {
         Index { vectors, labels }
     }
 
-    /// The closest label and its similarity.
-    pub fn best(&self, query: &[f32]) -> Option<(usize, f32)> {
-        self.vectors
+    /// The closest label, its similarity, and how much closer it is than
+    /// the closest vector of any other label (its whole similarity when no
+    /// other label has one).
+    pub fn best(&self, query: &[f32]) -> Option<Best> {
+        let labels = self.labels.iter().max()? + 1;
+        let mut per_label = vec![f32::NEG_INFINITY; labels];
+        for (vector, &label) in self.vectors.iter().zip(&self.labels) {
+            per_label[label] = per_label[label].max(cosine(vector, query));
+        }
+        let (label, score) = per_label
             .iter()
-            .zip(&self.labels)
-            .map(|(vector, &label)| (label, cosine(vector, query)))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))?;
+        let runner_up = per_label
+            .iter()
+            .enumerate()
+            .filter(|&(other, _)| other != label)
+            .map(|(_, &score)| score)
+            .fold(f32::NEG_INFINITY, f32::max);
+        Some(Best {
+            label,
+            score,
+            margin: score
+                - if runner_up.is_finite() {
+                    runner_up
+                } else {
+                    0.0
+                },
+        })
     }
+}
+
+/// The label closest to a query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Best {
+    pub label: usize,
+    pub score: f32,
+    pub margin: f32,
 }
 
 fn centroid(group: &[Vec<f32>]) -> Option<Vec<f32>> {
@@ -97,6 +129,16 @@ pub struct Thresholds {
     pub unknown: f32,
     /// Below this similarity to every FAQ question no entry is attached.
     pub faq: f32,
+}
+
+/// What the intents make of one embedding, and how sure they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub understanding: Understanding,
+    /// Similarity to the closest intent, whether or not above the threshold.
+    pub score: f32,
+    /// How much closer the closest intent is than the next one.
+    pub margin: f32,
 }
 
 pub struct EmbeddingIntents {
@@ -140,63 +182,53 @@ impl EmbeddingIntents {
     }
 
     /// The verdict on one embedding.
-    pub fn judge(&self, embedding: &[f32]) -> Understanding {
-        let intent = match self.intents.best(embedding) {
-            Some((label, score)) if score >= self.thresholds.unknown => Intent {
-                name: self.names[label].clone(),
-                confidence: score.clamp(0.0, 1.0),
+    pub fn judge(&self, embedding: &[f32]) -> Verdict {
+        let best = self.intents.best(embedding);
+        let intent = match best {
+            Some(best) if best.score >= self.thresholds.unknown => Intent {
+                name: self.names[best.label].clone(),
+                confidence: best.score.clamp(0.0, 1.0),
             },
-            best => Intent {
+            _ => Intent {
                 name: UNKNOWN_INTENT.into(),
                 // How sure it is that none fits.
-                confidence: (1.0 - best.map_or(0.0, |(_, score)| score)).clamp(0.0, 1.0),
+                confidence: (1.0 - best.map_or(0.0, |best| best.score)).clamp(0.0, 1.0),
             },
         };
         let faq = match self.questions.best(embedding) {
-            Some((entry, score)) if score >= self.thresholds.faq => Some(FaqMatch {
-                question: self.faq[entry].question.clone(),
-                answer: self.faq[entry].answer.clone(),
+            Some(Best { label, score, .. }) if score >= self.thresholds.faq => Some(FaqMatch {
+                question: self.faq[label].question.clone(),
+                answer: self.faq[label].answer.clone(),
                 score: score.clamp(0.0, 1.0),
             }),
             _ => None,
         };
-        Understanding { intent, faq }
+        Verdict {
+            understanding: Understanding { intent, faq },
+            score: best.map_or(0.0, |best| best.score),
+            margin: best.map_or(0.0, |best| best.margin),
+        }
     }
 
     /// The closest intent and its similarity, whatever the threshold (for calibration).
     pub fn closest(&self, embedding: &[f32]) -> Option<(&str, f32)> {
         self.intents
             .best(embedding)
-            .map(|(label, score)| (self.names[label].as_str(), score))
+            .map(|best| (self.names[best.label].as_str(), best.score))
+    }
+
+    /// One verdict per text, in order.
+    pub fn verdicts(&self, texts: &[&str]) -> Result<Vec<Verdict>, ModelError> {
+        Ok(self
+            .embedder
+            .embed(texts)?
+            .iter()
+            .map(|embedding| self.judge(embedding))
+            .collect())
     }
 
     pub fn embedder(&self) -> &Arc<dyn Embedder> {
         &self.embedder
-    }
-}
-
-impl IntentModel for EmbeddingIntents {
-    /// On an inference error every text is `unknown` with no confidence;
-    /// the stage itself calls [`IntentModel::understand`], which reports it.
-    fn classify(&self, texts: &[&str]) -> Vec<Intent> {
-        match self.understand(texts) {
-            Ok(verdicts) => verdicts.into_iter().map(|v| v.intent).collect(),
-            Err(_) => texts
-                .iter()
-                .map(|_| Intent {
-                    name: UNKNOWN_INTENT.into(),
-                    confidence: 0.0,
-                })
-                .collect(),
-        }
-    }
-
-    fn understand(&self, texts: &[&str]) -> Result<Vec<Understanding>, String> {
-        let embeddings = self
-            .embedder
-            .embed(texts)
-            .map_err(|error| error.to_string())?;
-        Ok(embeddings.iter().map(|e| self.judge(e)).collect())
     }
 }
 
@@ -252,9 +284,12 @@ mod tests {
     #[test]
     fn centroids_nearest_examples_thresholds_and_faq() {
         let check = |matching: Matching, text: &str, intent: &str, faq: Option<&str>| {
-            let got = model(matching).classify(&[text]).remove(0);
-            let understood = model(matching).understand(&[text]).unwrap().remove(0);
-            assert_eq!(got, understood.intent);
+            let understood = model(matching)
+                .verdicts(&[text])
+                .unwrap()
+                .remove(0)
+                .understanding;
+            let got = understood.intent.clone();
             assert_eq!(
                 (
                     got.name.as_str(),
@@ -284,7 +319,12 @@ mod tests {
 
     #[test]
     fn confidence_is_the_similarity() {
-        let got = model(Matching::NearestExample).classify(&["1,0"]).remove(0);
+        let got = model(Matching::NearestExample)
+            .verdicts(&["1,0"])
+            .unwrap()
+            .remove(0)
+            .understanding
+            .intent;
         assert_eq!(got.name, "east");
         assert!((got.confidence - 1.0).abs() < 1e-6, "{got:?}");
     }
@@ -322,9 +362,12 @@ mod tiny_model_tests {
                 },
             )
             .unwrap();
-            let understood = model
-                .understand(&["refund", "where is my order", "hello"])
-                .unwrap();
+            let understood: Vec<Understanding> = model
+                .verdicts(&["refund", "where is my order", "hello"])
+                .unwrap()
+                .into_iter()
+                .map(|verdict| verdict.understanding)
+                .collect();
             assert_eq!(
                 understood[1].faq.as_ref().map(|f| f.answer.as_str()),
                 Some("on its way")

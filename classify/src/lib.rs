@@ -5,25 +5,33 @@
 //! run off the async threads a batch at a time: keyword rules, or a sentence
 //! encoder ([`model`]) whose embeddings are matched against each intent's
 //! example utterances and the FAQ questions ([`embedding`]); the FAQ entry
-//! found rides along to respond.
+//! found rides along to respond. The encoder is costly, so by default
+//! ([`cascade`]) an exact-text cache ([`cache`]) and static token vectors
+//! distilled from it ([`token_vectors`]) decide what they can, and the
+//! transformer sees only the rest.
 
+pub mod cache;
+pub mod cascade;
 pub mod embedding;
 pub mod model;
 pub mod rules;
+pub mod token_vectors;
 
 use botline_shared::config::Settings;
 use botline_shared::message::{ClassifiedMessage, Intent, Priority, UnifiedMessage};
 use botline_shared::runner::{self, Envelope, Input, Outcome, Plumbing, Stage, Write};
 use botline_shared::streams::{group, Streams};
 use botline_shared::Error;
+use cascade::{Cascade, Mode, Paths, Sureness};
 use embedding::{EmbeddingIntents, FaqEntry, IntentExamples, Matching, Thresholds};
-use model::Encoder;
+use model::{Embedder, Encoder};
 use rules::{Audit, IntentModel, KeywordIntents, UrgentRules};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+use token_vectors::TokenVectors;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -59,6 +67,20 @@ pub struct ClassifySettings {
     pub unknown_threshold: f32,
     /// Cosine similarity an FAQ question needs to be attached.
     pub faq_threshold: f32,
+    /// `precise` (transformer), `fast` (static token vectors) or `cascade`
+    /// (static, transformer where the static verdict is not sure).
+    pub embedding_mode: Mode,
+    /// `unknown_threshold` for the static token vectors.
+    pub static_unknown_threshold: f32,
+    /// `faq_threshold` for the static token vectors.
+    pub static_faq_threshold: f32,
+    /// In `cascade`, a static verdict stands when its similarity is at least
+    /// this…
+    pub cascade_min_score: f32,
+    /// …and at least this much above the next intent's.
+    pub cascade_min_margin: f32,
+    /// Entries of the exact-text cache in front of the model; 0 turns it off.
+    pub intent_cache_size: usize,
     /// Questions and answers; the closest one (embedding model only) is
     /// attached to the message for respond.
     #[serde(default)]
@@ -130,18 +152,24 @@ pub fn keyword_model(settings: &ClassifySettings) -> Result<KeywordIntents, Erro
     KeywordIntents::new(&intents).map_err(|reason| Error::config("classify.intents", reason))
 }
 
-/// The embedding model described by the settings, with the encoder in
-/// `model_path`. Slow (seconds): call it off the async threads.
-pub fn embedding_model(
-    settings: &ClassifySettings,
-    model_path: &Path,
-) -> Result<EmbeddingIntents, Error> {
-    let encoder = Encoder::load(
+/// The encoder in `model_path` with the settings' prefix and length.
+pub fn load_encoder(settings: &ClassifySettings, model_path: &Path) -> Result<Encoder, Error> {
+    Encoder::load(
         model_path,
         settings.model_prefix.as_deref(),
         settings.model_max_tokens,
     )
-    .map_err(|error| Error::config("BOTLINE_MODEL_PATH", error))?;
+    .map_err(|error| Error::config("BOTLINE_MODEL_PATH", error))
+}
+
+/// The intents and FAQ of the settings, embedded by `embedder`, judged with
+/// these thresholds (`unknown`, `faq`: settings named for errors).
+fn intents_with(
+    settings: &ClassifySettings,
+    embedder: Arc<dyn Embedder>,
+    (unknown_setting, unknown): (&str, f32),
+    (faq_setting, faq): (&str, f32),
+) -> Result<EmbeddingIntents, Error> {
     let intents: Vec<IntentExamples> = settings
         .intents
         .iter()
@@ -156,25 +184,101 @@ pub fn embedding_model(
             "the embedding model needs example utterances for every intent",
         ));
     }
-    for (setting, value) in [
-        ("classify.unknown_threshold", settings.unknown_threshold),
-        ("classify.faq_threshold", settings.faq_threshold),
-    ] {
+    for (setting, value) in [(unknown_setting, unknown), (faq_setting, faq)] {
         if !(-1.0..=1.0).contains(&value) {
             return Err(Error::config(setting, "a cosine similarity, -1 to 1"));
         }
     }
     EmbeddingIntents::new(
-        Arc::new(encoder),
+        embedder,
         &intents,
         &settings.faq,
         Thresholds {
             matching: settings.intent_matching,
-            unknown: settings.unknown_threshold,
-            faq: settings.faq_threshold,
+            unknown,
+            faq,
         },
     )
     .map_err(|error| Error::config("BOTLINE_MODEL_PATH", error))
+}
+
+/// The transformer intents: `encoder` with `unknown_threshold` and `faq_threshold`.
+pub fn transformer_intents(
+    settings: &ClassifySettings,
+    encoder: Arc<Encoder>,
+) -> Result<EmbeddingIntents, Error> {
+    intents_with(
+        settings,
+        encoder,
+        ("classify.unknown_threshold", settings.unknown_threshold),
+        ("classify.faq_threshold", settings.faq_threshold),
+    )
+}
+
+/// The static intents: token vectors distilled from `encoder` (cached in
+/// `model_path`), with the `static_` thresholds. Minutes when the vectors
+/// must be distilled.
+pub fn static_intents(
+    settings: &ClassifySettings,
+    model_path: &Path,
+    encoder: &Encoder,
+) -> Result<EmbeddingIntents, Error> {
+    let vectors = TokenVectors::load_or_distill(model_path, encoder)
+        .map_err(|error| Error::config("BOTLINE_MODEL_PATH", error))?;
+    intents_with(
+        settings,
+        Arc::new(vectors),
+        (
+            "classify.static_unknown_threshold",
+            settings.static_unknown_threshold,
+        ),
+        (
+            "classify.static_faq_threshold",
+            settings.static_faq_threshold,
+        ),
+    )
+}
+
+/// The transformer intents of the settings, with the encoder in
+/// `model_path`. Slow (seconds): call it off the async threads.
+pub fn embedding_model(
+    settings: &ClassifySettings,
+    model_path: &Path,
+) -> Result<EmbeddingIntents, Error> {
+    transformer_intents(settings, Arc::new(load_encoder(settings, model_path)?))
+}
+
+/// The embedding model in the settings' `embedding_mode`, behind the
+/// exact-text cache. Slow (seconds; minutes when the static vectors must be
+/// distilled): call it off the async threads.
+pub fn cascade_model(settings: &ClassifySettings, model_path: &Path) -> Result<Cascade, Error> {
+    let encoder = load_encoder(settings, model_path)?;
+    let paths = match settings.embedding_mode {
+        Mode::Precise => Paths::Precise(transformer_intents(settings, Arc::new(encoder))?),
+        Mode::Fast => Paths::Fast(static_intents(settings, model_path, &encoder)?),
+        Mode::Cascade => {
+            for (setting, value) in [
+                ("classify.cascade_min_score", settings.cascade_min_score),
+                ("classify.cascade_min_margin", settings.cascade_min_margin),
+            ] {
+                if !(-2.0..=2.0).contains(&value) {
+                    return Err(Error::config(
+                        setting,
+                        "a cosine similarity (difference), -2 to 2",
+                    ));
+                }
+            }
+            Paths::Cascade {
+                fast: static_intents(settings, model_path, &encoder)?,
+                precise: transformer_intents(settings, Arc::new(encoder))?,
+                sure: Sureness {
+                    min_score: settings.cascade_min_score,
+                    min_margin: settings.cascade_min_margin,
+                },
+            }
+        }
+    };
+    Ok(Cascade::new(paths, settings.intent_cache_size))
 }
 
 /// The intent model the settings choose.
@@ -184,14 +288,24 @@ pub fn intent_model(
 ) -> Result<Arc<dyn IntentModel>, Error> {
     Ok(match settings.intent_model {
         IntentModelKind::Keywords => Arc::new(keyword_model(settings)?),
-        IntentModelKind::Embedding => Arc::new(embedding_model(settings, model_path)?),
+        IntentModelKind::Embedding => Arc::new(cascade_model(settings, model_path)?),
     })
 }
 
-/// `BOTLINE_MODEL_PATH`, or [`DEFAULT_MODEL_PATH`].
+/// `BOTLINE_MODEL_PATH`, or else [`DEFAULT_MODEL_PATH`] under the current
+/// directory or the nearest parent holding one (a binary started from a
+/// crate's folder, as `cargo test` does, finds the workspace's `models/`).
 pub fn model_path_from_env() -> PathBuf {
-    std::env::var_os("BOTLINE_MODEL_PATH")
-        .map(PathBuf::from)
+    if let Some(path) = std::env::var_os("BOTLINE_MODEL_PATH") {
+        return PathBuf::from(path);
+    }
+    std::env::current_dir()
+        .ok()
+        .and_then(|dir| {
+            dir.ancestors()
+                .map(|parent| parent.join(DEFAULT_MODEL_PATH))
+                .find(|path| path.is_dir())
+        })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH))
 }
 
@@ -303,6 +417,7 @@ pub async fn run_with_model(
     info!(
         message = "intent model ready",
         kind = ?classify.intent_model,
+        mode = ?classify.embedding_mode,
         model_path = %model_path.display(),
         threads = model::threads(),
         seconds

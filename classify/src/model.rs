@@ -135,6 +135,27 @@ impl Encoder {
         &self.prefix
     }
 
+    /// The tokenizer, as the model reads text (cut to `max_tokens`).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The ids the model sees around a text's own tokens: the start token
+    /// and the prefix's tokens before, the end token after (e5: `<s> ▁query :`
+    /// and `</s>`). Found as what the framings of two one-letter texts share.
+    pub fn frame(&self) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+        let (a, b) = (self.token_ids("a")?, self.token_ids("b")?);
+        let before = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let after = a
+            .iter()
+            .rev()
+            .zip(b.iter().rev())
+            .take_while(|(x, y)| x == y)
+            .count()
+            .min(a.len() - before);
+        Ok((a[..before].to_vec(), a[a.len() - after..].to_vec()))
+    }
+
     fn token_ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let input = format!("{}{}", self.prefix, text);
         let encoding = self
@@ -144,8 +165,9 @@ impl Encoder {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Embeddings of texts of similar lengths, padded to the longest.
-    fn embed_chunk(&self, ids: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// Embeddings of token id sequences (special tokens included) of
+    /// similar lengths, padded to the longest.
+    pub fn embed_ids(&self, ids: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         let longest = ids.iter().map(|ids| ids.len()).max().unwrap_or(0).max(1);
         // Padding is masked out of attention and pooling, so its id is moot.
         let pad = 0u32;
@@ -177,7 +199,7 @@ impl Embedder for Encoder {
         let mut embeddings = vec![Vec::new(); texts.len()];
         for chunk in order.chunks(CHUNK) {
             let chunk_ids: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-            for (&i, embedding) in chunk.iter().zip(self.embed_chunk(&chunk_ids)?) {
+            for (&i, embedding) in chunk.iter().zip(self.embed_ids(&chunk_ids)?) {
                 embeddings[i] = embedding;
             }
         }

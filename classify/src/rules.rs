@@ -44,19 +44,25 @@ pub struct Understanding {
 }
 
 /// Tells a message's intent: keyword rules ([`KeywordIntents`]) or sentence
-/// embeddings (`crate::embedding::EmbeddingIntents`). Called off the async
+/// embeddings (`crate::cascade::Cascade`). Called off the async
 /// threads, a batch at a time.
 pub trait IntentModel: Send + Sync + 'static {
-    fn classify(&self, texts: &[&str]) -> Vec<Intent>;
-
     /// Intent and FAQ match of each text, in order; what the stage calls.
     /// An error (inference failed) leaves the batch to be read again.
-    fn understand(&self, texts: &[&str]) -> Result<Vec<Understanding>, String> {
-        Ok(self
-            .classify(texts)
-            .into_iter()
-            .map(|intent| Understanding { intent, faq: None })
-            .collect())
+    fn understand(&self, texts: &[&str]) -> Result<Vec<Understanding>, String>;
+
+    /// The intent of each text; on an error, `unknown` with no confidence.
+    fn classify(&self, texts: &[&str]) -> Vec<Intent> {
+        match self.understand(texts) {
+            Ok(understood) => understood.into_iter().map(|u| u.intent).collect(),
+            Err(_) => vec![
+                Intent {
+                    name: UNKNOWN_INTENT.into(),
+                    confidence: 0.0,
+                };
+                texts.len()
+            ],
+        }
     }
 }
 
@@ -102,8 +108,14 @@ impl KeywordIntents {
 }
 
 impl IntentModel for KeywordIntents {
-    fn classify(&self, texts: &[&str]) -> Vec<Intent> {
-        texts.iter().map(|text| self.one(text)).collect()
+    fn understand(&self, texts: &[&str]) -> Result<Vec<Understanding>, String> {
+        Ok(texts
+            .iter()
+            .map(|text| Understanding {
+                intent: self.one(text),
+                faq: None,
+            })
+            .collect())
     }
 }
 

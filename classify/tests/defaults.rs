@@ -86,3 +86,23 @@ fn the_embedding_model_without_its_files_stops_start_naming_the_fix() {
         .unwrap();
     assert!(classify::intent_model(&keywords, std::path::Path::new("/nonexistent/e5")).is_ok());
 }
+
+#[test]
+fn bad_model_settings_stop_start_naming_the_setting() {
+    let check = |overlay: &str, setting: &str| {
+        let error = Settings::from_overlay(Some(&format!("[classify]\n{overlay}\n")))
+            .and_then(|settings| settings.section::<ClassifySettings>("classify"))
+            .and_then(|settings| {
+                classify::intent_model(&settings, std::path::Path::new("/nonexistent")).map(|_| ())
+            })
+            .expect_err(overlay)
+            .to_string();
+        assert!(error.contains(setting), "{setting:?} not in {error:?}");
+    };
+    check("embedding_mode = \"turbo\"", "classify.embedding_mode");
+    check("intent_cache_size = -1", "classify.intent_cache_size");
+    check(
+        "cascade_min_margin = \"wide\"",
+        "classify.cascade_min_margin",
+    );
+}
