@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod faq;
 pub mod llm;
+pub mod local;
 pub mod templates;
 
 use backend::{ReplyBackend, ReplyRequest};
@@ -31,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use templates::{Template, Templates};
 use tokio_util::sync::CancellationToken;
-use tracing::{info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 /// `[respond]`. Every default is in the shipped defaults.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -61,8 +62,19 @@ pub struct RespondSettings {
     /// The reply sent instead, with `output_audit = "replace"`.
     pub output_replacement: String,
     pub llm: llm::LlmSettings,
+    pub local: local::LocalSettings,
     /// Per-intent replies; `unknown` is the fallback and must exist.
     pub templates: BTreeMap<String, Template>,
+}
+
+impl RespondSettings {
+    /// Whether `backend` is named in `backends` or any route.
+    pub fn names_backend(&self, backend: &str) -> bool {
+        self.backends
+            .iter()
+            .chain(self.routes.values().flatten())
+            .any(|name| name == backend)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -100,6 +112,15 @@ pub struct RespondStage {
     order: ChatOrder,
 }
 
+/// Why a backend named in the settings is not there.
+fn unavailable(name: &str) -> String {
+    match name {
+        "llm" => "names `llm`, but respond.llm.base_url is empty".into(),
+        "local" => "names `local`, but no local model was loaded".into(),
+        _ => format!("unknown backend {name:?}; known: templates, faq, llm, local"),
+    }
+}
+
 /// What became of one message, before it is written.
 enum Answer {
     Reply {
@@ -114,10 +135,13 @@ enum Answer {
 }
 
 impl RespondStage {
+    /// `local_model` is the `local` backend's model, loaded when the
+    /// settings name it ([`RespondSettings::names_backend`], [`load_local_model`]).
     pub fn new(
         settings: RespondSettings,
         sensitive_words: &[String],
         env: &impl Env,
+        local_model: Option<local::LocalModel>,
         streams: Streams,
         pool: Pool,
         order: ChatOrder,
@@ -159,19 +183,30 @@ impl RespondStage {
                 )?),
             );
         }
+        if let Some(model) = local_model {
+            let system_prompt = if settings.local.system_prompt.is_empty() {
+                &settings.llm.system_prompt
+            } else {
+                &settings.local.system_prompt
+            };
+            available.insert(
+                "local",
+                Arc::new(local::LocalBackend::new(
+                    &settings.local,
+                    system_prompt.replace("{bot_name}", &settings.bot_name),
+                    model,
+                )),
+            );
+        }
         let pick =
             |setting: String, names: &[String]| -> Result<Vec<Arc<dyn ReplyBackend>>, Error> {
                 names
                     .iter()
                     .map(|name| {
-                        available.get(name.as_str()).cloned().ok_or_else(|| {
-                            let reason = if name == "llm" {
-                                "names `llm`, but respond.llm.base_url is empty".to_string()
-                            } else {
-                                format!("unknown backend {name:?}; known: templates, faq, llm")
-                            };
-                            Error::config(setting.clone(), reason)
-                        })
+                        available
+                            .get(name.as_str())
+                            .cloned()
+                            .ok_or_else(|| Error::config(setting.clone(), unavailable(name)))
                     })
                     .collect()
             };
@@ -599,23 +634,80 @@ pub async fn run_with_env(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let respond: RespondSettings = settings.section("respond")?;
-    if respond.llm.enabled() && respond.llm.budget_ms + 5_000 >= plumbing.runner.claim_idle_ms {
-        return Err(Error::config(
-            "respond.llm.budget_ms",
-            format!(
-                "plus 5 s must stay under runner.claim_idle_ms ({} ms), or a slow answer gets its message taken over by another consumer",
-                plumbing.runner.claim_idle_ms
-            ),
-        ));
+    // The backends of one route are tried in turn, each within its budget.
+    let lists = std::iter::once(("respond.backends".to_string(), &respond.backends)).chain(
+        respond
+            .routes
+            .iter()
+            .map(|(intent, names)| (format!("respond.routes.{intent}"), names)),
+    );
+    for (list, names) in lists {
+        let budgets: Vec<(&str, u64)> = names
+            .iter()
+            .filter_map(|name| match name.as_str() {
+                "llm" if respond.llm.enabled() => {
+                    Some(("respond.llm.budget_ms", respond.llm.budget_ms))
+                }
+                "local" => Some(("respond.local.budget_ms", respond.local.budget_ms)),
+                _ => None,
+            })
+            .collect();
+        let total: u64 = budgets.iter().map(|(_, budget)| budget).sum();
+        if total + 5_000 >= plumbing.runner.claim_idle_ms {
+            let setting = budgets
+                .iter()
+                .map(|(setting, _)| *setting)
+                .collect::<Vec<_>>()
+                .join(" + ");
+            return Err(Error::config(
+                setting,
+                format!(
+                    "({list}, tried in turn) plus 5 s must stay under runner.claim_idle_ms ({} ms), or a slow answer gets its message taken over by another consumer",
+                    plumbing.runner.claim_idle_ms
+                ),
+            ));
+        }
     }
     let words: SensitiveWords = settings.section("classify")?;
+    let local_model = if respond.names_backend("local") {
+        plumbing.health.set("local_model", false);
+        let model = load_local_model(&respond.local).await?;
+        plumbing.health.set("local_model", true);
+        Some(model)
+    } else {
+        None
+    };
     let stage = RespondStage::new(
         respond,
         &words.sensitive_words,
         env,
+        local_model,
         plumbing.streams.clone(),
         plumbing.pool.clone(),
         ChatOrder::new(plumbing.pool.clone(), group::RESPOND, &plumbing.runner),
     )?;
     runner::run(stage, plumbing, shutdown).await
+}
+
+/// The `local` backend's model from `settings.model_path`, off the async
+/// threads; a bad setting or a missing model is a config error naming it.
+pub async fn load_local_model(settings: &local::LocalSettings) -> Result<local::LocalModel, Error> {
+    settings.validate()?;
+    let dir = settings.model_dir();
+    let started = std::time::Instant::now();
+    let (loading, dequantize) = (dir.clone(), settings.dequantize);
+    let model = tokio::task::spawn_blocking(move || local::LocalModel::load(&loading, dequantize))
+        .await
+        .map_err(|error| Error::config("respond.local.model_path", error))?
+        .map_err(|error| Error::config("respond.local.model_path", error))?;
+    let seconds = started.elapsed().as_secs_f64();
+    info!(
+        message = "local model ready",
+        model_path = %dir.display(),
+        dequantize,
+        threads = candle_core::utils::get_num_threads(),
+        seconds
+    );
+    metrics::gauge!("botline_respond_local_model_load_seconds").set(seconds);
+    Ok(model)
 }

@@ -177,27 +177,14 @@ impl LlmBackend {
 
     /// The request body for `request`.
     pub fn body(&self, request: &ReplyRequest<'_>) -> Value {
-        let message = &request.message.message;
-        let group = message.chat.kind != ChatKind::Direct;
-        let mut messages = vec![json!({ "role": "system", "content": self.system_prompt })];
-        if let Some(faq) = &request.message.faq {
-            messages.push(json!({
-                "role": "system",
-                "content": format!(
-                    "A reference answer from the FAQ (question: {}): {}\nUse it if it answers the user.",
-                    faq.question, faq.answer
-                ),
-            }));
-        }
-        for turn in trim_context(request.context, self.settings.context_budget_chars) {
-            messages.push(turn_message(turn, group));
-        }
-        let text = if group {
-            format!("{}: {}", message.sender.name, message.text)
-        } else {
-            message.text.clone()
-        };
-        messages.push(json!({ "role": "user", "content": text }));
+        let messages: Vec<Value> = prompt_messages(
+            &self.system_prompt,
+            request,
+            self.settings.context_budget_chars,
+        )
+        .into_iter()
+        .map(|message| json!({ "role": message.role.as_str(), "content": message.content }))
+        .collect();
         json!({
             "model": self.settings.model,
             "messages": messages,
@@ -355,14 +342,82 @@ pub fn trim_context(turns: &[Turn], budget: usize) -> &[Turn] {
     &turns[first..]
 }
 
-fn turn_message(turn: &Turn, group: bool) -> Value {
-    match turn.role {
-        Role::Bot => json!({ "role": "assistant", "content": turn.text }),
-        Role::User if group => {
-            json!({ "role": "user", "content": format!("{}: {}", turn.speaker_name, turn.text) })
+/// Who says one message of a chat prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptRole {
+    System,
+    User,
+    Assistant,
+}
+
+impl PromptRole {
+    /// As Chat Completions and chat templates (ChatML) name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromptRole::System => "system",
+            PromptRole::User => "user",
+            PromptRole::Assistant => "assistant",
         }
-        Role::User => json!({ "role": "user", "content": turn.text }),
     }
+}
+
+/// One message of a chat prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptMessage {
+    pub role: PromptRole,
+    pub content: String,
+}
+
+/// What a chat model is asked for `request`, whatever carries it (the
+/// Chat Completions wire format here, a chat template in `local`): the
+/// system prompt; the FAQ answer classify matched, as grounding; the
+/// chat's earlier turns, oldest first, trimmed to `context_budget_chars`;
+/// the message. In groups, user turns name their speaker.
+pub fn prompt_messages(
+    system_prompt: &str,
+    request: &ReplyRequest<'_>,
+    context_budget_chars: usize,
+) -> Vec<PromptMessage> {
+    let message = &request.message.message;
+    let group = message.chat.kind != ChatKind::Direct;
+    let mut messages = vec![PromptMessage {
+        role: PromptRole::System,
+        content: system_prompt.to_string(),
+    }];
+    if let Some(faq) = &request.message.faq {
+        messages.push(PromptMessage {
+            role: PromptRole::System,
+            content: format!(
+                "A reference answer from the FAQ (question: {}): {}\nUse it if it answers the user.",
+                faq.question, faq.answer
+            ),
+        });
+    }
+    for turn in trim_context(request.context, context_budget_chars) {
+        messages.push(turn_message(turn, group));
+    }
+    let text = if group {
+        format!("{}: {}", message.sender.name, message.text)
+    } else {
+        message.text.clone()
+    };
+    messages.push(PromptMessage {
+        role: PromptRole::User,
+        content: text,
+    });
+    messages
+}
+
+fn turn_message(turn: &Turn, group: bool) -> PromptMessage {
+    let (role, content) = match turn.role {
+        Role::Bot => (PromptRole::Assistant, turn.text.clone()),
+        Role::User if group => (
+            PromptRole::User,
+            format!("{}: {}", turn.speaker_name, turn.text),
+        ),
+        Role::User => (PromptRole::User, turn.text.clone()),
+    };
+    PromptMessage { role, content }
 }
 
 impl ReplyBackend for LlmBackend {
