@@ -653,7 +653,8 @@ pub async fn run_with_env(
             })
             .collect();
         let total: u64 = budgets.iter().map(|(_, budget)| budget).sum();
-        if total + 5_000 >= plumbing.runner.claim_idle_ms {
+        // Templates and FAQ answers take no time worth checking.
+        if !budgets.is_empty() && total + 5_000 >= plumbing.runner.claim_idle_ms {
             let setting = budgets
                 .iter()
                 .map(|(setting, _)| *setting)

@@ -10,6 +10,8 @@ pub struct RedisServer {
     child: Child,
     port: u16,
     dir: PathBuf,
+    /// The extra arguments it was started with, to start it again alike.
+    extra: Vec<String>,
 }
 
 /// A port nobody listens on right now.
@@ -36,7 +38,12 @@ impl RedisServer {
             std::fs::create_dir_all(&dir).expect("redis folder");
             match Self::spawn(port, &dir, extra) {
                 Ok(child) => {
-                    let mut server = RedisServer { child, port, dir };
+                    let mut server = RedisServer {
+                        child,
+                        port,
+                        dir,
+                        extra: extra.iter().map(|arg| arg.to_string()).collect(),
+                    };
                     match server.wait_ready(Duration::from_secs(10)) {
                         Ok(()) => return server,
                         Err(error) => last_error = error,
@@ -90,6 +97,27 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `kill -9` the server and wait for it to be gone (its folder stays).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start a killed server again on the same port, folder and arguments,
+    /// so it loads what it persisted there (its AOF, when started with
+    /// `--appendonly yes`).
+    pub fn start_again(&mut self) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(Some(_))),
+            "redis-server is still running"
+        );
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Self::spawn(self.port, &self.dir, &extra).expect("redis-server starts again");
+        if let Err(error) = self.wait_ready(Duration::from_secs(30)) {
+            panic!("redis-server did not come back: {error}");
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -6,6 +6,7 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use hmac::{Hmac, Mac};
@@ -30,6 +31,10 @@ pub struct Received {
 pub enum Answer {
     Ok,
     Status(u16),
+    /// 429 with `Retry-After: <seconds>`.
+    RetryAfter(u64),
+    /// No answer: the request is held until the sender gives up on it.
+    Hang,
 }
 
 struct SinkState {
@@ -64,14 +69,27 @@ fn signature_ok(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
     mac.verify_slice(&signature).is_ok()
 }
 
-async fn receive(
-    State(state): State<Arc<SinkState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
+async fn receive(State(state): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes) -> Response {
     let answer = *state.answer.lock().unwrap();
-    if let Answer::Status(code) = answer {
-        return StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match answer {
+        Answer::Ok => {}
+        Answer::Status(code) => {
+            return StatusCode::from_u16(code)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                .into_response()
+        }
+        Answer::RetryAfter(seconds) => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", seconds.to_string())],
+            )
+                .into_response()
+        }
+        Answer::Hang => {
+            // Dropped (unrecorded) when the sender closes the connection.
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
     }
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let field = |name: &str| json[name].as_str().unwrap_or_default().to_string();
@@ -88,7 +106,7 @@ async fn receive(
         at: Instant::now(),
     };
     state.received.lock().unwrap().push(received);
-    StatusCode::OK
+    StatusCode::OK.into_response()
 }
 
 impl Sink {

@@ -90,10 +90,13 @@ async fn bad_platform_requests_are_refused_counted_and_leave_no_trace_of_secrets
     );
     let huge = format!("{{\"pad\":\"{}\"}}", "x".repeat(2 * 1024 * 1024));
     let huge_signature = slack_signature(&now, &huge);
-    assert_eq!(
-        status(post(now.clone(), huge_signature, huge).await.unwrap()),
-        413
-    );
+    // Ingest answers 413 as soon as the length is over the limit and may
+    // close before the 2 MB are written: then the client sees a broken
+    // pipe instead of the answer. The refusal is counted either way (below).
+    match post(now.clone(), huge_signature, huge).await {
+        Ok(response) => assert_eq!(status(response), 413),
+        Err(error) => assert!(error.is_request(), "{error}"),
+    }
     let telegram = http
         .post(format!("{}/hooks/telegram", pipeline.base_url()))
         .header("content-type", "application/json")

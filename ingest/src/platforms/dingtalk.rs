@@ -19,21 +19,33 @@
 //! `sessionWebhook` and its expiry go into `platform_data` for egress (with
 //! the sender's staff id in a direct chat, for the robot API when the
 //! session webhook has expired).
+//!
+//! With `mode = "stream"` the same callbacks come over DingTalk's Stream
+//! mode instead ([`stream`]): a WebSocket one ingest replica keeps open, no
+//! public URL needed.
 
+mod stream;
+
+use super::connection::Supervision;
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
-use crate::generic::parse_json;
+use crate::generic::{parse_json, Stamp};
+use crate::inbox::Inbox;
 use base64::Engine;
 use botline_shared::config::{deserialize_setting, secret_env, Env};
 use botline_shared::message::{
     Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
+use botline_shared::telemetry::Health;
 use botline_shared::Error;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 pub const NAME: &str = "dingtalk";
 /// The app's AppSecret: the callback signing key (and egress's credential).
@@ -54,17 +66,86 @@ pub const PLATFORM: Registration = Registration { name: NAME, build };
 struct Settings {
     #[allow(dead_code, reason = "read by enabled_platforms")]
     enabled: bool,
+    mode: Mode,
+    client_id: String,
+    api_base_url: String,
+    lease_ttl_ms: u64,
+    standby_poll_ms: u64,
+    connect_timeout_ms: u64,
+    reconnect_base_ms: u64,
+    reconnect_cap_ms: u64,
+}
+
+/// How callbacks reach ingest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// DingTalk posts to `/hooks/dingtalk`.
+    Http,
+    /// Ingest opens a Stream mode WebSocket to DingTalk.
+    Stream,
 }
 
 fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>, Error> {
-    let _: Settings = deserialize_setting("ingest.platforms.dingtalk", table.clone())?;
-    Ok(Arc::new(DingTalk {
-        app_secret: secret_env(env, APP_SECRET_ENV, 1)?,
-    }))
+    let settings: Settings = deserialize_setting("ingest.platforms.dingtalk", table.clone())?;
+    let app_secret = secret_env(env, APP_SECRET_ENV, 1)?;
+    let stream = match settings.mode {
+        Mode::Http => None,
+        Mode::Stream => Some(stream_settings(&settings, &app_secret)?),
+    };
+    info!(message = "dingtalk callbacks", mode = ?settings.mode);
+    Ok(Arc::new(DingTalk { app_secret, stream }))
+}
+
+fn stream_settings(settings: &Settings, app_secret: &str) -> Result<stream::StreamSettings, Error> {
+    let setting = |name: &str| format!("ingest.platforms.dingtalk.{name}");
+    if settings.client_id.is_empty() {
+        return Err(Error::config(
+            setting("client_id"),
+            "must be the app's ClientID (AppKey) in stream mode",
+        ));
+    }
+    let base = settings.api_base_url.trim_end_matches('/');
+    let open_url = url::Url::parse(&format!("{base}/v1.0/gateway/connections/open"))
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https"))
+        .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
+    for (name, value) in [
+        ("lease_ttl_ms", settings.lease_ttl_ms),
+        ("standby_poll_ms", settings.standby_poll_ms),
+        ("connect_timeout_ms", settings.connect_timeout_ms),
+        ("reconnect_base_ms", settings.reconnect_base_ms),
+        ("reconnect_cap_ms", settings.reconnect_cap_ms),
+    ] {
+        if value == 0 {
+            return Err(Error::config(setting(name), "must be at least 1"));
+        }
+    }
+    let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+    let client = reqwest::Client::builder()
+        .timeout(connect_timeout)
+        .user_agent(concat!("botline-ingest/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|error| Error::config("ingest.platforms.dingtalk", error))?;
+    Ok(stream::StreamSettings {
+        client_id: settings.client_id.clone(),
+        client_secret: app_secret.to_string(),
+        open_url,
+        client,
+        lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
+        connect_timeout,
+        supervision: Supervision {
+            standby_poll: Duration::from_millis(settings.standby_poll_ms),
+            backoff_base: Duration::from_millis(settings.reconnect_base_ms),
+            backoff_cap: Duration::from_millis(settings.reconnect_cap_ms),
+        },
+    })
 }
 
 pub struct DingTalk {
     app_secret: String,
+    /// Stream mode's settings; `None` in HTTP mode.
+    stream: Option<stream::StreamSettings>,
 }
 
 impl InboundPlatform for DingTalk {
@@ -76,7 +157,7 @@ impl InboundPlatform for DingTalk {
         self.verify(request)?;
         let callback: Callback = parse_json(&request.body)?;
         let event_id = callback.msg_id.clone();
-        match callback.into_message(request) {
+        match callback.into_message(request.stamp()) {
             Some(message) => Ok(Hook::Events {
                 events: vec![Event { event_id, message }],
                 answer: Answer::ok(),
@@ -85,6 +166,12 @@ impl InboundPlatform for DingTalk {
                 kind: "unsupported_message".into(),
                 answer: Answer::ok(),
             }),
+        }
+    }
+
+    fn start(self: Arc<Self>, inbox: Inbox, health: Health, shutdown: CancellationToken) {
+        if self.stream.is_some() {
+            stream::start(self, inbox, health, shutdown);
         }
     }
 }
@@ -217,7 +304,7 @@ struct RichTextPart {
 
 impl Callback {
     /// The message, or `None` for a type botline does not read.
-    fn into_message(self, request: &HookRequest) -> Option<UnifiedMessage> {
+    fn into_message(self, stamp: Stamp) -> Option<UnifiedMessage> {
         let content = self.content.unwrap_or_default();
         let download = |kind, code: Option<String>, name: Option<String>| {
             code.map(|code| Attachment {
@@ -301,7 +388,6 @@ impl Callback {
         if let (ChatKind::Direct, Some(staff_id)) = (kind, self.sender_staff_id) {
             platform_data.insert(USER_ID.to_string(), staff_id);
         }
-        let stamp = request.stamp();
         let bot = self.robot_code.unwrap_or_else(|| NAME.into());
         let chat = Chat {
             id: self.conversation_id,

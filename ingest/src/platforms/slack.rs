@@ -19,19 +19,31 @@
 //! `<@bot_user_id>`, by an `app_mention` event, and in its direct messages.
 //! A message in a thread keeps `thread_ts` as its thread; files become
 //! attachments with their `url_private` and file id.
+//!
+//! With `mode = "socket"` the same events come over Socket Mode instead
+//! ([`socket`]): a WebSocket one ingest replica keeps open, no public URL,
+//! and `/hooks/slack` is off.
 
+mod socket;
+
+use super::connection::Supervision;
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
+use crate::inbox::Inbox;
 use botline_shared::config::{deserialize_setting, secret_env, Env};
 use botline_shared::message::{
     Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
+use botline_shared::telemetry::Health;
 use botline_shared::Error;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 pub const PLATFORM: Registration = Registration {
     name: "slack",
@@ -40,6 +52,8 @@ pub const PLATFORM: Registration = Registration {
 
 /// The app's signing secret (Basic Information → App Credentials).
 pub const SECRET_ENV: &str = "BOTLINE_SLACK_SIGNING_SECRET";
+/// The app-level token (`xapp-…`, scope `connections:write`), Socket Mode only.
+pub const APP_TOKEN_ENV: &str = "BOTLINE_SLACK_APP_TOKEN";
 pub const SIGNATURE_HEADER: &str = "x-slack-signature";
 pub const TIMESTAMP_HEADER: &str = "x-slack-request-timestamp";
 /// How far a request's timestamp may be from ours.
@@ -70,6 +84,23 @@ struct SlackSettings {
     _enabled: bool,
     bot_user_id: String,
     bot_id: String,
+    mode: Mode,
+    api_base_url: String,
+    lease_ttl_ms: u64,
+    standby_poll_ms: u64,
+    connect_timeout_ms: u64,
+    reconnect_base_ms: u64,
+    reconnect_cap_ms: u64,
+}
+
+/// How events reach ingest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// The Events API: Slack posts to `/hooks/slack`.
+    Webhook,
+    /// Socket Mode: ingest opens a WebSocket to Slack.
+    Socket,
 }
 
 /// Who the bot is, to tell its own messages and its mentions apart.
@@ -82,8 +113,11 @@ struct Bot {
 }
 
 pub struct Slack {
-    secret: Vec<u8>,
+    /// The signing secret; `None` in socket mode (the webhook is off).
+    secret: Option<Vec<u8>>,
     bot: Bot,
+    /// Socket Mode's settings; `None` in webhook mode.
+    socket: Option<socket::SocketSettings>,
 }
 
 fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>, Error> {
@@ -94,14 +128,67 @@ fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>,
             "must be the bot user's id (U…), as auth.test answers `user_id`",
         ));
     }
-    let secret = secret_env(env, SECRET_ENV, 16)?;
+    let (secret, socket) = match settings.mode {
+        Mode::Webhook => (Some(secret_env(env, SECRET_ENV, 16)?.into_bytes()), None),
+        Mode::Socket => (None, Some(socket_settings(&settings, env)?)),
+    };
+    info!(message = "slack events", mode = ?settings.mode, bot_user_id = %settings.bot_user_id);
     Ok(Arc::new(Slack {
-        secret: secret.into_bytes(),
+        secret,
         bot: Bot {
             user_id: settings.bot_user_id,
             bot_id: settings.bot_id,
         },
+        socket,
     }))
+}
+
+fn socket_settings(
+    settings: &SlackSettings,
+    env: &dyn Env,
+) -> Result<socket::SocketSettings, Error> {
+    let setting = |name: &str| format!("ingest.platforms.slack.{name}");
+    let app_token = secret_env(env, APP_TOKEN_ENV, 6)?;
+    if !app_token.starts_with("xapp-") {
+        return Err(Error::config(
+            APP_TOKEN_ENV,
+            "must be an app-level token (xapp-…) with connections:write",
+        ));
+    }
+    let base = settings.api_base_url.trim_end_matches('/');
+    let open_url = url::Url::parse(&format!("{base}/apps.connections.open"))
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https"))
+        .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
+    for (name, value) in [
+        ("lease_ttl_ms", settings.lease_ttl_ms),
+        ("standby_poll_ms", settings.standby_poll_ms),
+        ("connect_timeout_ms", settings.connect_timeout_ms),
+        ("reconnect_base_ms", settings.reconnect_base_ms),
+        ("reconnect_cap_ms", settings.reconnect_cap_ms),
+    ] {
+        if value == 0 {
+            return Err(Error::config(setting(name), "must be at least 1"));
+        }
+    }
+    let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+    let client = reqwest::Client::builder()
+        .timeout(connect_timeout)
+        .user_agent(concat!("botline-ingest/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|error| Error::config("ingest.platforms.slack", error))?;
+    Ok(socket::SocketSettings {
+        app_token,
+        open_url,
+        client,
+        lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
+        connect_timeout,
+        supervision: Supervision {
+            standby_poll: Duration::from_millis(settings.standby_poll_ms),
+            backoff_base: Duration::from_millis(settings.reconnect_base_ms),
+            backoff_cap: Duration::from_millis(settings.reconnect_cap_ms),
+        },
+    })
 }
 
 impl InboundPlatform for Slack {
@@ -127,11 +214,23 @@ impl InboundPlatform for Slack {
             Envelope::Other => ignored("other"),
         })
     }
+
+    fn start(self: Arc<Self>, inbox: Inbox, health: Health, shutdown: CancellationToken) {
+        if self.socket.is_some() {
+            socket::start(self, inbox, health, shutdown);
+        }
+    }
 }
 
 impl Slack {
     /// The timestamp within the window, then the signature over it and the body.
     fn verify(&self, request: &HookRequest) -> Result<(), IngestError> {
+        let Some(secret) = &self.secret else {
+            return Err(unverified(
+                "webhook_off",
+                "slack is in socket mode; its webhook is off".into(),
+            ));
+        };
         let (Some(signature), Some(timestamp)) = (
             request.header(SIGNATURE_HEADER),
             request.header(TIMESTAMP_HEADER),
@@ -164,7 +263,7 @@ impl Slack {
                 )
             })?;
         let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
+            Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
         mac.update(b"v0:");
         mac.update(timestamp.as_bytes());
         mac.update(b":");
@@ -468,11 +567,12 @@ mod tests {
     #[test]
     fn the_published_test_vector_verifies() {
         let slack = Slack {
-            secret: b"8f742231b10e8888abcd99yyyzzz85a5".to_vec(),
+            secret: Some(b"8f742231b10e8888abcd99yyyzzz85a5".to_vec()),
             bot: Bot {
                 user_id: "U1".into(),
                 bot_id: String::new(),
             },
+            socket: None,
         };
         let body = "token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
         let label = |request: &HookRequest| slack.verify(request).err().map(|error| error.label());

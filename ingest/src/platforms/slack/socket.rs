@@ -1,0 +1,359 @@
+//! Slack Socket Mode (`mode = "socket"`): the Events API's events over a
+//! WebSocket ingest opens, for hosts without a public URL.
+//!
+//! `POST {api_base_url}/apps.connections.open` with the app-level token
+//! (`BOTLINE_SLACK_APP_TOKEN`, `xapp-…`) answers a WebSocket URL. Slack
+//! sends `hello` once connected, then envelopes
+//! (`{envelope_id, type, payload, …}`); each is acknowledged by sending
+//! `{"envelope_id": …}` back — for `events_api` only once its message is in
+//! `in`, so a crash before the ack makes Slack send it again (the dedup key
+//! drops what was already added). `events_api` payloads are the webhook's
+//! `event_callback` bodies and go through the same normalization; other
+//! envelopes (slash commands, interactivity) are acknowledged and ignored.
+//!
+//! Slack refreshes connections: a `disconnect` message (`refresh_requested`,
+//! `warning`, `link_disabled`) precedes the socket closing, so a new
+//! connection is opened first and the old one closed after it; what the old
+//! one still delivers while closing is added to `in` too (and, its ack no
+//! longer possible, sent again by Slack on the new one, where dedup drops
+//! it). A connection that drops is opened again with backoff; one ingest
+//! replica holds it, by a lease ([`crate::platforms::connection`]).
+
+use super::{read_event, Envelope, Read, Slack, PLATFORM};
+use crate::error::IngestError;
+use crate::generic::{raw_event, Stamp};
+use crate::inbox::{Inbox, Submission};
+use crate::platforms::connection::{self, Connector, Ended, Lease, Link, Supervision};
+use botline_shared::telemetry::Health;
+use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message as Frame;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How long a closing socket may take to deliver what it still has.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Socket Mode's settings, from `[ingest.platforms.slack]` and the environment.
+pub(super) struct SocketSettings {
+    /// The app-level token: never logged.
+    pub app_token: String,
+    /// `{api_base_url}/apps.connections.open`.
+    pub open_url: url::Url,
+    pub client: reqwest::Client,
+    pub lease_ttl: Duration,
+    /// Longest wait for `apps.connections.open` and for the WebSocket.
+    pub connect_timeout: Duration,
+    pub supervision: Supervision,
+}
+
+/// Keep the app's Socket Mode connection up from whichever replica holds
+/// its lease.
+pub(super) fn start(slack: Arc<Slack>, inbox: Inbox, health: Health, shutdown: CancellationToken) {
+    let settings = slack.socket.as_ref().expect("socket mode");
+    let name = slack.bot.user_id.clone();
+    let lease = Lease::new(
+        inbox.pool.clone(),
+        inbox.streams.consumer_lease("slack-socket", &name),
+        settings.lease_ttl,
+    );
+    let supervision = settings.supervision.clone();
+    let link = Arc::new(Link::new(PLATFORM.name, name, health));
+    let connector = Arc::new(SocketMode { slack, inbox });
+    tokio::spawn(connection::supervise(
+        connector,
+        lease,
+        link,
+        supervision,
+        shutdown,
+    ));
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct SocketMode {
+    slack: Arc<Slack>,
+    inbox: Inbox,
+}
+
+/// One message from Slack over the socket (the fields botline reads).
+#[derive(Debug, Deserialize)]
+struct SocketMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    envelope_id: Option<String>,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+    /// `disconnect`: why.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `apps.connections.open`'s answer.
+#[derive(Debug, Deserialize)]
+struct Opened {
+    ok: bool,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// What a message asks of the connection.
+enum Next {
+    Continue,
+    /// Slack will close this socket: open the next one now.
+    Disconnect,
+    /// Stop this connection (a message could not be added: not acknowledged).
+    Fail(String),
+}
+
+impl Connector for SocketMode {
+    fn connect<'a>(&'a self, link: &'a Link, stop: &'a CancellationToken) -> BoxFuture<'a, Ended> {
+        Box::pin(self.run(link, stop))
+    }
+}
+
+impl SocketMode {
+    fn settings(&self) -> &SocketSettings {
+        self.slack.socket.as_ref().expect("socket mode")
+    }
+
+    async fn run(&self, link: &Link, stop: &CancellationToken) -> Ended {
+        let mut socket = tokio::select! {
+            opened = self.open() => match opened {
+                Ok(socket) => socket,
+                Err(reason) => return Ended::Failed(reason),
+            },
+            _ = stop.cancelled() => return Ended::Stopped,
+        };
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => {
+                    close(socket).await;
+                    return Ended::Stopped;
+                }
+                message = next_message(&mut socket) => message,
+            };
+            let message = match message {
+                Ok(message) => message,
+                Err(reason) => {
+                    return if link.is_up() {
+                        info!(message = "slack socket closed", %reason);
+                        Ended::Again
+                    } else {
+                        Ended::Failed(reason)
+                    };
+                }
+            };
+            link.event();
+            match self.handle(&mut socket, message, link, true).await {
+                Next::Continue => {}
+                Next::Fail(reason) => {
+                    close(socket).await;
+                    return Ended::Failed(reason);
+                }
+                Next::Disconnect => {
+                    // The new connection first, then the old one closed.
+                    let next = tokio::select! {
+                        opened = self.open() => opened,
+                        _ = stop.cancelled() => {
+                            close(socket).await;
+                            return Ended::Stopped;
+                        }
+                    };
+                    match next {
+                        Ok(next) => {
+                            let old = std::mem::replace(&mut socket, next);
+                            self.retire(old, link).await;
+                        }
+                        Err(reason) => {
+                            warn!(message = "could not open the next slack socket", %reason);
+                            close(socket).await;
+                            return Ended::Again;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `apps.connections.open`, then the WebSocket it names.
+    async fn open(&self) -> Result<Socket, String> {
+        let settings = self.settings();
+        let answer = settings
+            .client
+            .post(settings.open_url.clone())
+            .bearer_auth(&settings.app_token)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .send()
+            .await
+            .map_err(|error| format!("apps.connections.open failed: {}", error.without_url()))?;
+        let status = answer.status();
+        let opened: Opened = answer
+            .json()
+            .await
+            .map_err(|error| format!("apps.connections.open answered {status}: {error}"))?;
+        let url = match opened {
+            Opened {
+                ok: true,
+                url: Some(url),
+                ..
+            } => url,
+            Opened { error, .. } => {
+                return Err(format!(
+                    "apps.connections.open refused: {}",
+                    error.unwrap_or_else(|| status.to_string())
+                ))
+            }
+        };
+        let connecting = tokio::time::timeout(
+            settings.connect_timeout,
+            tokio_tungstenite::connect_async(url.as_str()),
+        );
+        match connecting.await {
+            Ok(Ok((socket, _))) => Ok(socket),
+            Ok(Err(error)) => Err(format!("could not connect to the slack socket: {error}")),
+            Err(_) => Err(format!(
+                "no slack socket within {:?}",
+                settings.connect_timeout
+            )),
+        }
+    }
+
+    /// Close `old` (Slack asked for a new connection, which is open now),
+    /// adding what it still delivers to `in`; it cannot be acknowledged
+    /// any more, so Slack sends it again on the new connection.
+    async fn retire(&self, mut old: Socket, link: &Link) {
+        let _ = old.close(None).await;
+        let draining = async {
+            while let Ok(message) = next_message(&mut old).await {
+                if let Next::Fail(reason) = self.handle(&mut old, message, link, false).await {
+                    warn!(message = "slack event not added from a closing socket", %reason);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, draining).await;
+    }
+
+    /// One message from Slack; `ack`: whether the socket can still answer.
+    async fn handle(
+        &self,
+        socket: &mut Socket,
+        message: SocketMessage,
+        link: &Link,
+        ack: bool,
+    ) -> Next {
+        match message.kind.as_str() {
+            "hello" => {
+                link.up();
+                return Next::Continue;
+            }
+            "disconnect" => {
+                let reason = message.reason.unwrap_or_default();
+                info!(message = "slack asks for a new socket", %reason);
+                return Next::Disconnect;
+            }
+            _ => {}
+        }
+        let Some(envelope_id) = message.envelope_id else {
+            return Next::Continue;
+        };
+        if message.kind == "events_api" {
+            if let Err(error) = self.admit(message.payload.unwrap_or_default()).await {
+                error.record("slack_socket");
+                return Next::Fail(format!("could not add an event: {error}"));
+            }
+        } else {
+            count_ignored(&message.kind);
+        }
+        if ack {
+            let reply = serde_json::json!({ "envelope_id": envelope_id });
+            if let Err(error) = socket.send(Frame::text(reply.to_string())).await {
+                return Next::Fail(format!("could not acknowledge an envelope: {error}"));
+            }
+        }
+        Next::Continue
+    }
+
+    /// An `events_api` payload (an `event_callback` body) into `in`, or
+    /// counted as ignored.
+    async fn admit(&self, payload: serde_json::Value) -> Result<(), IngestError> {
+        let raw = raw_event(payload.to_string().as_bytes());
+        let envelope: Envelope = match serde_json::from_value(payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                // Acknowledged all the same: it would fail the same way again.
+                IngestError::Malformed(error.to_string()).record("slack_socket");
+                return Ok(());
+            }
+        };
+        let Envelope::EventCallback { event } = envelope else {
+            count_ignored("other");
+            return Ok(());
+        };
+        let stamp = Stamp {
+            id: ulid::Ulid::new().to_string(),
+            received_at_ms: botline_shared::now_ms(),
+            trace_id: ulid::Ulid::new().to_string(),
+            raw: Some(raw),
+        };
+        match read_event(*event, &self.slack.bot, stamp) {
+            Read::Message(event) => {
+                self.inbox
+                    .admit(&[Submission {
+                        message: event.message,
+                        event_id: Some(event.event_id),
+                        transcript: false,
+                    }])
+                    .await?;
+            }
+            Read::Ignored(kind) => count_ignored(kind),
+        }
+        Ok(())
+    }
+}
+
+fn count_ignored(kind: &str) {
+    metrics::counter!("botline_ingest_ignored_total", "platform" => PLATFORM.name, "kind" => kind.to_string())
+        .increment(1);
+}
+
+/// Close the socket, letting Slack's close frame arrive, briefly.
+async fn close(mut socket: Socket) {
+    let closing = async {
+        let _ = socket.close(None).await;
+        while let Some(Ok(_)) = socket.next().await {}
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
+}
+
+/// The next message Slack sent; `Err` once the socket is over.
+async fn next_message(socket: &mut Socket) -> Result<SocketMessage, String> {
+    loop {
+        let text = match socket.next().await {
+            None => return Err("the socket ended".into()),
+            Some(Err(error)) => return Err(format!("the socket broke: {error}")),
+            Some(Ok(Frame::Text(text))) => text.to_string(),
+            Some(Ok(Frame::Binary(bytes))) => String::from_utf8_lossy(&bytes).into_owned(),
+            Some(Ok(Frame::Close(close))) => {
+                return Err(format!(
+                    "closed by slack{}",
+                    close
+                        .map(|close| format!(" ({}: {})", u16::from(close.code), close.reason))
+                        .unwrap_or_default()
+                ))
+            }
+            Some(Ok(_)) => continue,
+        };
+        match serde_json::from_str::<SocketMessage>(&text) {
+            Ok(message) => return Ok(message),
+            Err(error) => warn!(message = "unreadable slack socket message", %error),
+        }
+    }
+}

@@ -1,0 +1,1170 @@
+//! `scripts/chaos` and `scripts/soak`: the whole pipeline on this machine
+//! under a steady load of unique messages through the generic API, replies
+//! to a local signed-webhook sink that records every send.
+//!
+//! Chaos (the default): redis-server with AOF (`appendfsync everysec`), two
+//! replicas of classify, respond and egress, and one fault after another,
+//! each for `--phase-secs`, then `--settle-secs` without it: `kill -9` of
+//! random stage processes, SIGTERM of each process, `kill -9` of Redis and
+//! a restart from its AOF, Redis frozen (SIGSTOP) past the blocking read,
+//! the sink answering 500, 429 with `Retry-After`, and not at all, a poison
+//! entry in each stream, Redis out of memory. Then every accepted message
+//! is waited for (delivered or dead-lettered), and a table is printed, one
+//! row per fault (messages sent from its start to the next fault's start),
+//! and one JSON line with the totals. Exits 1 if a message was lost or
+//! answered twice (two distinct replies), or a check failed.
+//!
+//! Soak (`--soak`): the same pipeline, no faults, `--minutes` at `--rate`;
+//! the RSS of every process at the start, every `--window-minutes` and at
+//! the end, latency percentiles per window; a table and a JSON line.
+//!
+//! "Doubled" counts messages given two distinct replies (two idempotency
+//! keys): a bug. "Repeated key" counts requests that repeated an
+//! idempotency key the sink had already accepted: the one window botline
+//! leaves (a send interrupted between the platform's answer and egress's
+//! record of it), which a receiver drops by the key.
+
+use botline_shared::codec;
+use botline_shared::message::{ClassifiedMessage, DeadLetter, Priority, Reply, UnifiedMessage};
+use botline_shared::streams::Streams;
+use botline_shared::testing::{add_entry, read_stream, RedisServer};
+use botline_tests::sink::{Answer, Received, Sink};
+use botline_tests::{token, Pipeline, StageProcess, WEBHOOK_SECRET};
+use rand::Rng;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage: scripts/chaos [--rate MSGS_PER_S] [--phase-secs S] [--settle-secs S] [--kills N] [--freeze-secs S] [--chats N] [--drain-secs S]
+       scripts/soak [--rate MSGS_PER_S] [--minutes N] [--window-minutes N] [--chats N] [--drain-secs S]";
+
+struct Options {
+    soak: bool,
+    /// Messages per second offered to the generic API.
+    rate: f64,
+    chats: usize,
+    /// How long each fault lasts (chaos).
+    phase: Duration,
+    /// Load without a fault after each one, before the next (chaos).
+    settle: Duration,
+    /// `kill -9`s in the kill phase.
+    kills: usize,
+    /// How long Redis stays frozen; longer than the blocking read (1 s).
+    freeze: Duration,
+    /// How long to wait, after the load, for every accepted message.
+    drain: Duration,
+    /// Soak: total time, and the window of the memory samples and latency.
+    minutes: f64,
+    window_minutes: f64,
+}
+
+fn options() -> Result<Options, String> {
+    let mut options = Options {
+        soak: false,
+        rate: 200.0,
+        chats: 200,
+        phase: Duration::from_secs(20),
+        settle: Duration::from_secs(5),
+        kills: 4,
+        freeze: Duration::from_secs(4),
+        drain: Duration::from_secs(300),
+        minutes: 60.0,
+        window_minutes: 10.0,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut take = || -> Result<f64, String> {
+            args.next()
+                .ok_or_else(|| format!("{flag} needs a value"))?
+                .parse::<f64>()
+                .map_err(|e| format!("{flag}: {e}"))
+        };
+        match flag.as_str() {
+            "--soak" => options.soak = true,
+            "--rate" => options.rate = take()?,
+            "--chats" => options.chats = take()? as usize,
+            "--phase-secs" => options.phase = Duration::from_secs_f64(take()?),
+            "--settle-secs" => options.settle = Duration::from_secs_f64(take()?),
+            "--kills" => options.kills = take()? as usize,
+            "--freeze-secs" => options.freeze = Duration::from_secs_f64(take()?),
+            "--drain-secs" => options.drain = Duration::from_secs_f64(take()?),
+            "--minutes" => options.minutes = take()?,
+            "--window-minutes" => options.window_minutes = take()?,
+            "--help" | "-h" => return Err(USAGE.into()),
+            other => return Err(format!("unknown option {other}\n{USAGE}")),
+        }
+    }
+    if options.rate <= 0.0 || options.chats == 0 || options.window_minutes <= 0.0 {
+        return Err("--rate, --chats and --window-minutes must be positive".into());
+    }
+    Ok(options)
+}
+
+// ---------------------------------------------------------------- the load
+
+/// One message offered to the API.
+#[derive(Debug, Clone)]
+struct Sent {
+    event_id: String,
+    /// The fault (chaos) or window (soak) it was sent in.
+    phase: usize,
+    sent_at: Instant,
+    /// The message id from a 202 (a 200 "duplicate" carries none).
+    message_id: Option<String>,
+    accepted: bool,
+    /// 429/503 answers before it was accepted.
+    pushbacks: u32,
+    /// Set when the sender gave up on it.
+    refused: Option<String>,
+}
+
+struct Load {
+    ledger: Arc<Mutex<Vec<Sent>>>,
+    phase: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    /// Offer `rate` unique messages a second over `chats` chats until stopped.
+    fn start(base_url: &str, rate: f64, chats: usize) -> Load {
+        let ledger = Arc::new(Mutex::new(Vec::new()));
+        let phase = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("client");
+        let url = format!("{base_url}/v1/messages");
+        let task = tokio::spawn({
+            let (ledger, phase, stop) = (ledger.clone(), phase.clone(), stop.clone());
+            async move {
+                let bearer = token();
+                let started = Instant::now();
+                let mut sends = tokio::task::JoinSet::new();
+                for n in 0.. {
+                    let slot = started + Duration::from_secs_f64(n as f64 / rate);
+                    tokio::time::sleep_until(slot.into()).await;
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let index = {
+                        let mut ledger = ledger.lock().unwrap();
+                        ledger.push(Sent {
+                            event_id: format!("chaos-{n}"),
+                            phase: phase.load(Ordering::SeqCst),
+                            sent_at: Instant::now(),
+                            message_id: None,
+                            accepted: false,
+                            pushbacks: 0,
+                            refused: None,
+                        });
+                        ledger.len() - 1
+                    };
+                    let chat = format!("chat-{}", n % chats);
+                    sends.spawn(send(
+                        http.clone(),
+                        url.clone(),
+                        bearer.clone(),
+                        ledger.clone(),
+                        index,
+                        chat,
+                    ));
+                    while sends.try_join_next().is_some() {}
+                }
+                while sends.join_next().await.is_some() {}
+            }
+        });
+        Load {
+            ledger,
+            phase,
+            stop,
+            task,
+        }
+    }
+
+    fn set_phase(&self, phase: usize) {
+        self.phase.store(phase, Ordering::SeqCst);
+    }
+
+    /// Stop offering, and wait for every send in flight to be accepted or given up.
+    async fn finish(self) -> Vec<Sent> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("load task");
+        let ledger = self.ledger.lock().unwrap().clone();
+        ledger
+    }
+}
+
+/// POST one message, retrying connection errors, timeouts, 429 and 503
+/// with the same event id (as a platform would) for up to ten minutes.
+async fn send(
+    http: reqwest::Client,
+    url: String,
+    bearer: String,
+    ledger: Arc<Mutex<Vec<Sent>>>,
+    index: usize,
+    chat: String,
+) {
+    let event_id = ledger.lock().unwrap()[index].event_id.clone();
+    let body = serde_json::json!({
+        "event_id": event_id,
+        "platform": "webhook",
+        "chat": { "id": chat },
+        "sender": { "id": format!("user-{chat}"), "name": "Ada" },
+        "text": format!("chaos {event_id}"),
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let answer = http
+            .post(&url)
+            .bearer_auth(&bearer)
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        let mut pushback = false;
+        match answer {
+            Ok(response) if response.status().is_success() => {
+                let json: serde_json::Value = response.json().await.unwrap_or_default();
+                let mut ledger = ledger.lock().unwrap();
+                ledger[index].accepted = true;
+                ledger[index].message_id = json["id"].as_str().map(str::to_string);
+                return;
+            }
+            Ok(response) if matches!(response.status().as_u16(), 429 | 503) => pushback = true,
+            Ok(response) => {
+                let refused = format!("{}", response.status());
+                ledger.lock().unwrap()[index].refused = Some(refused);
+                return;
+            }
+            Err(_) => {}
+        }
+        if pushback {
+            ledger.lock().unwrap()[index].pushbacks += 1;
+        }
+        if Instant::now() > deadline {
+            ledger.lock().unwrap()[index].refused = Some("gave up after 10 minutes".into());
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------- the setup
+
+/// redis-server with AOF, the sink, the four stages and a second classify,
+/// respond and egress. `streams_extra` goes into the `[streams]` table.
+async fn start(streams_extra: &str) -> (RedisServer, Sink, Pipeline) {
+    let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let overlay = format!(
+        "[runner]\nclaim_idle_ms = 10000\nclaim_interval_ms = 1000\n\
+         [streams]\ndelivered_max_len = 2000000\n{streams_extra}\
+         [egress.webhook]\nurl = \"{}\"\ntimeout_ms = 2000\n",
+        sink.url
+    );
+    let mut pipeline = Pipeline::start(&redis, &overlay);
+    for stage in ["classify", "respond", "egress"] {
+        pipeline.add(stage);
+    }
+    pipeline.wait_ready(Duration::from_secs(120)).await;
+    (redis, sink, pipeline)
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+fn label(process: &StageProcess, index: usize) -> String {
+    format!("{}#{index}", process.stage)
+}
+
+/// The group and streams a stage reads (none for ingest).
+fn reads(stage: &str, streams: &Streams) -> Option<(&'static str, Vec<String>)> {
+    match stage {
+        "classify" => Some(("classify", vec![streams.inbound()])),
+        "respond" => Some((
+            "respond",
+            [Priority::Urgent, Priority::Normal, Priority::Batch]
+                .map(|p| streams.queue(p))
+                .to_vec(),
+        )),
+        "egress" => Some(("egress", vec![streams.outbound("webhook")])),
+        _ => None,
+    }
+}
+
+/// The consumer name `pid` holds in `group` (from its lease).
+fn consumer_of(redis: &RedisServer, streams: &Streams, group: &str, pid: u32) -> Option<String> {
+    let mut connection = redis.connection();
+    let prefix = streams.consumer_lease(group, "");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut connection)
+        .ok()?;
+    keys.into_iter().find_map(|key| {
+        let holder: String = redis::cmd("GET").arg(&key).query(&mut connection).ok()?;
+        holder
+            .contains(&format!("|{pid}|"))
+            .then(|| key[prefix.len()..].to_string())
+    })
+}
+
+fn pending_of(redis: &RedisServer, stream: &str, group: &str, consumer: &str) -> usize {
+    let entries: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .arg(consumer)
+        .query(&mut redis.connection())
+        .unwrap_or(redis::Value::Nil);
+    match entries {
+        redis::Value::Array(entries) => entries.len(),
+        _ => 0,
+    }
+}
+
+fn used_memory(redis: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query(&mut redis.connection())
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|line| line.strip_prefix("used_memory:")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- the faults
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    Baseline,
+    KillNine,
+    Terminate,
+    RedisKill,
+    RedisFreeze,
+    Sink500,
+    Sink429,
+    SinkHang,
+    Poison,
+    RedisOom,
+}
+
+const FAULTS: [Fault; 10] = [
+    Fault::Baseline,
+    Fault::KillNine,
+    Fault::Terminate,
+    Fault::RedisKill,
+    Fault::RedisFreeze,
+    Fault::Sink500,
+    Fault::Sink429,
+    Fault::SinkHang,
+    Fault::Poison,
+    Fault::RedisOom,
+];
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Baseline => "none (baseline)",
+            Fault::KillNine => "kill -9 of random stage processes",
+            Fault::Terminate => "SIGTERM of each stage process",
+            Fault::RedisKill => "kill -9 of Redis, restart from AOF",
+            Fault::RedisFreeze => "Redis frozen (SIGSTOP)",
+            Fault::Sink500 => "sink answers 500",
+            Fault::Sink429 => "sink answers 429 + Retry-After: 1",
+            Fault::SinkHang => "sink hangs (past egress timeout)",
+            Fault::Poison => "poison entry in in, q:normal, out:webhook",
+            Fault::RedisOom => "Redis out of memory",
+        }
+    }
+}
+
+struct Phase {
+    fault: Fault,
+    started: Instant,
+    /// When the fault was lifted (or, for poison, injected).
+    fault_end: Instant,
+    notes: Vec<String>,
+    /// Checks that failed (a SIGTERM exit status, a pending list left).
+    failures: Vec<String>,
+    /// Entry ids of the poison entries added.
+    poison: Vec<String>,
+}
+
+struct Chaos<'a> {
+    redis: &'a mut RedisServer,
+    sink: &'a Sink,
+    pipeline: &'a mut Pipeline,
+    streams: Streams,
+    options: &'a Options,
+}
+
+impl Chaos<'_> {
+    /// Inject `phase.fault` for the phase's time; returns when it is lifted.
+    async fn inject(&mut self, phase: &mut Phase) {
+        let length = self.options.phase;
+        let until = Instant::now() + length;
+        match phase.fault {
+            Fault::Baseline => tokio::time::sleep(length).await,
+            Fault::KillNine => {
+                let kills = self.options.kills.max(1);
+                let slot = length / kills as u32;
+                for kill in 0..kills {
+                    let slot_end = phase.started + slot * (kill as u32 + 1);
+                    let (wait, pause, index) = {
+                        let mut rng = rand::rng();
+                        (
+                            slot.mul_f64(rng.random_range(0.0..0.6)),
+                            Duration::from_millis(rng.random_range(200..1500)),
+                            rng.random_range(0..self.pipeline.processes.len()),
+                        )
+                    };
+                    tokio::time::sleep(wait).await;
+                    let process = &mut self.pipeline.processes[index];
+                    process.kill9();
+                    tokio::time::sleep(pause).await;
+                    process.start_again();
+                    phase.notes.push(format!(
+                        "killed {} for {} ms",
+                        label(process, index),
+                        pause.as_millis()
+                    ));
+                    tokio::time::sleep_until(slot_end.into()).await;
+                }
+            }
+            Fault::Terminate => {
+                for index in 0..self.pipeline.processes.len() {
+                    let (stage, pid) = {
+                        let process = &self.pipeline.processes[index];
+                        (process.stage, process.pid())
+                    };
+                    let consumer = reads(stage, &self.streams).and_then(|(group, streams)| {
+                        consumer_of(self.redis, &self.streams, group, pid)
+                            .map(|consumer| (group, streams, consumer))
+                    });
+                    let took = Instant::now();
+                    let process = &mut self.pipeline.processes[index];
+                    let name = label(process, index);
+                    let status =
+                        tokio::task::block_in_place(|| process.terminate(Duration::from_secs(30)));
+                    let took = took.elapsed();
+                    let pending: usize = consumer
+                        .as_ref()
+                        .map(|(group, streams, consumer)| {
+                            streams
+                                .iter()
+                                .map(|stream| pending_of(self.redis, stream, group, consumer))
+                                .sum()
+                        })
+                        .unwrap_or(0);
+                    phase.notes.push(format!(
+                        "{name}: {status} after {} ms, {pending} pending{}",
+                        took.as_millis(),
+                        consumer
+                            .as_ref()
+                            .map(|(_, _, c)| format!(" ({c})"))
+                            .unwrap_or_default()
+                    ));
+                    if !status.success() {
+                        phase.failures.push(format!("{name} exited with {status}"));
+                    }
+                    if pending > 0 {
+                        phase
+                            .failures
+                            .push(format!("{name} left {pending} entries pending"));
+                    }
+                    if reads(stage, &self.streams).is_some() && consumer.is_none() {
+                        phase
+                            .notes
+                            .push(format!("{name}: its consumer name was not found"));
+                    }
+                    process.start_again();
+                    self.pipeline.wait_ready(Duration::from_secs(60)).await;
+                }
+                tokio::time::sleep_until(until.into()).await;
+            }
+            Fault::RedisKill => {
+                tokio::time::sleep(length / 3).await;
+                self.redis.kill9();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let down = Instant::now();
+                tokio::task::block_in_place(|| self.redis.start_again());
+                phase.notes.push(format!(
+                    "Redis down 1 s, AOF loaded in {} ms",
+                    down.elapsed().as_millis()
+                ));
+                phase.fault_end = Instant::now();
+                tokio::time::sleep_until(until.into()).await;
+                return;
+            }
+            Fault::RedisFreeze => {
+                tokio::time::sleep(length / 4).await;
+                signal(self.redis.pid(), "STOP");
+                tokio::time::sleep(self.options.freeze).await;
+                signal(self.redis.pid(), "CONT");
+                phase.notes.push(format!(
+                    "frozen {} s (blocking read: 1 s)",
+                    self.options.freeze.as_secs_f64()
+                ));
+                phase.fault_end = Instant::now();
+                tokio::time::sleep_until(until.into()).await;
+                return;
+            }
+            Fault::Sink500 | Fault::Sink429 | Fault::SinkHang => {
+                self.sink.answer_with(match phase.fault {
+                    Fault::Sink500 => Answer::Status(500),
+                    Fault::Sink429 => Answer::RetryAfter(1),
+                    _ => Answer::Hang,
+                });
+                tokio::time::sleep(length).await;
+                self.sink.answer_with(Answer::Ok);
+            }
+            Fault::Poison => {
+                let mut connection = self.redis.connection();
+                let garbage = vec![
+                    ("v".to_string(), b"1".to_vec()),
+                    ("body".to_string(), b"\x93\xff chaos poison".to_vec()),
+                ];
+                for stream in [
+                    self.streams.inbound(),
+                    self.streams.queue(Priority::Normal),
+                    self.streams.outbound("webhook"),
+                ] {
+                    phase
+                        .poison
+                        .push(add_entry(&mut connection, &stream, &garbage));
+                }
+                phase.fault_end = Instant::now();
+                tokio::time::sleep(length).await;
+                return;
+            }
+            Fault::RedisOom => {
+                let used = used_memory(self.redis);
+                let limit = (used / 2).max(1);
+                let _: () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("maxmemory")
+                    .arg(limit)
+                    .query(&mut self.redis.connection())
+                    .expect("CONFIG SET maxmemory");
+                phase
+                    .notes
+                    .push(format!("maxmemory {limit} bytes (used {used}), noeviction"));
+                tokio::time::sleep(length).await;
+                let _: () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("maxmemory")
+                    .arg(0)
+                    .query(&mut self.redis.connection())
+                    .expect("CONFIG SET maxmemory 0");
+            }
+        }
+        phase.fault_end = Instant::now();
+    }
+}
+
+// ---------------------------------------------------------------- the count
+
+/// What became of the accepted messages, read back from Redis and the sink.
+struct Outcome {
+    /// Message id → event id, from the 202s and the `in` stream.
+    event_of: HashMap<String, String>,
+    /// Event id → requests the sink accepted for it, oldest first.
+    received: HashMap<String, Vec<Received>>,
+    /// Event id → dead-letter reasons.
+    dead: HashMap<String, Vec<String>>,
+    /// Dead letters whose entry does not decode (the poison), by entry id.
+    undecodable: Vec<DeadLetter>,
+}
+
+fn read_outcome(redis: &RedisServer, sink: &Sink, ledger: &[Sent], streams: &Streams) -> Outcome {
+    let mut connection = redis.connection();
+    let mut event_of: HashMap<String, String> = ledger
+        .iter()
+        .filter_map(|s| Some((s.message_id.clone()?, s.event_id.clone())))
+        .collect();
+    let inbound: redis::Value = redis::cmd("XRANGE")
+        .arg(streams.inbound())
+        .arg("-")
+        .arg("+")
+        .query(&mut connection)
+        .expect("XRANGE in");
+    for entry in botline_shared::redis_conn::parse_entries(&streams.inbound(), inbound)
+        .expect("entries of in")
+    {
+        let Some(fields) = entry.fields else { continue };
+        let Ok(message) =
+            codec::decode::<UnifiedMessage>(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        else {
+            continue;
+        };
+        if let Some(event) = message.text.strip_prefix("chaos ") {
+            event_of.insert(message.id, event.to_string());
+        }
+    }
+    let mut received: HashMap<String, Vec<Received>> = HashMap::new();
+    for request in sink.received() {
+        if let Some(event) = event_of.get(&request.in_reply_to) {
+            received.entry(event.clone()).or_default().push(request);
+        }
+    }
+    let mut dead: HashMap<String, Vec<String>> = HashMap::new();
+    let mut undecodable = Vec::new();
+    for letter in read_stream::<DeadLetter>(&mut connection, &streams.dead()) {
+        let fields = || {
+            letter
+                .fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+        };
+        let message_id = if letter.stream == streams.inbound() {
+            codec::decode::<UnifiedMessage>(fields()).map(|m| m.id).ok()
+        } else if letter.stream.contains(":q:") {
+            codec::decode::<ClassifiedMessage>(fields())
+                .map(|m| m.message.id)
+                .ok()
+        } else {
+            codec::decode::<Reply>(fields()).map(|r| r.in_reply_to).ok()
+        };
+        match message_id.and_then(|id| event_of.get(&id)) {
+            Some(event) => dead.entry(event.clone()).or_default().push(letter.error),
+            None => undecodable.push(letter),
+        }
+    }
+    Outcome {
+        event_of,
+        received,
+        dead,
+        undecodable,
+    }
+}
+
+/// Messages accepted and neither delivered nor dead-lettered yet.
+fn outstanding(ledger: &[Sent], outcome: &Outcome) -> usize {
+    ledger
+        .iter()
+        .filter(|s| {
+            s.accepted
+                && !outcome.received.contains_key(&s.event_id)
+                && !outcome.dead.contains_key(&s.event_id)
+        })
+        .count()
+}
+
+/// Wait (up to `within`) until every accepted message is delivered or dead.
+async fn drain(
+    redis: &RedisServer,
+    sink: &Sink,
+    ledger: &[Sent],
+    streams: &Streams,
+    within: Duration,
+) -> Outcome {
+    let deadline = Instant::now() + within;
+    let mut last_report = Instant::now();
+    loop {
+        let outcome = read_outcome(redis, sink, ledger, streams);
+        let left = outstanding(ledger, &outcome);
+        if left == 0 || Instant::now() > deadline {
+            return outcome;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!("waiting for {left} messages …");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn percentile(sorted: &[u128], p: f64) -> u128 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[derive(Default)]
+struct Row {
+    sent: usize,
+    accepted: usize,
+    refused: usize,
+    pushbacks: u64,
+    delivered: usize,
+    dead: usize,
+    reasons: BTreeMap<String, usize>,
+    lost: usize,
+    doubled: usize,
+    repeated_keys: usize,
+    latencies_ms: Vec<u128>,
+}
+
+fn short_reason(reason: &str) -> String {
+    let reason: String = reason.chars().take(60).collect();
+    reason.replace('|', "/")
+}
+
+/// One row per phase (fault or window) from the ledger and the outcome.
+fn rows(ledger: &[Sent], outcome: &Outcome, phases: usize) -> Vec<Row> {
+    let mut rows: Vec<Row> = (0..phases).map(|_| Row::default()).collect();
+    for sent in ledger {
+        let row = &mut rows[sent.phase.min(phases - 1)];
+        row.sent += 1;
+        row.pushbacks += u64::from(sent.pushbacks);
+        if !sent.accepted {
+            row.refused += 1;
+            continue;
+        }
+        row.accepted += 1;
+        if let Some(requests) = outcome.received.get(&sent.event_id) {
+            row.delivered += 1;
+            let keys: HashSet<&str> = requests
+                .iter()
+                .map(|r| r.idempotency_key.as_str())
+                .collect();
+            if keys.len() > 1 {
+                row.doubled += 1;
+            }
+            row.repeated_keys += requests.len() - keys.len();
+            let first = requests.iter().map(|r| r.at).min().expect("one");
+            row.latencies_ms
+                .push(first.saturating_duration_since(sent.sent_at).as_millis());
+        } else if let Some(reasons) = outcome.dead.get(&sent.event_id) {
+            row.dead += 1;
+            for reason in reasons {
+                *row.reasons.entry(short_reason(reason)).or_default() += 1;
+            }
+        } else {
+            row.lost += 1;
+        }
+    }
+    for row in &mut rows {
+        row.latencies_ms.sort_unstable();
+    }
+    rows
+}
+
+fn ms(duration: Option<Duration>) -> String {
+    duration.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64()))
+}
+
+// ---------------------------------------------------------------- chaos
+
+async fn chaos(options: Options) -> i32 {
+    let (mut redis, sink, mut pipeline) = start("").await;
+    let streams = Streams::default();
+    eprintln!(
+        "pipeline ready (logs in {}); load {}/s over {} chats; {} faults × ({:?} + {:?} settle)",
+        pipeline.dir.display(),
+        options.rate,
+        options.chats,
+        FAULTS.len(),
+        options.phase,
+        options.settle
+    );
+    let load = Load::start(&pipeline.base_url(), options.rate, options.chats);
+    let mut phases: Vec<Phase> = Vec::new();
+    {
+        let mut chaos = Chaos {
+            redis: &mut redis,
+            sink: &sink,
+            pipeline: &mut pipeline,
+            streams: streams.clone(),
+            options: &options,
+        };
+        for (index, fault) in FAULTS.into_iter().enumerate() {
+            load.set_phase(index);
+            let now = Instant::now();
+            let mut phase = Phase {
+                fault,
+                started: now,
+                fault_end: now,
+                notes: Vec::new(),
+                failures: Vec::new(),
+                poison: Vec::new(),
+            };
+            eprintln!("[{index}] {} …", fault.name());
+            chaos.inject(&mut phase).await;
+            tokio::time::sleep(options.settle).await;
+            phases.push(phase);
+        }
+    }
+    let offered_for = phases[0].started.elapsed();
+    eprintln!(
+        "faults done after {:.0} s; finishing the sends in flight …",
+        offered_for.as_secs_f64()
+    );
+    let ledger = load.finish().await;
+    eprintln!(
+        "{} messages offered; waiting up to {:?} for each to be delivered or dead-lettered …",
+        ledger.len(),
+        options.drain
+    );
+    let outcome = drain(&redis, &sink, &ledger, &streams, options.drain).await;
+    let rows = rows(&ledger, &outcome, phases.len());
+
+    // Deliveries by time, for recovery: the first after each fault's end,
+    // and when the last message sent during the fault was delivered.
+    let mut delivered_at: Vec<Instant> = sink.received().iter().map(|r| r.at).collect();
+    delivered_at.sort_unstable();
+    let first_at: HashMap<&str, Instant> = outcome
+        .received
+        .iter()
+        .map(|(event, requests)| {
+            (
+                event.as_str(),
+                requests.iter().map(|r| r.at).min().expect("one"),
+            )
+        })
+        .collect();
+
+    println!("| fault | sent | delivered | dead-lettered (reason) | lost | doubled | repeated key | pushed back (429/503) | recovery: resumed / caught up (s) | latency p50 / p99 (ms) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut failures: Vec<String> = Vec::new();
+    for (index, (phase, row)) in phases.iter().zip(&rows).enumerate() {
+        let resumed = delivered_at
+            .iter()
+            .find(|at| **at >= phase.fault_end)
+            .map(|at| at.duration_since(phase.fault_end));
+        let during: Vec<&Sent> = ledger
+            .iter()
+            .filter(|s| s.phase == index && s.sent_at <= phase.fault_end && s.accepted)
+            .collect();
+        let caught_up = if during.iter().all(|s| {
+            first_at.contains_key(s.event_id.as_str()) || outcome.dead.contains_key(&s.event_id)
+        }) {
+            during
+                .iter()
+                .filter_map(|s| first_at.get(s.event_id.as_str()))
+                .max()
+                .map(|at| at.saturating_duration_since(phase.fault_end))
+        } else {
+            None
+        };
+        let mut dead = row.dead.to_string();
+        if !row.reasons.is_empty() {
+            let reasons: Vec<String> = row
+                .reasons
+                .iter()
+                .map(|(reason, n)| format!("{n}× {reason}"))
+                .collect();
+            dead = format!("{dead} ({})", reasons.join("; "));
+        }
+        let poison: Vec<&DeadLetter> = outcome
+            .undecodable
+            .iter()
+            .filter(|d| phase.poison.contains(&d.entry_id))
+            .collect();
+        if !phase.poison.is_empty() {
+            let reasons: Vec<String> = poison
+                .iter()
+                .map(|d| format!("{}: {}", d.stage, short_reason(&d.error)))
+                .collect();
+            dead = format!(
+                "{dead} + {} of {} poison entries ({})",
+                poison.len(),
+                phase.poison.len(),
+                reasons.join("; ")
+            );
+            if poison.len() != phase.poison.len() {
+                failures.push(format!(
+                    "only {} of {} poison entries reached dead",
+                    poison.len(),
+                    phase.poison.len()
+                ));
+            }
+        }
+        let refused = if row.refused > 0 {
+            format!(" ({} never accepted)", row.refused)
+        } else {
+            String::new()
+        };
+        println!(
+            "| {} | {}{refused} | {} | {dead} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            phase.fault.name(),
+            row.sent,
+            row.delivered,
+            row.lost,
+            row.doubled,
+            row.repeated_keys,
+            row.pushbacks,
+            ms(resumed),
+            ms(caught_up),
+            percentile(&row.latencies_ms, 0.5),
+            percentile(&row.latencies_ms, 0.99),
+        );
+        failures.extend(phase.failures.iter().cloned());
+    }
+    let total = |f: fn(&Row) -> usize| rows.iter().map(f).sum::<usize>();
+    let (sent, accepted, delivered, dead, lost, doubled, repeated, refused) = (
+        total(|r| r.sent),
+        total(|r| r.accepted),
+        total(|r| r.delivered),
+        total(|r| r.dead),
+        total(|r| r.lost),
+        total(|r| r.doubled),
+        total(|r| r.repeated_keys),
+        total(|r| r.refused),
+    );
+    let pushbacks: u64 = rows.iter().map(|r| r.pushbacks).sum();
+    let unknown_dead = outcome
+        .undecodable
+        .iter()
+        .filter(|d| !phases.iter().any(|p| p.poison.contains(&d.entry_id)))
+        .count();
+    println!(
+        "| **total** | {sent} | {delivered} | {dead} | {lost} | {doubled} | {repeated} | {pushbacks} | | |"
+    );
+    println!();
+    for phase in &phases {
+        for note in &phase.notes {
+            println!("- {}: {note}", phase.fault.name());
+        }
+    }
+    if unknown_dead > 0 {
+        println!("- {unknown_dead} dead letters of no message sent here and no poison entry");
+    }
+    let unsigned = sink.received().iter().filter(|r| !r.signature_ok).count();
+    if unsigned > 0 {
+        failures.push(format!("{unsigned} requests with a bad signature"));
+    }
+    if refused > 0 {
+        failures.push(format!("{refused} messages never accepted by the API"));
+    }
+    for failure in &failures {
+        println!("- FAILED: {failure}");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "chaos",
+            "rate": options.rate,
+            "phase_secs": options.phase.as_secs_f64(),
+            "faults": phases.len() - 1,
+            "sent": sent,
+            "accepted": accepted,
+            "delivered": delivered,
+            "dead_lettered": dead,
+            "poison_dead": outcome.undecodable.len() - unknown_dead,
+            "lost": lost,
+            "doubled": doubled,
+            "repeated_key": repeated,
+            "pushed_back": pushbacks,
+            "never_accepted": refused,
+            "failed_checks": failures.len(),
+            "messages_mapped": outcome.event_of.len(),
+        })
+    );
+    drop(pipeline);
+    drop(redis);
+    if lost > 0 || doubled > 0 || !failures.is_empty() {
+        1
+    } else {
+        0
+    }
+}
+
+// ---------------------------------------------------------------- soak
+
+/// Minutes, with a decimal only when not whole.
+fn minutes(duration: Duration) -> String {
+    let minutes = duration.as_secs_f64() / 60.0;
+    if (minutes - minutes.round()).abs() < 0.05 {
+        format!("{minutes:.0}")
+    } else {
+        format!("{minutes:.1}")
+    }
+}
+
+/// VmRSS of `pid` in KiB (0 if it is gone).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("VmRSS:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn sample(redis: &RedisServer, pipeline: &Pipeline) -> Vec<(String, u64)> {
+    let mut sample = vec![("redis-server".to_string(), rss_kib(redis.pid()))];
+    for (index, process) in pipeline.processes.iter().enumerate() {
+        sample.push((label(process, index), rss_kib(process.pid())));
+    }
+    sample
+}
+
+async fn soak(options: Options) -> i32 {
+    // Streams kept 10 minutes, so Redis's own memory can level off within the hour.
+    let (redis, sink, pipeline) = start("retention_ms = 600000\n").await;
+    let streams = Streams::default();
+    let total = Duration::from_secs_f64(options.minutes * 60.0);
+    let window = Duration::from_secs_f64(options.window_minutes * 60.0);
+    eprintln!(
+        "soak: {}/s for {:?}, a sample every {:?} (logs in {})",
+        options.rate,
+        total,
+        window,
+        pipeline.dir.display()
+    );
+    let started = Instant::now();
+    let mut samples: Vec<(Duration, Vec<(String, u64)>)> =
+        vec![(Duration::ZERO, sample(&redis, &pipeline))];
+    let load = Load::start(&pipeline.base_url(), options.rate, options.chats);
+    let mut windows = 1;
+    loop {
+        let next = (window * windows as u32).min(total);
+        tokio::time::sleep_until((started + next).into()).await;
+        samples.push((started.elapsed(), sample(&redis, &pipeline)));
+        eprintln!(
+            "{:.1} min: {} delivered",
+            started.elapsed().as_secs_f64() / 60.0,
+            sink.count()
+        );
+        if next >= total {
+            break;
+        }
+        load.set_phase(windows);
+        windows += 1;
+    }
+    let ledger = load.finish().await;
+    let outcome = drain(&redis, &sink, &ledger, &streams, options.drain).await;
+    let rows = rows(&ledger, &outcome, windows);
+
+    println!(
+        "| window (min) | sent | delivered | lost | doubled | latency p50 / p90 / p99 / max (ms) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (index, row) in rows.iter().enumerate() {
+        let from = window.mul_f64(index as f64).min(total);
+        let to = window.mul_f64(index as f64 + 1.0).min(total);
+        println!(
+            "| {}–{} | {} | {} | {} | {} | {} / {} / {} / {} |",
+            minutes(from),
+            minutes(to),
+            row.sent,
+            row.delivered,
+            row.lost,
+            row.doubled,
+            percentile(&row.latencies_ms, 0.5),
+            percentile(&row.latencies_ms, 0.9),
+            percentile(&row.latencies_ms, 0.99),
+            row.latencies_ms.last().copied().unwrap_or_default(),
+        );
+    }
+    println!();
+    let header: Vec<String> = samples
+        .iter()
+        .map(|(at, _)| format!("{} min", minutes(*at)))
+        .collect();
+    println!("| RSS (MiB) | {} |", header.join(" | "));
+    println!("| --- |{}", " --- |".repeat(samples.len()));
+    let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+    for (index, (name, _)) in samples[0].1.iter().enumerate() {
+        let values: Vec<String> = samples.iter().map(|(_, s)| mib(s[index].1)).collect();
+        println!("| {name} | {} |", values.join(" | "));
+    }
+    let totals: Vec<u64> = samples
+        .iter()
+        .map(|(_, s)| s.iter().map(|(_, kib)| kib).sum())
+        .collect();
+    println!(
+        "| **all** | {} |",
+        totals
+            .iter()
+            .map(|k| mib(*k))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    // Levelled off: the last window grew by at most half the first window's
+    // growth (or under 2 MiB); it needs at least two windows to tell.
+    let growth = |i: usize| totals[i] as i64 - totals[i - 1] as i64;
+    let (first_growth, last_growth) = (growth(1), growth(totals.len() - 1));
+    println!();
+    let stages: Vec<u64> = samples
+        .iter()
+        .map(|(_, s)| s.iter().skip(1).map(|(_, kib)| kib).sum())
+        .collect();
+    println!(
+        "stage processes only (Redis holds `retention_ms` of streams): first window {:+.1} MiB, last window {:+.1} MiB",
+        (stages[1] as f64 - stages[0] as f64) / 1024.0,
+        (stages[stages.len() - 1] as f64 - stages[stages.len() - 2] as f64) / 1024.0,
+    );
+    let levelled = (totals.len() >= 3).then(|| last_growth <= (first_growth / 2).max(2048));
+    println!(
+        "memory: first window {:+.1} MiB, last window {:+.1} MiB → {}",
+        first_growth as f64 / 1024.0,
+        last_growth as f64 / 1024.0,
+        match levelled {
+            Some(true) => "levelled off",
+            Some(false) => "STILL GROWING",
+            None => "too few windows to tell",
+        }
+    );
+    let all: Vec<u128> = {
+        let mut all: Vec<u128> = rows.iter().flat_map(|r| r.latencies_ms.clone()).collect();
+        all.sort_unstable();
+        all
+    };
+    let lost: usize = rows.iter().map(|r| r.lost + r.refused).sum();
+    let doubled: usize = rows.iter().map(|r| r.doubled).sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "soak",
+            "rate": options.rate,
+            "minutes": options.minutes,
+            "sent": ledger.len(),
+            "delivered": rows.iter().map(|r| r.delivered).sum::<usize>(),
+            "lost": lost,
+            "doubled": doubled,
+            "p50_ms": percentile(&all, 0.5),
+            "p99_ms": percentile(&all, 0.99),
+            "rss_start_mib": totals[0] as f64 / 1024.0,
+            "rss_end_mib": totals[totals.len() - 1] as f64 / 1024.0,
+            "first_window_growth_mib": first_growth as f64 / 1024.0,
+            "last_window_growth_mib": last_growth as f64 / 1024.0,
+            "levelled_off": levelled,
+        })
+    );
+    drop(pipeline);
+    drop(redis);
+    if lost > 0 || doubled > 0 || levelled == Some(false) {
+        1
+    } else {
+        0
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    let options = match options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    let code = if options.soak {
+        soak(options).await
+    } else {
+        chaos(options).await
+    };
+    std::process::exit(code);
+}
