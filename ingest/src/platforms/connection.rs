@@ -25,6 +25,7 @@
 
 use botline_shared::redis_conn::Pool;
 use botline_shared::telemetry::Health;
+use botline_shared::Error;
 use futures_util::future::BoxFuture;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -292,11 +293,63 @@ pub trait Connector: Send + Sync + 'static {
 /// How [`supervise`] holds and paces one connection.
 #[derive(Debug, Clone)]
 pub struct Supervision {
+    /// How long the lease lives without a renewal.
+    pub lease_ttl: Duration,
     /// Time between a standby replica's looks at the lease (and the
     /// holder's renewals are a third of the lease's ttl).
     pub standby_poll: Duration,
+    /// Longest wait for the platform's opening call and for the socket.
+    pub connect_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+}
+
+/// The timing settings every long-lived connection has, as written (ms).
+pub struct Timings {
+    pub lease_ttl_ms: u64,
+    pub standby_poll_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub reconnect_base_ms: u64,
+    pub reconnect_cap_ms: u64,
+}
+
+impl Timings {
+    /// Each at least 1 ms; an error names the setting under `section`
+    /// (`ingest.platforms.slack`).
+    pub fn checked(self, section: &str) -> Result<Supervision, Error> {
+        for (name, value) in [
+            ("lease_ttl_ms", self.lease_ttl_ms),
+            ("standby_poll_ms", self.standby_poll_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("reconnect_base_ms", self.reconnect_base_ms),
+            ("reconnect_cap_ms", self.reconnect_cap_ms),
+        ] {
+            if value == 0 {
+                return Err(Error::config(
+                    format!("{section}.{name}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(Supervision {
+            lease_ttl: Duration::from_millis(self.lease_ttl_ms),
+            standby_poll: Duration::from_millis(self.standby_poll_ms),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            backoff_base: Duration::from_millis(self.reconnect_base_ms),
+            backoff_cap: Duration::from_millis(self.reconnect_cap_ms),
+        })
+    }
+}
+
+impl Supervision {
+    /// An HTTP client for the platform's opening call, within `connect_timeout`.
+    pub fn http_client(&self, section: &str) -> Result<reqwest::Client, Error> {
+        reqwest::Client::builder()
+            .timeout(self.connect_timeout)
+            .user_agent(concat!("botline-ingest/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|error| Error::config(section, error))
+    }
 }
 
 /// Keep `connector`'s connection up from this replica while it holds

@@ -26,7 +26,7 @@
 
 mod stream;
 
-use super::connection::Supervision;
+use super::connection::Timings;
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
@@ -43,7 +43,6 @@ use serde::Deserialize;
 use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -110,35 +109,21 @@ fn stream_settings(settings: &Settings, app_secret: &str) -> Result<stream::Stre
         .ok()
         .filter(|url| matches!(url.scheme(), "http" | "https"))
         .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
-    for (name, value) in [
-        ("lease_ttl_ms", settings.lease_ttl_ms),
-        ("standby_poll_ms", settings.standby_poll_ms),
-        ("connect_timeout_ms", settings.connect_timeout_ms),
-        ("reconnect_base_ms", settings.reconnect_base_ms),
-        ("reconnect_cap_ms", settings.reconnect_cap_ms),
-    ] {
-        if value == 0 {
-            return Err(Error::config(setting(name), "must be at least 1"));
-        }
+    let supervision = Timings {
+        lease_ttl_ms: settings.lease_ttl_ms,
+        standby_poll_ms: settings.standby_poll_ms,
+        connect_timeout_ms: settings.connect_timeout_ms,
+        reconnect_base_ms: settings.reconnect_base_ms,
+        reconnect_cap_ms: settings.reconnect_cap_ms,
     }
-    let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
-    let client = reqwest::Client::builder()
-        .timeout(connect_timeout)
-        .user_agent(concat!("botline-ingest/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|error| Error::config("ingest.platforms.dingtalk", error))?;
+    .checked("ingest.platforms.dingtalk")?;
+    let client = supervision.http_client("ingest.platforms.dingtalk")?;
     Ok(stream::StreamSettings {
         client_id: settings.client_id.clone(),
         client_secret: app_secret.to_string(),
         open_url,
         client,
-        lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
-        connect_timeout,
-        supervision: Supervision {
-            standby_poll: Duration::from_millis(settings.standby_poll_ms),
-            backoff_base: Duration::from_millis(settings.reconnect_base_ms),
-            backoff_cap: Duration::from_millis(settings.reconnect_cap_ms),
-        },
+        supervision,
     })
 }
 

@@ -34,7 +34,7 @@
 //! attachments by URL. The bot's own messages and system messages (joins,
 //! pins, …) are ignored.
 
-use super::connection::{self, Connector, Ended, Lease, Link, Supervision};
+use super::connection::{self, Connector, Ended, Lease, Link, Supervision, Timings};
 use super::{Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
@@ -127,8 +127,6 @@ pub struct Discord {
     /// The bot's user id (configured, or read from the token).
     bot_id: String,
     shard: Option<(u32, u32)>,
-    lease_ttl: Duration,
-    connect_timeout: Duration,
     supervision: Supervision,
 }
 
@@ -170,17 +168,14 @@ fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>,
             "must be below shard_count (at least 1)",
         ));
     }
-    for (name, value) in [
-        ("lease_ttl_ms", settings.lease_ttl_ms),
-        ("standby_poll_ms", settings.standby_poll_ms),
-        ("connect_timeout_ms", settings.connect_timeout_ms),
-        ("reconnect_base_ms", settings.reconnect_base_ms),
-        ("reconnect_cap_ms", settings.reconnect_cap_ms),
-    ] {
-        if value == 0 {
-            return Err(Error::config(setting(name), "must be at least 1"));
-        }
+    let supervision = Timings {
+        lease_ttl_ms: settings.lease_ttl_ms,
+        standby_poll_ms: settings.standby_poll_ms,
+        connect_timeout_ms: settings.connect_timeout_ms,
+        reconnect_base_ms: settings.reconnect_base_ms,
+        reconnect_cap_ms: settings.reconnect_cap_ms,
     }
+    .checked("ingest.platforms.discord")?;
     info!(message = "discord gateway", bot_id = %bot_id, intents, shard_id = settings.shard_id, shard_count = settings.shard_count);
     Ok(Arc::new(Discord {
         gateway_url,
@@ -188,13 +183,7 @@ fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>,
         intents,
         bot_id,
         shard: (settings.shard_count > 1).then_some((settings.shard_id, settings.shard_count)),
-        lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
-        connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
-        supervision: Supervision {
-            standby_poll: Duration::from_millis(settings.standby_poll_ms),
-            backoff_base: Duration::from_millis(settings.reconnect_base_ms),
-            backoff_cap: Duration::from_millis(settings.reconnect_cap_ms),
-        },
+        supervision,
     }))
 }
 
@@ -243,7 +232,7 @@ impl InboundPlatform for Discord {
         let lease = Lease::new(
             inbox.pool.clone(),
             inbox.streams.consumer_lease("discord-gateway", &name),
-            self.lease_ttl,
+            self.supervision.lease_ttl,
         );
         let session_key = inbox.streams.consumer_lease("discord-session", &name);
         let link = Arc::new(Link::new(PLATFORM.name, name, health));
@@ -327,14 +316,14 @@ impl Gateway {
             None => self.discord.gateway_url.clone(),
         };
         let connecting = tokio::time::timeout(
-            self.discord.connect_timeout,
+            self.discord.supervision.connect_timeout,
             tokio_tungstenite::connect_async(url.as_str()),
         );
         let mut socket = tokio::select! {
             connected = connecting => match connected {
                 Ok(Ok((socket, _))) => socket,
                 Ok(Err(error)) => return Ended::Failed(format!("could not connect to {}: {error}", host(&url))),
-                Err(_) => return Ended::Failed(format!("no connection to {} within {:?}", host(&url), self.discord.connect_timeout)),
+                Err(_) => return Ended::Failed(format!("no connection to {} within {:?}", host(&url), self.discord.supervision.connect_timeout)),
             },
             _ = stop.cancelled() => return Ended::Stopped,
         };
@@ -386,7 +375,7 @@ impl Gateway {
     ) -> Close {
         // HELLO first.
         let hello = tokio::select! {
-            hello = tokio::time::timeout(self.discord.connect_timeout, next_payload(socket)) => hello,
+            hello = tokio::time::timeout(self.discord.supervision.connect_timeout, next_payload(socket)) => hello,
             _ = stop.cancelled() => return Close::End(Ended::Stopped),
         };
         let interval = match hello {

@@ -26,7 +26,7 @@
 
 mod socket;
 
-use super::connection::Supervision;
+use super::connection::Timings;
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
@@ -41,7 +41,6 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -160,34 +159,20 @@ fn socket_settings(
         .ok()
         .filter(|url| matches!(url.scheme(), "http" | "https"))
         .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
-    for (name, value) in [
-        ("lease_ttl_ms", settings.lease_ttl_ms),
-        ("standby_poll_ms", settings.standby_poll_ms),
-        ("connect_timeout_ms", settings.connect_timeout_ms),
-        ("reconnect_base_ms", settings.reconnect_base_ms),
-        ("reconnect_cap_ms", settings.reconnect_cap_ms),
-    ] {
-        if value == 0 {
-            return Err(Error::config(setting(name), "must be at least 1"));
-        }
+    let supervision = Timings {
+        lease_ttl_ms: settings.lease_ttl_ms,
+        standby_poll_ms: settings.standby_poll_ms,
+        connect_timeout_ms: settings.connect_timeout_ms,
+        reconnect_base_ms: settings.reconnect_base_ms,
+        reconnect_cap_ms: settings.reconnect_cap_ms,
     }
-    let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
-    let client = reqwest::Client::builder()
-        .timeout(connect_timeout)
-        .user_agent(concat!("botline-ingest/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|error| Error::config("ingest.platforms.slack", error))?;
+    .checked("ingest.platforms.slack")?;
+    let client = supervision.http_client("ingest.platforms.slack")?;
     Ok(socket::SocketSettings {
         app_token,
         open_url,
         client,
-        lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
-        connect_timeout,
-        supervision: Supervision {
-            standby_poll: Duration::from_millis(settings.standby_poll_ms),
-            backoff_base: Duration::from_millis(settings.reconnect_base_ms),
-            backoff_cap: Duration::from_millis(settings.reconnect_cap_ms),
-        },
+        supervision,
     })
 }
 

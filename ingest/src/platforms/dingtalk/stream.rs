@@ -52,9 +52,6 @@ pub(super) struct StreamSettings {
     /// `{api_base_url}/v1.0/gateway/connections/open`.
     pub open_url: url::Url,
     pub client: reqwest::Client,
-    pub lease_ttl: Duration,
-    /// Longest wait for the registration call and for the WebSocket.
-    pub connect_timeout: Duration,
     pub supervision: Supervision,
 }
 
@@ -70,7 +67,7 @@ pub(super) fn start(
     let lease = Lease::new(
         inbox.pool.clone(),
         inbox.streams.consumer_lease("dingtalk-stream", &name),
-        settings.lease_ttl,
+        settings.supervision.lease_ttl,
     );
     let supervision = settings.supervision.clone();
     let link = Arc::new(Link::new(NAME, name, health));
@@ -239,7 +236,7 @@ impl StreamMode {
         url.query_pairs_mut()
             .append_pair("ticket", &registered.ticket);
         let connecting = tokio::time::timeout(
-            settings.connect_timeout,
+            settings.supervision.connect_timeout,
             tokio_tungstenite::connect_async(url.as_str()),
         );
         match connecting.await {
@@ -247,7 +244,7 @@ impl StreamMode {
             Ok(Err(error)) => Err(format!("could not connect to the dingtalk stream: {error}")),
             Err(_) => Err(format!(
                 "no dingtalk stream within {:?}",
-                settings.connect_timeout
+                settings.supervision.connect_timeout
             )),
         }
     }

@@ -44,9 +44,6 @@ pub(super) struct SocketSettings {
     /// `{api_base_url}/apps.connections.open`.
     pub open_url: url::Url,
     pub client: reqwest::Client,
-    pub lease_ttl: Duration,
-    /// Longest wait for `apps.connections.open` and for the WebSocket.
-    pub connect_timeout: Duration,
     pub supervision: Supervision,
 }
 
@@ -58,7 +55,7 @@ pub(super) fn start(slack: Arc<Slack>, inbox: Inbox, health: Health, shutdown: C
     let lease = Lease::new(
         inbox.pool.clone(),
         inbox.streams.consumer_lease("slack-socket", &name),
-        settings.lease_ttl,
+        settings.supervision.lease_ttl,
     );
     let supervision = settings.supervision.clone();
     let link = Arc::new(Link::new(PLATFORM.name, name, health));
@@ -213,7 +210,7 @@ impl SocketMode {
             }
         };
         let connecting = tokio::time::timeout(
-            settings.connect_timeout,
+            settings.supervision.connect_timeout,
             tokio_tungstenite::connect_async(url.as_str()),
         );
         match connecting.await {
@@ -221,7 +218,7 @@ impl SocketMode {
             Ok(Err(error)) => Err(format!("could not connect to the slack socket: {error}")),
             Err(_) => Err(format!(
                 "no slack socket within {:?}",
-                settings.connect_timeout
+                settings.supervision.connect_timeout
             )),
         }
     }
