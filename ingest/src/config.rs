@@ -36,6 +36,14 @@ pub struct IngestSettings {
     pub broadcast_max_chats: usize,
     /// Required `aud` of generic API tokens; empty: not checked.
     pub jwt_audience: String,
+    /// Requests (and web chat messages) one client address may make per
+    /// second on average, over every route; 0: no limit.
+    pub per_source_per_second: u32,
+    /// How many a client address may make at once above that average.
+    pub per_source_burst: u32,
+    /// The header a trusted proxy puts the client's address in
+    /// (`X-Forwarded-For`: its last entry); empty: the connection's peer.
+    pub client_ip_header: String,
     /// Scheduled messages.
     pub schedule: Vec<ScheduleEntry>,
     /// `[ingest.platforms.<name>]`: each platform webhook's settings, read
@@ -288,7 +296,7 @@ mod tests {
         );
         check_error(
             &DEFAULTS.replace("max_text_chars", "max_text_char"),
-            "setting ingest.max_text_char: unknown field `max_text_char`, expected one of `max_body_bytes`, `max_text_chars`, `dedup_ttl_ms`, `in_max_backlog`, `backlog_poll_ms`, `retry_after_secs`, `broadcast_max_chats`, `jwt_audience`, `schedule`, `platforms`",
+            "setting ingest.max_text_char: unknown field `max_text_char`, expected one of `max_body_bytes`, `max_text_chars`, `dedup_ttl_ms`, `in_max_backlog`, `backlog_poll_ms`, `retry_after_secs`, `broadcast_max_chats`, `jwt_audience`, `per_source_per_second`, `per_source_burst`, `client_ip_header`, `schedule`, `platforms`",
         );
     }
 

@@ -40,6 +40,9 @@ pub enum IngestError {
     /// `in` is over its backlog limit.
     #[error("ingest is busy, retry in {retry_after_secs} s")]
     Busy { retry_after_secs: u64 },
+    /// This client address is over its per-source limit.
+    #[error("too many requests from this address, retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     /// Redis answered OOM: back-pressure as well, nothing was added.
     #[error("storage is full, retry in {retry_after_secs} s")]
     StorageFull { retry_after_secs: u64 },
@@ -61,7 +64,9 @@ impl IngestError {
             IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
             IngestError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            IngestError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::Busy { .. } | IngestError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             IngestError::StorageFull { .. } | IngestError::Unavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -79,6 +84,7 @@ impl IngestError {
             IngestError::Malformed(_) => "malformed",
             IngestError::Invalid(_) => "invalid",
             IngestError::Busy { .. } => "backpressure",
+            IngestError::RateLimited { .. } => "rate_limited",
             IngestError::StorageFull { .. } => "redis_oom",
             IngestError::Unavailable { .. } => "redis_unavailable",
         }
@@ -87,6 +93,7 @@ impl IngestError {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             IngestError::Busy { retry_after_secs }
+            | IngestError::RateLimited { retry_after_secs }
             | IngestError::StorageFull { retry_after_secs }
             | IngestError::Unavailable {
                 retry_after_secs, ..

@@ -22,6 +22,9 @@ async fn main() -> anyhow::Result<()> {
         telemetry.health.clone(),
     )?;
     info!(message = "starting ingest", process = %process.redacted(), http = %http.redacted(), settings = ?ingest.settings);
+    botline_shared::redis_conn::check_at_start(&ingest.client)
+        .await
+        .context("ingest: bad environment")?;
     let shutdown = telemetry::shutdown_on_signal();
     let health =
         telemetry::health_router(telemetry.health, ingest.pool.clone(), telemetry.prometheus);

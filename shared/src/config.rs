@@ -7,6 +7,8 @@
 
 use crate::streams::{Streams, DEFAULT_PREFIX};
 use crate::Error;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -57,10 +59,13 @@ pub enum LogFormat {
 }
 
 /// Settings every binary reads from its environment.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProcessConfig {
     /// `BOTLINE_REDIS_URL`: where the streams live. Default `redis://127.0.0.1:6379`.
+    /// `redis://user:password@host:port/` for an ACL user, `rediss://…` for TLS.
     pub redis_url: String,
+    /// The TLS files of a `rediss://` URL (`BOTLINE_REDIS_CA_FILE`, …).
+    pub redis_tls: RedisTls,
     /// `BOTLINE_PREFIX`: key prefix of every stream. Default `{botline}`.
     pub prefix: String,
     /// `BOTLINE_CONSUMER`: this replica's consumer name, used as is.
@@ -79,8 +84,11 @@ impl ProcessConfig {
         let redis_url = env
             .get("BOTLINE_REDIS_URL")
             .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
-        redis::Client::open(redis_url.as_str())
-            .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))?;
+        let redis_tls = RedisTls {
+            ca_file: env.get(RedisTls::CA_FILE).map(PathBuf::from),
+            cert_file: env.get(RedisTls::CERT_FILE).map(PathBuf::from),
+            key_file: env.get(RedisTls::KEY_FILE).map(PathBuf::from),
+        };
         let prefix = env
             .get("BOTLINE_PREFIX")
             .unwrap_or_else(|| DEFAULT_PREFIX.into());
@@ -98,14 +106,18 @@ impl ProcessConfig {
                 ))
             }
         };
-        Ok(ProcessConfig {
+        let process = ProcessConfig {
             redis_url,
+            redis_tls,
             prefix,
             consumer: env.get("BOTLINE_CONSUMER"),
             metrics_addr,
             log_format,
             config_path: env.get("BOTLINE_CONFIG").map(PathBuf::from),
-        })
+        };
+        // The URL parses, and the TLS files are there and hold what they should.
+        crate::redis_conn::client(&process)?;
+        Ok(process)
     }
 
     pub fn streams(&self) -> Streams {
@@ -120,8 +132,9 @@ impl ProcessConfig {
     /// The settings worth logging at start; secrets are never among them.
     pub fn redacted(&self) -> String {
         format!(
-            "redis={} prefix={} metrics={} config={}",
+            "redis={}{} prefix={} metrics={} config={}",
             redact_url(&self.redis_url),
+            self.redis_tls.summary(),
             self.prefix,
             self.metrics_addr,
             self.config_path
@@ -130,6 +143,139 @@ impl ProcessConfig {
                 .unwrap_or_else(|| "(defaults)".into()),
         )
     }
+}
+
+/// Never shows the Redis password: the URL is redacted.
+impl std::fmt::Debug for ProcessConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// The files of a TLS connection to Redis, each a PEM file named by its
+/// variable. They apply only to a `rediss://` URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// `BOTLINE_REDIS_CA_FILE`: the CA certificate(s) that signed Redis's
+    /// certificate (a private CA). Unset: the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    /// `BOTLINE_REDIS_CERT_FILE`: this client's certificate chain, for a
+    /// Redis that asks clients for one (`tls-auth-clients yes`).
+    pub cert_file: Option<PathBuf>,
+    /// `BOTLINE_REDIS_KEY_FILE`: the private key of that certificate.
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    pub const CA_FILE: &str = "BOTLINE_REDIS_CA_FILE";
+    pub const CERT_FILE: &str = "BOTLINE_REDIS_CERT_FILE";
+    pub const KEY_FILE: &str = "BOTLINE_REDIS_KEY_FILE";
+
+    /// The first variable set, for "only with rediss://".
+    pub fn first_set(&self) -> Option<&'static str> {
+        [
+            (Self::CA_FILE, &self.ca_file),
+            (Self::CERT_FILE, &self.cert_file),
+            (Self::KEY_FILE, &self.key_file),
+        ]
+        .into_iter()
+        .find_map(|(name, value)| value.is_some().then_some(name))
+    }
+
+    /// The certificates redis's TLS takes, each file read and checked:
+    /// an error names the variable whose file is missing or malformed.
+    pub fn certificates(&self) -> Result<redis::TlsCertificates, Error> {
+        let root_cert = match &self.ca_file {
+            None => None,
+            Some(path) => {
+                let pem = read_file(Self::CA_FILE, path)?;
+                let mut roots = rustls::RootCertStore::empty();
+                for certificate in pem_certificates(Self::CA_FILE, path, &pem)? {
+                    roots.add(certificate).map_err(|error| {
+                        Error::config(
+                            Self::CA_FILE,
+                            format!("{}: not a CA certificate: {error}", path.display()),
+                        )
+                    })?;
+                }
+                Some(pem)
+            }
+        };
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(Error::config(
+                    Self::KEY_FILE,
+                    format!("is not set, but {} is", Self::CERT_FILE),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    Self::CERT_FILE,
+                    format!("is not set, but {} is", Self::KEY_FILE),
+                ))
+            }
+            (Some(cert_path), Some(key_path)) => {
+                let client_cert = read_file(Self::CERT_FILE, cert_path)?;
+                pem_certificates(Self::CERT_FILE, cert_path, &client_cert)?;
+                let client_key = read_file(Self::KEY_FILE, key_path)?;
+                PrivateKeyDer::from_pem_slice(&client_key).map_err(|error| {
+                    Error::config(
+                        Self::KEY_FILE,
+                        format!("{}: no PEM private key: {error}", key_path.display()),
+                    )
+                })?;
+                Some(redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                })
+            }
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
+
+    /// ` redis_ca=<path> …` for the start line: paths only, never contents.
+    fn summary(&self) -> String {
+        [
+            ("ca", &self.ca_file),
+            ("cert", &self.cert_file),
+            ("key", &self.key_file),
+        ]
+        .into_iter()
+        .filter_map(|(label, path)| {
+            path.as_ref()
+                .map(|path| format!(" redis_{label}={}", path.display()))
+        })
+        .collect()
+    }
+}
+
+/// The certificates of a PEM file: at least one.
+fn pem_certificates(
+    name: &str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| Error::config(name, format!("{}: not PEM: {error}", path.display())))?;
+    if certificates.is_empty() {
+        return Err(Error::config(
+            name,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(certificates)
+}
+
+fn read_file(name: &str, path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|error| Error::config(name, format!("{}: {error}", path.display())))
 }
 
 /// Parse an environment variable, naming it in the error.
@@ -468,5 +614,77 @@ mod tests {
                 .unwrap();
         assert!(ok.redacted().contains("redis://u:***@h:1"));
         assert!(!ok.redacted().contains("pw"));
+        assert!(!format!("{ok:?}").contains("pw"));
+    }
+
+    #[test]
+    fn redis_tls_files_are_read_at_start_and_named() {
+        let ca = crate::testing::TestCa::new();
+        let ca_file = ca.ca_file().display().to_string();
+        let cert_file = ca.client_cert().display().to_string();
+        let key_file = ca.client_key().display().to_string();
+        let error = |env: Vec<(&str, &str)>| match ProcessConfig::from_env(&env, "127.0.0.1:0") {
+            Ok(_) => String::from("accepted"),
+            Err(error) => error.to_string(),
+        };
+        fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+            let mut env = vec![(
+                "BOTLINE_REDIS_URL",
+                "rediss://botline:hunter2-secret@localhost:6380/",
+            )];
+            env.extend_from_slice(extra);
+            env
+        }
+        let all = [
+            (RedisTls::CA_FILE, ca_file.as_str()),
+            (RedisTls::CERT_FILE, cert_file.as_str()),
+            (RedisTls::KEY_FILE, key_file.as_str()),
+        ];
+        assert_eq!(error(with(&all)), "accepted");
+        assert_eq!(error(with(&[])), "accepted", "the system's roots");
+        let process = ProcessConfig::from_env(&with(&all), "127.0.0.1:0").unwrap();
+        let shown = format!("{process:?}");
+        assert!(
+            shown.contains("rediss://botline:***@localhost:6380/"),
+            "{shown}"
+        );
+        assert!(shown.contains(&format!("redis_ca={ca_file}")), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+
+        let check = |env: Vec<(&str, &str)>, expected: &str| {
+            let error = error(env);
+            assert!(error.starts_with(expected), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        };
+        check(
+            with(&[(RedisTls::CA_FILE, "/nonexistent/ca.pem")]),
+            "setting BOTLINE_REDIS_CA_FILE: /nonexistent/ca.pem: No such file",
+        );
+        check(
+            with(&[(RedisTls::CA_FILE, key_file.as_str())]),
+            &format!("setting BOTLINE_REDIS_CA_FILE: {key_file} holds no PEM certificate"),
+        );
+        check(
+            with(&[(RedisTls::CERT_FILE, cert_file.as_str())]),
+            "setting BOTLINE_REDIS_KEY_FILE: is not set, but BOTLINE_REDIS_CERT_FILE is",
+        );
+        check(
+            with(&[(RedisTls::KEY_FILE, key_file.as_str())]),
+            "setting BOTLINE_REDIS_CERT_FILE: is not set, but BOTLINE_REDIS_KEY_FILE is",
+        );
+        check(
+            with(&[
+                (RedisTls::CERT_FILE, cert_file.as_str()),
+                (RedisTls::KEY_FILE, cert_file.as_str()),
+            ]),
+            &format!("setting BOTLINE_REDIS_KEY_FILE: {cert_file}: no PEM private key"),
+        );
+        check(
+            vec![
+                ("BOTLINE_REDIS_URL", "redis://botline:hunter2-secret@localhost:6379/"),
+                (RedisTls::CA_FILE, ca_file.as_str()),
+            ],
+            "setting BOTLINE_REDIS_CA_FILE: is for TLS, but BOTLINE_REDIS_URL is not a rediss:// URL",
+        );
     }
 }

@@ -1,33 +1,196 @@
 //! The two kinds of Redis connection a stage holds: a pool for short
 //! commands, and one dedicated connection for blocking reads, whose response
 //! timeout is longer than its `BLOCK` so a slow reply never strands entries.
+//! Both come from one [`client`]: the URL's ACL user and password, and TLS
+//! for `rediss://`; [`check_at_start`] stops a binary whose Redis settings
+//! Redis refuses.
 
-use crate::config::ProcessConfig;
+use crate::config::{ProcessConfig, RedisTls};
 use crate::Error;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Value};
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, Value};
 use std::collections::HashMap;
 use std::time::Duration;
+use tracing::warn;
 
 pub type Pool = deadpool_redis::Pool;
 
 /// How long a short command may take before it counts as a failure.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The client every connection of a binary comes from: `BOTLINE_REDIS_URL`
+/// (its user and password included), with the TLS files for a `rediss://`
+/// URL. An error names the setting at fault and never shows the password.
+pub fn client(process: &ProcessConfig) -> Result<Client, Error> {
+    let url_error = |error| Error::config("BOTLINE_REDIS_URL", error);
+    let info = process
+        .redis_url
+        .as_str()
+        .into_connection_info()
+        .map_err(url_error)?;
+    // No `CLIENT SETINFO` on connecting: Redis 7.0 does not know it, and an
+    // ACL user need not be allowed it.
+    let redis_settings = info.redis_settings().clone().set_skip_set_lib_name();
+    let info = info.set_redis_settings(redis_settings);
+    if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        if let Some(name) = process.redis_tls.first_set() {
+            return Err(Error::config(
+                name,
+                "is for TLS, but BOTLINE_REDIS_URL is not a rediss:// URL",
+            ));
+        }
+        return Client::open(info).map_err(url_error);
+    }
+    // redis's rustls asks for no crypto provider of its own; ring is the
+    // one the rest of the workspace uses. Installing twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::build_with_tls(info, process.redis_tls.certificates()?).map_err(url_error)
+}
+
+/// A pool of multiplexed connections from [`client`].
 pub fn pool(process: &ProcessConfig, size: usize) -> Result<Pool, Error> {
-    let mut config = deadpool_redis::Config::from_url(process.redis_url.clone());
-    config.pool = Some(deadpool_redis::PoolConfig {
-        max_size: size,
-        timeouts: deadpool_redis::Timeouts {
-            wait: Some(COMMAND_TIMEOUT),
-            create: Some(COMMAND_TIMEOUT),
-            recycle: Some(COMMAND_TIMEOUT),
-        },
-        ..Default::default()
-    });
-    config
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    let info = client(process)?.get_connection_info().clone();
+    let manager = deadpool_redis::Manager::new(info)
+        .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))?;
+    Pool::builder(manager)
+        .config(deadpool_redis::PoolConfig {
+            max_size: size,
+            timeouts: deadpool_redis::Timeouts {
+                wait: Some(COMMAND_TIMEOUT),
+                create: Some(COMMAND_TIMEOUT),
+                recycle: Some(COMMAND_TIMEOUT),
+            },
+            ..Default::default()
+        })
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
         .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))
+}
+
+/// Connect once and `PING`, at start. What Redis refuses (the user or the
+/// password, a certificate, TLS on one side only, an ACL without `PING`)
+/// is a bad setting: the error names it, so the binary stops. Redis not
+/// reachable yet (refused, timed out, no such host) is only logged: the
+/// binary goes on and `/readyz` says so until Redis answers.
+pub async fn check_at_start(client: &Client) -> Result<(), Error> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT));
+    let answer = async {
+        let mut connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+    }
+    .await;
+    let Err(error) = answer else {
+        return Ok(());
+    };
+    // TLS to a plain port waits for a server hello that never comes.
+    let reason = match refusal(&error) {
+        None if error.is_timeout()
+            && speaks_plain_redis(client.get_connection_info().addr()).await =>
+        {
+            Some(
+                "the port answers plain Redis, not TLS: use a redis:// URL, or Redis's TLS port"
+                    .into(),
+            )
+        }
+        reason => reason,
+    };
+    match reason {
+        Some(reason) => Err(Error::config("BOTLINE_REDIS_URL", reason)),
+        None => {
+            warn!(message = "Redis does not answer yet; /readyz stays false until it does", %error);
+            Ok(())
+        }
+    }
+}
+
+/// Why a first connection failed because of a setting, or `None` when it
+/// is only unreachable for now. The reasons quote no part of the URL.
+fn refusal(error: &redis::RedisError) -> Option<String> {
+    use std::io::ErrorKind as Io;
+    if error.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH"))
+    {
+        return Some(
+            "Redis refused its user name and password: check them, \
+             and that the ACL user is `on` (SECURITY.md)"
+                .into(),
+        );
+    }
+    if error.code() == Some("NOPERM") {
+        return Some(format!(
+            "its user may not run PING ({}): give it the commands of compose/redis/botline-acl.conf",
+            error.detail().unwrap_or_default()
+        ));
+    }
+    let io = io_error(error)?;
+    if let Some(tls) = io
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        let hint = match tls {
+            // Redis refused us: most often for want of a client certificate.
+            rustls::Error::AlertReceived(_) => format!(
+                "does Redis want a client certificate ({} and {}) signed by its CA?",
+                RedisTls::CERT_FILE,
+                RedisTls::KEY_FILE
+            ),
+            _ => format!(
+                "is Redis's certificate signed by {} and issued for the URL's host? Is that port TLS?",
+                RedisTls::CA_FILE
+            ),
+        };
+        return Some(format!("TLS with Redis failed: {tls} ({hint})"));
+    }
+    match io.kind() {
+        // Connected, then cut off before any answer: one side speaks TLS.
+        Io::UnexpectedEof | Io::ConnectionReset | Io::BrokenPipe | Io::ConnectionAborted => {
+            Some(format!(
+                "Redis closed the connection before answering ({io}): a TLS port needs a rediss:// URL, a plain one redis://"
+            ))
+        }
+        Io::InvalidData => Some(format!("TLS with Redis failed: {io}")),
+        _ => None,
+    }
+}
+
+/// Whether the TLS address `addr` answers a plain-text `PING` as Redis does
+/// (`+PONG`, or `-NOAUTH …`): then the URL should not be `rediss://`.
+async fn speaks_plain_redis(addr: &ConnectionAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ConnectionAddr::TcpTls { host, port, .. } = addr else {
+        return false;
+    };
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+            .await
+            .ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await.ok()?;
+        Some(matches!(first[0], b'+' | b'-'))
+    };
+    tokio::time::timeout(COMMAND_TIMEOUT, probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// The I/O error under a Redis error, if that is what it is (redis keeps
+/// it behind an `Arc`).
+fn io_error(error: &redis::RedisError) -> Option<&std::io::Error> {
+    let source = std::error::Error::source(error)?;
+    source.downcast_ref::<std::io::Error>().or_else(|| {
+        source
+            .downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>()?
+            .downcast_ref::<std::io::Error>()
+    })
 }
 
 /// One multiplexed connection for the hot path's short commands (acks,
@@ -55,6 +218,20 @@ pub async fn blocking_connection(
     Ok(client
         .get_multiplexed_async_connection_with_config(&config)
         .await?)
+}
+
+/// A connection of its own for blocking commands of up to `block`
+/// (`XREADGROUP … BLOCK`, `BLMOVE`), for code that has only the pool: one
+/// taken out of `pool` for good (the pool makes another when it needs
+/// one), its response timeout `block` + [`COMMAND_TIMEOUT`].
+pub async fn detached_connection(
+    pool: &Pool,
+    block: Duration,
+) -> Result<MultiplexedConnection, Error> {
+    let connection = pool.get().await?;
+    let mut connection = deadpool_redis::Connection::take(connection);
+    connection.set_response_timeout(block + COMMAND_TIMEOUT);
+    Ok(connection)
 }
 
 /// One stream entry as read: its id and fields, or `None` when its payload

@@ -1005,8 +1005,7 @@ impl Plumbing {
     ) -> Result<Self, Error> {
         let runner: RunnerSettings = settings.section("runner")?;
         runner.validate()?;
-        let client = redis::Client::open(process.redis_url.as_str())
-            .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))?;
+        let client = redis_conn::client(process)?;
         Ok(Plumbing {
             commands: redis_conn::commands(&client)?,
             client,

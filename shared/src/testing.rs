@@ -1,9 +1,12 @@
 //! A throwaway `redis-server` for tests: its own port and folder, stopped
 //! (and its folder removed) on drop, its log printed if the test failed.
+//! It can be secured like a production one: ACL users with the default user
+//! off, TLS only with a private CA made for the test ([`TestCa`]).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
@@ -12,6 +15,150 @@ pub struct RedisServer {
     dir: PathBuf,
     /// The extra arguments it was started with, to start it again alike.
     extra: Vec<String>,
+    security: Security,
+}
+
+/// How a test server is secured; the default is not at all (no password,
+/// plain TCP), as most tests want.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// Lines of redis.conf (`user …` ACL rules, comments) the server
+    /// includes: with them, only the users they define can connect.
+    pub acl: Option<String>,
+    /// The user and password the tests (and the binaries, through
+    /// [`RedisServer::env`]) connect as.
+    pub login: Option<(String, String)>,
+    /// TLS only (`--port 0 --tls-port …`), with a server certificate of this
+    /// CA; clients must show one of its client certificates too.
+    pub tls: Option<Arc<TestCa>>,
+}
+
+impl Security {
+    /// The `redis-server` arguments for this, its files written into `dir`.
+    fn arguments(&self, dir: &Path) -> Vec<String> {
+        let mut arguments = Vec::new();
+        if let Some(acl) = &self.acl {
+            let path = dir.join("acl.conf");
+            std::fs::write(&path, acl).expect("ACL file");
+            arguments.extend(["--include".to_string(), path.display().to_string()]);
+        }
+        if let Some(ca) = &self.tls {
+            for (flag, path) in [
+                ("--tls-cert-file", ca.server_cert()),
+                ("--tls-key-file", ca.server_key()),
+                ("--tls-ca-cert-file", ca.ca_file()),
+            ] {
+                arguments.extend([flag.to_string(), path.display().to_string()]);
+            }
+            arguments.extend(["--tls-auth-clients".to_string(), "yes".to_string()]);
+        }
+        arguments
+    }
+}
+
+/// A private certificate authority made for one test, and the certificates
+/// it signed, as PEM files in a folder removed on drop: a server
+/// certificate for `127.0.0.1` and `localhost`, and a client certificate.
+pub struct TestCa {
+    dir: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "botline-ca-{}-{}",
+            std::process::id(),
+            ulid::Ulid::new()
+        ));
+        std::fs::create_dir_all(&dir).expect("CA folder");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "botline test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.join(name), text).expect("PEM file");
+        };
+        write("ca.pem", ca.pem());
+        for (name, names, usage) in [
+            (
+                "server",
+                vec!["127.0.0.1".to_string(), "localhost".to_string()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            (
+                "client",
+                vec!["botline".to_string()],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        ] {
+            let mut params = CertificateParams::new(names).expect("params");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, format!("botline test {name}"));
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("key");
+            let certificate = params.signed_by(&key, &*ca).expect("certificate");
+            write(&format!("{name}.pem"), certificate.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        TestCa { dir }
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.join("client.pem")
+    }
+
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.join("client.key")
+    }
+
+    /// What a client of this CA's server is given: the CA, its certificate and key.
+    pub fn certificates(&self) -> redis::TlsCertificates {
+        let read = |path: PathBuf| std::fs::read(path).expect("PEM file");
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: read(self.client_cert()),
+                client_key: read(self.client_key()),
+            }),
+            root_cert: Some(read(self.ca_file())),
+        }
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A port nobody listens on right now.
@@ -30,19 +177,27 @@ impl RedisServer {
 
     /// Start a server with extra `redis-server` arguments (`--appendonly yes`, …).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_secured(Security::default(), extra)
+    }
+
+    /// Start a server secured as `security` says, with extra arguments.
+    pub fn start_secured(security: Security, extra: &[&str]) -> Self {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
             let dir =
                 std::env::temp_dir().join(format!("botline-redis-{}-{port}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("redis folder");
-            match Self::spawn(port, &dir, extra) {
+            let mut extra: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
+            extra.extend(security.arguments(&dir));
+            match Self::spawn(port, &dir, &extra, security.tls.is_some()) {
                 Ok(child) => {
                     let mut server = RedisServer {
                         child,
                         port,
                         dir,
-                        extra: extra.iter().map(|arg| arg.to_string()).collect(),
+                        extra,
+                        security: security.clone(),
                     };
                     match server.wait_ready(Duration::from_secs(10)) {
                         Ok(()) => return server,
@@ -55,10 +210,19 @@ impl RedisServer {
         panic!("could not start redis-server (is it installed? scripts/test installs it): {last_error}");
     }
 
-    fn spawn(port: u16, dir: &Path, extra: &[&str]) -> std::io::Result<Child> {
+    fn spawn(port: u16, dir: &Path, extra: &[String], tls: bool) -> std::io::Result<Child> {
+        let port_arguments = if tls {
+            vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+            ]
+        } else {
+            vec!["--port".into(), port.to_string()]
+        };
         Command::new("redis-server")
-            .arg("--port")
-            .arg(port.to_string())
+            .args(port_arguments)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--maxmemory-policy", "noeviction"])
             .arg("--dir")
@@ -80,9 +244,7 @@ impl RedisServer {
                     self.log()
                 ));
             }
-            if let Ok(mut connection) =
-                redis::Client::open(self.url()).and_then(|c| c.get_connection())
-            {
+            if let Ok(mut connection) = self.try_client().and_then(|c| c.get_connection()) {
                 if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
                     return Ok(());
                 }
@@ -113,8 +275,13 @@ impl RedisServer {
             matches!(self.child.try_wait(), Ok(Some(_))),
             "redis-server is still running"
         );
-        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        self.child = Self::spawn(self.port, &self.dir, &extra).expect("redis-server starts again");
+        self.child = Self::spawn(
+            self.port,
+            &self.dir,
+            &self.extra,
+            self.security.tls.is_some(),
+        )
+        .expect("redis-server starts again");
         if let Err(error) = self.wait_ready(Duration::from_secs(30)) {
             panic!("redis-server did not come back: {error}");
         }
@@ -128,12 +295,49 @@ impl RedisServer {
         &self.dir
     }
 
+    /// `redis://127.0.0.1:<port>`, with the login when there is one, and
+    /// `rediss://` when the server speaks TLS only.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.security.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let login = match &self.security.login {
+            Some((user, password)) => format!("{user}:{password}@"),
+            None => String::new(),
+        };
+        format!("{scheme}://{login}127.0.0.1:{}", self.port)
+    }
+
+    /// The environment a binary needs to use this server: `BOTLINE_REDIS_URL`,
+    /// and for TLS the CA and the client certificate and key.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("BOTLINE_REDIS_URL".to_string(), self.url())];
+        if let Some(ca) = &self.security.tls {
+            for (name, path) in [
+                (crate::config::RedisTls::CA_FILE, ca.ca_file()),
+                (crate::config::RedisTls::CERT_FILE, ca.client_cert()),
+                (crate::config::RedisTls::KEY_FILE, ca.client_key()),
+            ] {
+                env.push((name.to_string(), path.display().to_string()));
+            }
+        }
+        env
+    }
+
+    fn try_client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.security.tls {
+            None => redis::Client::open(self.url()),
+            Some(ca) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                redis::Client::build_with_tls(self.url(), ca.certificates())
+            }
+        }
     }
 
     pub fn client(&self) -> redis::Client {
-        redis::Client::open(self.url()).expect("client")
+        self.try_client().expect("client")
     }
 
     pub fn connection(&self) -> redis::Connection {
@@ -244,12 +448,10 @@ impl RedisServer {
     /// Settings (the defaults with `overlay` over them) and a stage's
     /// plumbing on this server, as a binary would build them.
     pub fn plumbing(&self, overlay: &str) -> (crate::config::Settings, crate::runner::Plumbing) {
-        let url = self.url();
-        let process = crate::config::ProcessConfig::from_env(
-            &[("BOTLINE_REDIS_URL", url.as_str())],
-            "127.0.0.1:0",
-        )
-        .expect("process settings");
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let process =
+            crate::config::ProcessConfig::from_env(&env, "127.0.0.1:0").expect("process settings");
         let settings = crate::config::Settings::from_overlay(Some(overlay)).expect("settings");
         let plumbing = crate::runner::Plumbing::connect(
             &process,

@@ -3,12 +3,14 @@
 
 use botline_shared::config::{ProcessConfig, ProcessEnv, StreamSettings};
 use botline_shared::ops::{self, Ops, OpsError, PeekRange, ReplayRequest, RequeueOutcome};
+use botline_shared::redis_conn;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Look at and repair a botline pipeline. Reads BOTLINE_REDIS_URL and
-/// BOTLINE_PREFIX like the stages (and BOTLINE_CONFIG for `trim`'s retention).
+/// Look at and repair a botline pipeline. Reads BOTLINE_REDIS_URL (and
+/// BOTLINE_REDIS_CA_FILE, _CERT_FILE, _KEY_FILE for TLS) and BOTLINE_PREFIX
+/// like the stages (and BOTLINE_CONFIG for `trim`'s retention).
 #[derive(Parser)]
 #[command(name = "botline", version)]
 struct Cli {
@@ -128,7 +130,15 @@ async fn main() -> ExitCode {
         " (redis {})",
         botline_shared::config::redact_url(&process.redis_url)
     );
-    let result = match Ops::connect(&process) {
+    // A user, password or certificate Redis refuses is named before any command.
+    let checked = match redis_conn::client(&process) {
+        Ok(client) => redis_conn::check_at_start(&client).await,
+        Err(error) => Err(error),
+    };
+    let result = match checked
+        .map_err(OpsError::from)
+        .and_then(|()| Ops::connect(&process))
+    {
         Ok(ops) => run(cli.command, &ops, &process).await,
         Err(error) => Err(error),
     };
