@@ -162,7 +162,8 @@ pub async fn deliver(
     }
 }
 
-fn count_response(platform: &'static str, status: String) {
+/// Counts one platform answer in `botline_egress_platform_responses_total`.
+pub(crate) fn count_response(platform: &'static str, status: String) {
     metrics::counter!("botline_egress_platform_responses_total", "platform" => platform, "status" => status)
         .increment(1);
 }
@@ -224,6 +225,7 @@ mod tests {
             reply_to: None,
             text: "t".into(),
             mentions: vec![],
+            attachments: vec![],
             platform_data: Default::default(),
             priority: Priority::Normal,
             received_at_ms: 0,

@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod config;
 pub mod delivery;
 pub mod limits;
+pub mod parts;
 pub mod senders;
 pub mod stage;
 pub mod tokens;

@@ -13,7 +13,9 @@ use axum::Router;
 use botline_egress::EgressSettings;
 use botline_shared::codec::{self, Record};
 use botline_shared::config::{ProcessConfig, Settings};
-use botline_shared::message::{Chat, ChatKind, DeadLetter, Priority, Receipt, Reply, Role, Turn};
+use botline_shared::message::{
+    Attachment, Chat, ChatKind, DeadLetter, Priority, Receipt, Reply, Role, Turn,
+};
 use botline_shared::runner::Plumbing;
 use botline_shared::streams::Streams;
 use botline_shared::telemetry::Health;
@@ -299,6 +301,7 @@ fn reply(id: &str, platform: &str, chat: &str, text: &str) -> Reply {
         reply_to: Some("p-9".into()),
         text: text.into(),
         mentions: vec!["u1".into(), "u2".into()],
+        attachments: vec![],
         platform_data: Default::default(),
         priority: Priority::Urgent,
         received_at_ms: now_ms() - 50,
@@ -318,7 +321,11 @@ fn webhook(url: &str) -> String {
 async fn a_webhook_reply_is_delivered_once_signed_with_the_documented_json() {
     let (sink, url) = Sink::start(|_| (200, None, r#"{"message_id":"pm-1"}"#.into()), 0).await;
     let egress = Egress::start(&webhook(&url)).await;
-    let sent = reply("r-1", "webhook", "c1", "你好 👋");
+    let mut sent = reply("r-1", "webhook", "c1", "你好 👋");
+    sent.attachments = vec![Attachment::image(
+        "https://cdn.example.com/map.png",
+        Some("store map".into()),
+    )];
     egress.send(&sent).await;
     eventually("a receipt", || async {
         !egress.receipts().await.is_empty()
@@ -360,6 +367,14 @@ async fn a_webhook_reply_is_delivered_once_signed_with_the_documented_json() {
             "reply_to": "p-9",
             "text": "你好 👋",
             "mentions": ["u1", "u2"],
+            "attachments": [{
+                "kind": "image",
+                "url": "https://cdn.example.com/map.png",
+                "file_id": null,
+                "mime": null,
+                "size": null,
+                "name": "store map",
+            }],
             "priority": "urgent",
             "trace_id": "trace-r-1",
             "created_at_ms": sent.created_at_ms,
@@ -597,7 +612,8 @@ async fn a_web_reply_becomes_a_transcript_turn_and_a_notification() {
         .subscribe(egress.streams.transcript_channel())
         .await
         .unwrap();
-    let sent = reply("r-web", "web", "browser-7", "hello from the bot");
+    let mut sent = reply("r-web", "web", "browser-7", "hello from the bot");
+    sent.attachments = vec![Attachment::image("https://cdn.example.com/a.png", None)];
     egress.send(&sent).await;
 
     let message = tokio::time::timeout(WAIT, pubsub.on_message().next())
@@ -615,6 +631,7 @@ async fn a_web_reply_becomes_a_transcript_turn_and_a_notification() {
     assert_eq!(turn.speaker_name, "botline");
     assert_eq!(turn.text, "hello from the bot");
     assert_eq!(turn.message_id, "r-web");
+    assert_eq!(turn.attachments, sent.attachments, "the page shows them");
     assert!(turn.at_ms >= sent.created_at_ms);
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&transcript_key)

@@ -4,7 +4,7 @@
 
 mod senders;
 
-use botline_shared::message::{ChatKind, Reply};
+use botline_shared::message::{Attachment, ChatKind, Reply};
 use botline_shared::now_ms;
 use senders::*;
 use serde_json::{json, Value};
@@ -29,6 +29,13 @@ struct Ding {
     /// The requests DingTalk accepted.
     sent: Vec<Received>,
     malformed: Vec<String>,
+}
+
+impl Ding {
+    /// The accepted request to `path`.
+    fn sent_to(&self, path: &str) -> &Received {
+        self.sent.iter().find(|sent| sent.path() == path).unwrap()
+    }
 }
 
 type Shared = Arc<Mutex<Ding>>;
@@ -72,8 +79,13 @@ fn session(ding: &mut Ding, received: &Received, body: Value) -> Answer {
         .uri
         .split_once('?')
         .is_some_and(|(_, query)| query.starts_with("session="))
-        && body["msgtype"] == "text"
-        && body["text"]["content"].is_string()
+        && match body["msgtype"].as_str() {
+            Some("text") => body["text"]["content"].is_string(),
+            Some("markdown") => {
+                body["markdown"]["title"].is_string() && body["markdown"]["text"].is_string()
+            }
+            _ => false,
+        }
         && body["at"]["atUserIds"].is_array()
         && body["at"]["isAtAll"].is_boolean();
     if !well_formed {
@@ -113,10 +125,12 @@ fn robot_api(ding: &mut Ding, received: &Received, body: Value) -> Answer {
     } else {
         body["openConversationId"].is_string()
     };
-    let well_formed = body["robotCode"] == ROBOT_CODE
-        && body["msgKey"] == "sampleText"
-        && content.is_some_and(|content| content["content"].is_string())
-        && target;
+    let message_ok = content.is_some_and(|content| match body["msgKey"].as_str() {
+        Some("sampleText") => content["content"].is_string(),
+        Some("sampleMarkdown") => content["title"].is_string() && content["text"].is_string(),
+        _ => false,
+    });
+    let well_formed = body["robotCode"] == ROBOT_CODE && message_ok && target;
     if !well_formed {
         ding.malformed.push(body.to_string());
         let refused = json!({"code": "invalidParameter.param.invalid", "message": "参数错误"});
@@ -201,11 +215,7 @@ async fn an_expired_session_webhook_gives_way_to_the_robot_api() {
     let ding = ding.lock().unwrap();
     assert!(ding.malformed.is_empty(), "{:?}", ding.malformed);
     assert_eq!(ding.tokens.len(), 1, "one token for both");
-    let group = ding
-        .sent
-        .iter()
-        .find(|sent| sent.path() == "/v1.0/robot/groupMessages/send")
-        .unwrap();
+    let group = ding.sent_to("/v1.0/robot/groupMessages/send");
     assert_eq!(
         group.json(),
         json!({
@@ -215,11 +225,7 @@ async fn an_expired_session_webhook_gives_way_to_the_robot_api() {
             "msgParam": r#"{"content":"你好"}"#,
         })
     );
-    let direct = ding
-        .sent
-        .iter()
-        .find(|sent| sent.path() == "/v1.0/robot/oToMessages/batchSend")
-        .unwrap();
+    let direct = ding.sent_to("/v1.0/robot/oToMessages/batchSend");
     assert_eq!(direct.json()["userIds"], json!(["2220111111"]));
     assert!(receipts
         .iter()
@@ -289,5 +295,52 @@ async fn the_robot_api_needs_the_app_secret() {
     assert!(
         Egress::try_start("[egress.platforms.dingtalk]\nenabled = true\n", &[]).is_ok(),
         "session webhooks alone need no secret"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_is_markdown_on_the_session_webhook_and_the_robot_api() {
+    let (ding, url) = start_ding().await;
+    let egress = start(&url, &with_robot_api());
+    let picture = || {
+        vec![Attachment::image(
+            "https://cdn.example.com/shop.jpg",
+            Some("店".into()),
+        )]
+    };
+    let mut to_session = ding_reply("r1", ChatKind::Group, &url, 3_600_000);
+    to_session.mentions = vec!["2220111111".into()];
+    to_session.attachments = picture();
+    egress.send(&to_session);
+    let mut to_api = ding_reply("r2", ChatKind::Group, &url, -1_000);
+    to_api.attachments = picture();
+    egress.send(&to_api);
+    egress.delivered(2).await;
+
+    let ding = ding.lock().unwrap();
+    assert!(ding.malformed.is_empty(), "{:?}", ding.malformed);
+    let session = ding.sent_to("/robot/sendBySession");
+    assert_eq!(
+        session.json(),
+        json!({
+            "msgtype": "markdown",
+            "markdown": {
+                "title": "你好",
+                "text": "@2220111111 你好\n\n![店](https://cdn.example.com/shop.jpg)",
+            },
+            "at": {"atUserIds": ["2220111111"], "isAtAll": false},
+        })
+    );
+    let group = ding.sent_to("/v1.0/robot/groupMessages/send");
+    assert_eq!(
+        group.header("x-acs-dingtalk-access-token"),
+        Some("fw8ef8we8f76e6f7s8d0")
+    );
+    let body = group.json();
+    assert_eq!(body["msgKey"], "sampleMarkdown");
+    let param: Value = serde_json::from_str(body["msgParam"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        param,
+        json!({"title": "你好", "text": "你好\n\n![店](https://cdn.example.com/shop.jpg)"})
     );
 }

@@ -1,11 +1,12 @@
 //! The Feishu sender against a local stand-in of Feishu's Open API that
 //! checks each request as Feishu would (path, query, bearer token, JSON
-//! shape), keeps Feishu's one-message-per-uuid rule, and can answer 429 with
+//! shape; image uploads as multipart with `image_type` and `image`), keeps
+//! Feishu's one-message-per-uuid rule, and can answer 429 with
 //! `x-ogw-ratelimit-reset`, 5xx, or an invalid-token code.
 
 mod senders;
 
-use botline_shared::message::ChatKind;
+use botline_shared::message::{Attachment, ChatKind};
 use senders::*;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
@@ -39,6 +40,8 @@ struct Lark {
     /// Requests Feishu would refuse as malformed, with why.
     malformed: Vec<String>,
     refuse_credentials: bool,
+    /// Every picture uploaded, by its image_key.
+    uploads: Vec<(String, FormPart)>,
 }
 
 type Shared = Arc<Mutex<Lark>>;
@@ -52,6 +55,9 @@ async fn start_lark() -> (Shared, String) {
 }
 
 fn answer_lark(lark: &mut Lark, received: &Received) -> Answer {
+    if received.path() == "/open-apis/im/v1/images" {
+        return upload(lark, received);
+    }
     let json_body = received
         .header("content-type")
         .is_some_and(|value| value.starts_with("application/json"));
@@ -75,6 +81,66 @@ fn answer_lark(lark: &mut Lark, received: &Received) -> Answer {
         Some(message_id) if !message_id.contains('/') => reply_to(lark, received, body),
         _ => answer(404, json!({"code": 404, "msg": "404 page not found"})),
     }
+}
+
+/// `POST /open-apis/im/v1/images`: multipart with `image_type=message` and
+/// the `image` file (a picture of at most 10 MB, not empty).
+fn upload(lark: &mut Lark, received: &Received) -> Answer {
+    let bearer = received
+        .header("authorization")
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if received.method != "POST"
+        || bearer.is_none()
+        || bearer != lark.tokens.last().map(String::as_str)
+    {
+        return answer(
+            400,
+            json!({"code": 99991663, "msg": "Invalid access token for authorization."}),
+        );
+    }
+    let Some(parts) = received.multipart() else {
+        lark.malformed
+            .push("an upload that is not multipart/form-data".into());
+        return answer(
+            400,
+            json!({"code": 234001, "msg": "Invalid request param."}),
+        );
+    };
+    let field = |name: &str| parts.iter().find(|part| part.name == name);
+    let image_type = field("image_type").map(|part| part.body.as_slice());
+    let Some(image) = field("image").filter(|image| image.file_name.is_some()) else {
+        lark.malformed
+            .push("an upload without its image file".into());
+        return answer(
+            400,
+            json!({"code": 234001, "msg": "Invalid request param."}),
+        );
+    };
+    if image_type != Some(b"message".as_slice()) || parts.len() != 2 {
+        lark.malformed.push(format!("upload fields {parts:?}"));
+        return answer(
+            400,
+            json!({"code": 234001, "msg": "Invalid request param."}),
+        );
+    }
+    if image.body.is_empty() {
+        return answer(
+            400,
+            json!({"code": 234010, "msg": "File's size can't be 0."}),
+        );
+    }
+    if image.body.len() > 10 * 1024 * 1024 {
+        return answer(
+            400,
+            json!({"code": 234006, "msg": "The file size exceed the max value."}),
+        );
+    }
+    let key = format!("img_v3_{}", lark.uploads.len() + 1);
+    lark.uploads.push((key.clone(), image.clone()));
+    answer(
+        200,
+        json!({"code": 0, "msg": "success", "data": {"image_key": key}}),
+    )
 }
 
 fn token(lark: &mut Lark, body: &Value) -> Answer {
@@ -132,14 +198,16 @@ fn send(lark: &mut Lark, received: &Received, body: Value, mut problems: Vec<Str
     if bearer.is_none() || bearer != lark.tokens.last().map(String::as_str) {
         return invalid_token();
     }
-    if body["msg_type"] != "text" {
-        problems.push(format!("msg_type {}", body["msg_type"]));
-    }
     let content = body["content"]
         .as_str()
         .and_then(|content| serde_json::from_str::<Value>(content).ok());
-    if !content.is_some_and(|content| content["text"].is_string()) {
-        problems.push(format!("content {}", body["content"]));
+    let content_ok = match (body["msg_type"].as_str(), content) {
+        (Some("text"), Some(content)) => content["text"].is_string(),
+        (Some("post"), Some(content)) => post_ok(lark, &content),
+        _ => false,
+    };
+    if !content_ok {
+        problems.push(format!("{} content {}", body["msg_type"], body["content"]));
     }
     let uuid = body["uuid"].as_str().unwrap_or_default().to_string();
     if uuid.is_empty() || uuid.chars().count() > 50 {
@@ -178,6 +246,28 @@ fn send(lark: &mut Lark, received: &Received, body: Value, mut problems: Vec<Str
         200,
         json!({"code": 0, "msg": "success", "data": {"message_id": message_id}}),
     )
+}
+
+/// A post's content: `{"zh_cn": {"content": [[element, …], …]}}`, each
+/// element a text, an at or an img whose image_key was uploaded.
+fn post_ok(lark: &Lark, content: &Value) -> bool {
+    let Some(paragraphs) = content["zh_cn"]["content"].as_array() else {
+        return false;
+    };
+    paragraphs.iter().all(|paragraph| {
+        paragraph.as_array().is_some_and(|elements| {
+            elements
+                .iter()
+                .all(|element| match element["tag"].as_str() {
+                    Some("text") => element["text"].is_string(),
+                    Some("at") => element["user_id"].is_string(),
+                    Some("img") => element["image_key"].as_str().is_some_and(|key| {
+                        lark.uploads.iter().any(|(uploaded, _)| uploaded == key)
+                    }),
+                    _ => false,
+                })
+        })
+    })
 }
 
 fn overlay(url: &str, extra: &str) -> String {
@@ -339,4 +429,119 @@ async fn an_enabled_feishu_needs_its_app_id_and_secret() {
         no_app.to_string(),
         "setting egress.platforms.feishu.app_id: must be set (the app's App ID, cli_…)"
     );
+}
+
+fn pictures() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    vec![
+        ("/files/shop.png", "image/png", png(5000)),
+        ("/files/huge.png", "image/png", png(2000)),
+        (
+            "/files/page.html",
+            "text/html",
+            b"<html>not a picture</html>".to_vec(),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_is_uploaded_then_sent_in_a_post_once_per_uuid() {
+    let (lark, url) = start_lark().await;
+    // The first send fails after the upload: the retry uploads again, and
+    // the message is still made once (its uuid is the reply's id).
+    lark.lock().unwrap().script = VecDeque::from([Script::ServerError]);
+    let files = Files::start(pictures()).await;
+    let egress = start(&url, "");
+    let mut sent = feishu_reply("01JIMAGE0000000000000000F1", "oc_group");
+    sent.text = "our shop @ou_84a\nopen 9-6".into();
+    sent.mentions = vec!["ou_84a".into()];
+    sent.attachments = vec![Attachment::image(
+        format!("{}/files/shop.png", files.url),
+        Some("the shop".into()),
+    )];
+    egress.send(&sent);
+    let receipts = egress.delivered(1).await;
+    assert_eq!(receipts[0].attempts, 2, "the 500 was retried");
+    assert_eq!(receipts[0].platform_message_id.as_deref(), Some("om_1"));
+
+    let lark = lark.lock().unwrap();
+    assert!(lark.malformed.is_empty(), "{:?}", lark.malformed);
+    assert_eq!(
+        files.hits(),
+        ["/files/shop.png", "/files/shop.png"],
+        "fetched per attempt"
+    );
+    assert_eq!(lark.uploads.len(), 2, "uploaded per attempt");
+    let (_, uploaded) = &lark.uploads[0];
+    assert_eq!(
+        uploaded,
+        &FormPart {
+            name: "image".into(),
+            file_name: Some("image.png".into()),
+            content_type: Some("image/png".into()),
+            body: png(5000),
+        }
+    );
+    assert_eq!(lark.sent.len(), 1);
+    let body = lark.sent[0].json();
+    assert_eq!(body["msg_type"], "post");
+    assert_eq!(body["uuid"], "01JIMAGE0000000000000000F1");
+    assert_eq!(body["receive_id"], "oc_group");
+    let content: Value = serde_json::from_str(body["content"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        content,
+        json!({"zh_cn": {"content": [
+            [{"tag": "text", "text": "our shop "}, {"tag": "at", "user_id": "ou_84a"}],
+            [{"tag": "text", "text": "open 9-6"}],
+            [{"tag": "img", "image_key": "img_v3_2"}],
+        ]}})
+    );
+    // Both attempts carried the same uuid: Feishu made one message.
+    assert_eq!(lark.by_uuid.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_that_cannot_be_had_sends_the_reply_to_dead_saying_why() {
+    let (lark, url) = start_lark().await;
+    let files = Files::start(pictures()).await;
+    let egress = start(&url, "image_max_bytes = 1000\n");
+    let cases = [
+        (
+            "01JBADIMG000000000000000G1",
+            "/files/missing.png?sig=secret",
+            "could not be fetched: HTTP 404",
+        ),
+        (
+            "01JBADIMG000000000000000G2",
+            "/files/huge.png",
+            "is 2000 bytes, over feishu's limit of 1000 bytes",
+        ),
+        (
+            "01JBADIMG000000000000000G3",
+            "/files/page.html",
+            "is not a picture feishu takes (jpg, png, gif, webp, bmp, tiff, ico)",
+        ),
+    ];
+    for (id, path, _) in cases {
+        let mut sent = feishu_reply(id, "oc_group");
+        sent.attachments = vec![Attachment::image(format!("{}{path}", files.url), None)];
+        egress.send(&sent);
+    }
+    eventually("three dead letters", || async { egress.dead().len() == 3 }).await;
+    let mut errors: Vec<String> = egress.dead().into_iter().map(|dead| dead.error).collect();
+    errors.sort();
+    let mut expected: Vec<String> = cases
+        .iter()
+        .map(|(_, path, why)| {
+            let shown = path.split('?').next().unwrap();
+            format!("image {}{shown}: {why}", files.url)
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(
+        errors, expected,
+        "each names its URL (without the query) and why"
+    );
+    let lark = lark.lock().unwrap();
+    assert!(lark.uploads.is_empty(), "nothing uploaded");
+    assert!(lark.sent.is_empty(), "nothing sent");
 }

@@ -3,7 +3,7 @@
 
 mod senders;
 
-use botline_shared::message::{ChatKind, Reply};
+use botline_shared::message::{Attachment, ChatKind, Reply};
 use senders::*;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -39,9 +39,13 @@ fn send_msg(nth: usize, received: &Received, script: fn(usize) -> Answer) -> Ans
     };
     let segments_ok = json["message"].as_array().is_some_and(|segments| {
         !segments.is_empty()
-            && segments
-                .iter()
-                .all(|segment| segment["type"].is_string() && segment["data"].is_object())
+            && segments.iter().all(|segment| {
+                let image_ok = segment["type"] != "image"
+                    || segment["data"]["file"].as_str().is_some_and(|file| {
+                        file.starts_with("http://") || file.starts_with("https://")
+                    });
+                segment["type"].is_string() && segment["data"].is_object() && image_ok
+            })
     });
     if !target_ok || !segments_ok || received.header("content-type") != Some("application/json") {
         return refused(400);
@@ -183,4 +187,34 @@ async fn the_access_token_is_required_at_start() {
         .unwrap()
         .to_string();
     assert!(error.contains("BOTLINE_ONEBOT_ACCESS_TOKEN"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_is_an_image_segment_after_the_text() {
+    let api = stand_in(sent).await;
+    let egress = Egress::start(&settings(&api.url, ""), &ENV);
+    let mut with_picture = group_reply("r-1", "店在这里");
+    with_picture.attachments = vec![Attachment::image(
+        "https://cdn.example.com/shop.jpg",
+        Some("店".into()),
+    )];
+    egress.send(&with_picture);
+    eventually("a receipt", || async { egress.receipts().len() == 1 }).await;
+    let received = api.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].path(), "/send_msg");
+    assert_eq!(
+        received[0].header("authorization"),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert_eq!(
+        received[0].json(),
+        json!({"message_type": "group", "group_id": 123456789, "message": [
+            {"type": "reply", "data": {"id": "-2147483001"}},
+            {"type": "at", "data": {"qq": "12345678"}},
+            {"type": "text", "data": {"text": " 店在这里"}},
+            {"type": "image", "data": {"file": "https://cdn.example.com/shop.jpg"}},
+        ]})
+    );
+    egress.stop().await;
 }

@@ -5,7 +5,7 @@
 
 mod senders;
 
-use botline_shared::message::{ChatKind, Reply};
+use botline_shared::message::{Attachment, ChatKind, Reply};
 use senders::*;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -44,6 +44,11 @@ fn web_api(nth: usize, received: &Received, refusal: Option<Answer>) -> Answer {
     if !body["text"].is_string() {
         return error(200, "no_text");
     }
+    if let Some(blocks) = body.get("blocks") {
+        if !valid_blocks(blocks) {
+            return error(200, "invalid_blocks");
+        }
+    }
     if let Some(refusal) = refusal {
         return refusal;
     }
@@ -51,6 +56,28 @@ fn web_api(nth: usize, received: &Received, refusal: Option<Answer>) -> Answer {
     let posted = json!({"ok": true, "channel": body["channel"], "ts": ts,
         "message": {"text": body["text"], "type": "message", "ts": ts}});
     (200, Vec::new(), posted.to_string())
+}
+
+/// Blocks as Slack takes them: at most 50; a section's text an `mrkdwn`
+/// object of 1 to 3000 characters; an image block with an `image_url` of
+/// at most 3000 characters and an `alt_text` of 1 to 2000.
+fn valid_blocks(blocks: &Value) -> bool {
+    let Some(blocks) = blocks.as_array() else {
+        return false;
+    };
+    let length = |value: &Value, max: usize| {
+        value
+            .as_str()
+            .is_some_and(|text| (1..=max).contains(&text.chars().count()))
+    };
+    blocks.len() <= 50
+        && blocks.iter().all(|block| match block["type"].as_str() {
+            Some("section") => {
+                block["text"]["type"] == "mrkdwn" && length(&block["text"]["text"], 3000)
+            }
+            Some("image") => length(&block["image_url"], 3000) && length(&block["alt_text"], 2000),
+            _ => false,
+        })
 }
 
 fn settings(api: &str, extra: &str) -> String {
@@ -221,4 +248,42 @@ async fn an_enabled_slack_needs_a_bot_token() {
         };
         assert_eq!(error.to_string(), expected);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_is_an_image_block_with_the_text_kept_as_the_fallback() {
+    let api = StandIn::start(|nth, received| web_api(nth, received, None)).await;
+    let egress = start(&api, "");
+    let mut sent = slack_reply("r-1", "C0LAN2Q65", ChatKind::Group, "Our shop, @U061F7AUR:");
+    sent.mentions = vec!["U061F7AUR".into()];
+    sent.thread = Some("1355517523.000005".into());
+    sent.attachments = vec![Attachment::image(
+        "https://cdn.example.com/shop.jpg",
+        Some("the shop <front>".into()),
+    )];
+    egress.send(&sent);
+    eventually("a receipt", || async { egress.receipts().len() == 1 }).await;
+
+    let received = api.received();
+    assert_eq!(received.len(), 1, "one chat.postMessage");
+    assert_eq!(received[0].uri, "/api/chat.postMessage");
+    assert_eq!(
+        received[0].header("authorization"),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert_eq!(
+        received[0].json(),
+        json!({
+            "channel": "C0LAN2Q65",
+            "text": "Our shop, <@U061F7AUR>:",
+            "thread_ts": "1355517523.000005",
+            "blocks": [
+                {"type": "section", "text": {"type": "mrkdwn", "text": "Our shop, <@U061F7AUR>:"}},
+                {"type": "image", "image_url": "https://cdn.example.com/shop.jpg",
+                 "alt_text": "the shop <front>"},
+            ],
+        })
+    );
+    assert!(egress.dead().is_empty());
+    egress.stop().await;
 }

@@ -1,9 +1,10 @@
-//! The WeCom sender against a local stand-in of WeCom's API (gettoken and
-//! message/send, checked as WeCom checks them) and a real redis-server.
+//! The WeCom sender against a local stand-in of WeCom's API (gettoken,
+//! media/upload and message/send, checked as WeCom checks them) and a real
+//! redis-server.
 
 mod senders;
 
-use botline_shared::message::ChatKind;
+use botline_shared::message::{Attachment, ChatKind};
 use senders::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +16,7 @@ const SECRET: &str = "app-secret-0123456789abcdefghijklmnop";
 const AGENT_ID: u64 = 1_000_002;
 const ENV: [(&str, &str); 1] = [("BOTLINE_WECOM_SECRET", SECRET)];
 const SEND_PATH: &str = "/cgi-bin/message/send";
+const UPLOAD_PATH: &str = "/cgi-bin/media/upload";
 
 /// How the stand-in answers its n-th message/send (0-based).
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +36,8 @@ struct State {
     tokens: Mutex<Vec<String>>,
     sends: AtomicUsize,
     script: Vec<Script>,
+    /// Uploaded image media, by media_id.
+    media: Mutex<Vec<(String, FormPart)>>,
 }
 
 /// The stand-in of WeCom's API, answering message/send by its script (then `Sent`).
@@ -87,8 +91,41 @@ fn answer_wecom(state: &State, received: &Received) -> Answer {
     match (received.method.as_str(), received.path()) {
         ("GET", "/cgi-bin/gettoken") => gettoken(state, received),
         ("POST", SEND_PATH) => send(state, received),
+        ("POST", UPLOAD_PATH) => upload(state, received),
         _ => (404, Vec::new(), String::new()),
     }
+}
+
+/// `POST /cgi-bin/media/upload?access_token&type=image`, the file in the
+/// multipart field `media` (JPG or PNG, at most 10 MB).
+fn upload(state: &State, received: &Received) -> Answer {
+    if state.tokens.lock().unwrap().last() != received.query("access_token").as_ref() {
+        return errcode(42001, "access_token expired");
+    }
+    if received.query("type").as_deref() != Some("image") {
+        return errcode(40004, "invalid media type");
+    }
+    let Some(parts) = received.multipart() else {
+        return errcode(41005, "media data missing");
+    };
+    let Some(media) = parts
+        .iter()
+        .find(|part| part.name == "media" && part.file_name.is_some())
+    else {
+        return errcode(41005, "media data missing");
+    };
+    let jpg_or_png = media.body.starts_with(b"\x89PNG") || media.body.starts_with(b"\xFF\xD8\xFF");
+    if !jpg_or_png || media.body.len() > 10 * 1024 * 1024 || media.body.len() < 5 {
+        return errcode(40005, "invalid file type");
+    }
+    let mut uploaded = state.media.lock().unwrap();
+    let media_id = format!("MEDIA_{}", uploaded.len() + 1);
+    uploaded.push((media_id.clone(), media.clone()));
+    answer(
+        200,
+        json!({"errcode": 0, "errmsg": "", "type": "image", "media_id": media_id,
+               "created_at": "1380000000"}),
+    )
 }
 
 /// `GET /cgi-bin/gettoken?corpid&corpsecret`.
@@ -124,12 +161,21 @@ fn send(state: &State, received: &Received) -> Answer {
         return errcode(47001, "data format error");
     }
     let json: Value = serde_json::from_slice(&received.body).unwrap_or(Value::Null);
-    let shape_ok = json["touser"].is_string()
-        && json["msgtype"] == "text"
-        && json["agentid"] == AGENT_ID
-        && json["text"]["content"]
+    let content_ok = match json["msgtype"].as_str() {
+        Some("text") => json["text"]["content"]
             .as_str()
-            .is_some_and(|text| !text.is_empty());
+            .is_some_and(|text| !text.is_empty()),
+        Some("image") => json["image"]["media_id"].as_str().is_some_and(|id| {
+            state
+                .media
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(uploaded, _)| uploaded == id)
+        }),
+        _ => false,
+    };
+    let shape_ok = json["touser"].is_string() && json["agentid"] == AGENT_ID && content_ok;
     if !shape_ok {
         return errcode(44004, "empty content or bad shape");
     }
@@ -316,4 +362,82 @@ async fn settings_and_secret_are_checked_at_start() {
     assert!(error.contains("egress.platforms.wecom.agent_id"), "{error}");
     let error = refused(settings("http://127.0.0.1:1", "colour = 1\n"), &ENV);
     assert!(error.contains("colour"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_is_uploaded_and_sent_as_an_image_message_before_the_text() {
+    // The text's first send is throttled: its retry sends the text only,
+    // never the picture again.
+    let wecom = WeCom::start(vec![Script::Sent, Script::Errcode(45009)]).await;
+    let files = Files::start(vec![("/shop.jpg", "image/jpeg", {
+        let mut jpeg = b"\xFF\xD8\xFF\xE0\0\x10JFIF".to_vec();
+        jpeg.resize(3000, 1);
+        jpeg
+    })])
+    .await;
+    let fast = "member_per_minute = 600\n";
+    let egress = Egress::start(&settings(&wecom.api.url, fast), &ENV);
+    let mut sent = direct("r-1", "zhangsan", "our shop");
+    sent.attachments = vec![Attachment::image(format!("{}/shop.jpg", files.url), None)];
+    egress.send(&sent);
+    eventually("a receipt", || async { egress.receipts().len() == 1 }).await;
+
+    let received = wecom.api.received();
+    let upload = received
+        .iter()
+        .find(|request| request.path() == UPLOAD_PATH)
+        .unwrap();
+    assert_eq!(upload.query("type").as_deref(), Some("image"));
+    assert_eq!(upload.query("access_token").as_deref(), Some("token-1"));
+    let parts = upload.multipart().unwrap();
+    assert_eq!(parts.len(), 1);
+    assert_eq!(parts[0].name, "media");
+    assert_eq!(parts[0].file_name.as_deref(), Some("image.jpg"));
+    assert_eq!(parts[0].content_type.as_deref(), Some("image/jpeg"));
+    assert_eq!(parts[0].body.len(), 3000);
+    assert_eq!(
+        wecom.bodies(),
+        [
+            json!({"touser": "zhangsan", "agentid": AGENT_ID, "msgtype": "image",
+                   "image": {"media_id": "MEDIA_1"}}),
+            json!({"touser": "zhangsan", "agentid": AGENT_ID, "msgtype": "text",
+                   "text": {"content": "our shop"}}),
+            json!({"touser": "zhangsan", "agentid": AGENT_ID, "msgtype": "text",
+                   "text": {"content": "our shop"}}),
+        ],
+        "the picture once, the text again after its refusal"
+    );
+    assert_eq!(files.hits().len(), 1, "fetched once");
+    assert_eq!(wecom.state.media.lock().unwrap().len(), 1, "uploaded once");
+    assert_eq!(
+        egress.receipts()[0].platform_message_id.as_deref(),
+        Some("msg-0")
+    );
+    assert!(egress.dead().is_empty());
+    egress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_wecom_cannot_take_sends_the_reply_to_dead() {
+    let wecom = WeCom::start(Vec::new()).await;
+    let files = Files::start(vec![(
+        "/anim.gif",
+        "image/gif",
+        b"GIF89a\x01\0\x01\0".to_vec(),
+    )])
+    .await;
+    let egress = Egress::start(&settings(&wecom.api.url, ""), &ENV);
+    let mut sent = direct("r-1", "zhangsan", "look");
+    sent.attachments = vec![Attachment::image(format!("{}/anim.gif", files.url), None)];
+    egress.send(&sent);
+    eventually("a dead letter", || async { egress.dead().len() == 1 }).await;
+    assert_eq!(
+        egress.dead()[0].error,
+        format!(
+            "image {}/anim.gif: is not a picture wecom takes (jpg, png)",
+            files.url
+        )
+    );
+    assert!(wecom.sends().is_empty(), "nothing sent, not even the text");
+    egress.stop().await;
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use botline_shared::codec;
-use botline_shared::message::{ChatKind, Role, Turn};
+use botline_shared::message::{Attachment, AttachmentKind, ChatKind, Role, Turn};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -43,6 +43,11 @@ async fn next_frame(socket: &mut Socket) -> Value {
 
 /// What egress does with a reply: append the bot's turn and announce it.
 fn append_bot_turn(harness: &Harness, chat: &str, text: &str) {
+    append_bot_turn_with(harness, chat, text, Vec::new());
+}
+
+/// The same, for a reply with attachments.
+fn append_bot_turn_with(harness: &Harness, chat: &str, text: &str, attachments: Vec<Attachment>) {
     let turn = Turn {
         role: Role::Bot,
         speaker_id: "botline".into(),
@@ -50,6 +55,7 @@ fn append_bot_turn(harness: &Harness, chat: &str, text: &str) {
         text: text.into(),
         message_id: ulid::Ulid::new().to_string(),
         at_ms: botline_shared::now_ms(),
+        attachments,
     };
     let mut add = redis::cmd("XADD");
     add.arg(harness.streams.transcript(chat)).arg("*");
@@ -290,4 +296,58 @@ async fn the_page_is_served() {
     for needle in ["id=\"messages\"", "id=\"text\"", "id=\"send\"", "/ws?chat="] {
         assert!(html.contains(needle), "{needle}");
     }
+}
+
+#[tokio::test]
+async fn a_bot_turn_with_pictures_reaches_the_page_with_their_urls() {
+    let harness = start(|_| {}).await;
+    let mut socket = connect(&harness, CHAT).await;
+    append_bot_turn_with(
+        &harness,
+        CHAT,
+        "our shop",
+        vec![
+            Attachment::image("https://cdn.example.com/shop.jpg", Some("the shop".into())),
+            Attachment::image("javascript:alert(1)", Some("no".into())),
+            Attachment {
+                kind: AttachmentKind::File,
+                url: Some("https://cdn.example.com/menu.pdf".into()),
+                file_id: None,
+                mime: Some("application/pdf".into()),
+                size: Some(1000),
+                name: Some("menu.pdf".into()),
+            },
+        ],
+    );
+    let frame = next_frame(&mut socket).await;
+    assert_eq!(turn(&frame), ("bot", "botline", "our shop"));
+    assert_eq!(
+        frame["attachments"],
+        json!([
+            {"kind": "image", "url": "https://cdn.example.com/shop.jpg", "name": "the shop"},
+            {"kind": "file", "url": "https://cdn.example.com/menu.pdf", "name": "menu.pdf"},
+        ]),
+        "only http(s) URLs are passed to the page"
+    );
+    append_bot_turn(&harness, CHAT, "plain");
+    let plain = next_frame(&mut socket).await;
+    assert!(plain.get("attachments").is_none(), "{plain}");
+}
+
+#[tokio::test]
+async fn the_page_shows_pictures_as_img_elements_and_never_writes_html() {
+    let harness = start(|_| {}).await;
+    let page = reqwest::get(format!("http://{}/", harness.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Pictures are <img> elements made with the DOM, their URL checked to
+    // be http(s) first; no text from the server is ever parsed as HTML.
+    assert!(page.contains("document.createElement(\"img\")"));
+    assert!(page.contains("safeUrl("));
+    assert!(!page.contains("innerHTML"), "no innerHTML");
+    assert!(!page.contains("insertAdjacentHTML"));
+    assert!(!page.contains("document.write"));
 }

@@ -1,11 +1,58 @@
-//! Where replies come from. Each backend (templates now; FAQ and an
-//! OpenAI-compatible LLM later) answers a request with a text, with
-//! nothing (not its kind of question), or with an error; respond tries its
-//! backends in order and falls back to a reply that is always there.
+//! Where replies come from. Each backend (templates, FAQ, an
+//! OpenAI-compatible LLM, a local model) answers a request with a
+//! [`Draft`] (a text and the pictures that go with it), with nothing (not
+//! its kind of question), or with an error; respond tries its backends in
+//! order and falls back to a reply that is always there.
 
-use botline_shared::message::{ClassifiedMessage, Turn};
+use botline_shared::message::{Attachment, ClassifiedMessage, Turn};
 use futures_util::future::BoxFuture;
 use thiserror::Error;
+
+/// A backend's answer: the reply's text and its attachments (images by
+/// URL), which egress renders the platform's way.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Draft {
+    pub text: String,
+    pub attachments: Vec<Attachment>,
+}
+
+impl From<String> for Draft {
+    fn from(text: String) -> Self {
+        Draft {
+            text,
+            attachments: Vec::new(),
+        }
+    }
+}
+
+impl Draft {
+    /// `text` with the picture at `image`, if any.
+    pub fn with_image(text: String, image: Option<&str>) -> Self {
+        Draft {
+            text,
+            attachments: image
+                .map(|url| Attachment::image(url, None))
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+/// `value` if it is an absolute http(s) URL, else the error that stops
+/// respond at start naming `setting`.
+pub fn image_url(setting: &str, value: &str) -> Result<String, botline_shared::Error> {
+    let parsed = reqwest::Url::parse(value).ok().filter(|url| {
+        matches!(url.scheme(), "http" | "https")
+            && url.host_str().is_some_and(|host| !host.is_empty())
+    });
+    match parsed {
+        Some(_) if botline_shared::message::is_http_url(value) => Ok(value.to_string()),
+        _ => Err(botline_shared::Error::config(
+            setting,
+            format!("{value:?} is not an http(s) URL"),
+        )),
+    }
+}
 
 /// What a backend is asked.
 pub struct ReplyRequest<'a> {
@@ -42,5 +89,41 @@ pub trait ReplyBackend: Send + Sync + 'static {
     fn reply<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,
-    ) -> BoxFuture<'a, Result<Option<String>, BackendError>>;
+    ) -> BoxFuture<'a, Result<Option<Draft>, BackendError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_settings_must_be_http_urls() {
+        let check =
+            |value: &str| image_url("respond.templates.x.image", value).map_err(|e| e.to_string());
+        assert_eq!(
+            check("https://example.com/map.png"),
+            Ok("https://example.com/map.png".into())
+        );
+        assert_eq!(
+            check("http://127.0.0.1:8080/a.jpg"),
+            Ok("http://127.0.0.1:8080/a.jpg".into())
+        );
+        for bad in [
+            "",
+            "map.png",
+            "/static/map.png",
+            "ftp://example.com/a.png",
+            "data:image/png;base64,AA",
+            "https://",
+            "https://exa mple.com/a.png",
+        ] {
+            assert_eq!(
+                check(bad),
+                Err(format!(
+                    "setting respond.templates.x.image: {bad:?} is not an http(s) URL"
+                )),
+                "{bad:?}"
+            );
+        }
+    }
 }

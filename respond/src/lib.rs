@@ -10,9 +10,10 @@ pub mod backend;
 pub mod faq;
 pub mod llm;
 pub mod local;
+pub mod markdown;
 pub mod templates;
 
-use backend::{ReplyBackend, ReplyRequest};
+use backend::{Draft, ReplyBackend, ReplyRequest};
 use botline_shared::codec;
 use botline_shared::config::{Env, ProcessEnv, Settings};
 use botline_shared::keywords::Audit;
@@ -85,10 +86,13 @@ pub enum OutputAudit {
     Replace,
 }
 
-/// The one `[classify]` setting respond reads: the words to audit LLM output for.
+/// What respond reads of `[classify]`: the words to audit LLM output for,
+/// and the FAQ entries' images.
 #[derive(Deserialize)]
-struct SensitiveWords {
+struct ClassifyShared {
     sensitive_words: Vec<String>,
+    #[serde(default)]
+    faq: Vec<faq::FaqImage>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,22 +128,25 @@ fn unavailable(name: &str) -> String {
 /// What became of one message, before it is written.
 enum Answer {
     Reply {
-        text: String,
+        draft: Draft,
         backend: &'static str,
     },
     /// `/reset`: the chat's context goes, and this says so.
     Reset {
-        text: String,
+        draft: Draft,
     },
     Silent(&'static str),
 }
 
 impl RespondStage {
     /// `local_model` is the `local` backend's model, loaded when the
-    /// settings name it ([`RespondSettings::names_backend`], [`load_local_model`]).
+    /// settings name it ([`RespondSettings::names_backend`], [`load_local_model`]);
+    /// `faq_images` are what `[[classify.faq]]` entries name as their images.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: RespondSettings,
         sensitive_words: &[String],
+        faq_images: &[faq::FaqImage],
         env: &impl Env,
         local_model: Option<local::LocalModel>,
         streams: Streams,
@@ -169,9 +176,7 @@ impl RespondStage {
         available.insert("templates", templates.clone());
         available.insert(
             "faq",
-            Arc::new(faq::FaqBackend {
-                min_score: settings.faq_min_score,
-            }),
+            Arc::new(faq::FaqBackend::new(settings.faq_min_score, faq_images)?),
         );
         if settings.llm.enabled() {
             available.insert(
@@ -286,7 +291,7 @@ impl RespondStage {
         let message = &classified.message;
         if message.origin.is_announcement() {
             return Answer::Reply {
-                text: message.text.clone(),
+                draft: Draft::from(message.text.clone()),
                 backend: "announcement",
             };
         }
@@ -311,11 +316,11 @@ impl RespondStage {
             .iter()
             .any(|reset| reset.to_lowercase() == command)
         {
-            let text = self
+            let draft = self
                 .templates
                 .answer(&request, templates::RESET_INTENT)
                 .unwrap_or_else(|| self.templates.fallback(&request));
-            return Answer::Reset { text };
+            return Answer::Reset { draft };
         }
         let backends = self
             .routes
@@ -323,14 +328,14 @@ impl RespondStage {
             .unwrap_or(&self.backends);
         for backend in backends {
             match backend.reply(&request).await {
-                Ok(Some(text)) => {
-                    let text = if backend.generates() {
-                        self.audited(text)
+                Ok(Some(draft)) => {
+                    let draft = if backend.generates() {
+                        self.audited(draft)
                     } else {
-                        text
+                        draft
                     };
                     return Answer::Reply {
-                        text,
+                        draft,
                         backend: backend.name(),
                     };
                 }
@@ -341,17 +346,18 @@ impl RespondStage {
             }
         }
         Answer::Reply {
-            text: self.templates.fallback(&request),
+            draft: self.templates.fallback(&request),
             backend: "fallback",
         }
     }
 
-    /// A generated reply after the sensitive-word audit, as the policy says.
+    /// A generated reply after the sensitive-word audit, as the policy says
+    /// (a replaced reply keeps none of its images).
     /// (Templates and FAQ answers are the operator's own words: not audited.)
-    fn audited(&self, text: String) -> String {
-        let hits = self.audit.hits(&text);
+    fn audited(&self, draft: Draft) -> Draft {
+        let hits = self.audit.hits(&draft.text);
         if hits.is_empty() {
-            return text;
+            return draft;
         }
         let policy = self.settings.output_audit;
         let label = match policy {
@@ -362,9 +368,12 @@ impl RespondStage {
         metrics::counter!("botline_respond_output_audit_hits_total", "policy" => label)
             .increment(hits.len() as u64);
         match policy {
-            OutputAudit::Send => text,
-            OutputAudit::Mask => self.audit.mask(&text),
-            OutputAudit::Replace => self.settings.output_replacement.clone(),
+            OutputAudit::Send => draft,
+            OutputAudit::Mask => Draft {
+                text: self.audit.mask(&draft.text),
+                ..draft
+            },
+            OutputAudit::Replace => Draft::from(self.settings.output_replacement.clone()),
         }
     }
 
@@ -392,16 +401,16 @@ impl RespondStage {
                 writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
                 context.push(turn);
             }
-            let (text, backend) = match answer {
+            let (draft, backend) = match answer {
                 Answer::Silent(reason) => {
                     metrics::counter!("botline_respond_silent_total", "reason" => reason)
                         .increment(1);
                     (None, "")
                 }
-                Answer::Reset { text } => (Some(text), "reset"),
-                Answer::Reply { text, backend } => (Some(text), backend),
+                Answer::Reset { draft } => (Some(draft), "reset"),
+                Answer::Reply { draft, backend } => (Some(draft), backend),
             };
-            if let Some(text) = text {
+            if let Some(Draft { text, attachments }) = draft {
                 metrics::counter!("botline_respond_replies_total", "backend" => backend)
                     .increment(1);
                 let reply = Reply {
@@ -420,6 +429,7 @@ impl RespondStage {
                         vec![message.sender.id.clone()]
                     },
                     text,
+                    attachments,
                     platform_data: message.platform_data.clone(),
                     priority: classified.priority,
                     received_at_ms: message.received_at_ms,
@@ -434,6 +444,7 @@ impl RespondStage {
                     text: reply.text.clone(),
                     message_id: reply.id.clone(),
                     at_ms: reply.created_at_ms,
+                    attachments: reply.attachments.clone(),
                 };
                 writes.push(Write::AddOrdered {
                     stream: self.streams.outbound(&reply.platform),
@@ -669,7 +680,7 @@ pub async fn run_with_env(
             ));
         }
     }
-    let words: SensitiveWords = settings.section("classify")?;
+    let classify: ClassifyShared = settings.section("classify")?;
     let local_model = if respond.names_backend("local") {
         plumbing.health.set("local_model", false);
         let model = load_local_model(&respond.local).await?;
@@ -680,7 +691,8 @@ pub async fn run_with_env(
     };
     let stage = RespondStage::new(
         respond,
-        &words.sensitive_words,
+        &classify.sensitive_words,
+        &classify.faq,
         env,
         local_model,
         plumbing.streams.clone(),

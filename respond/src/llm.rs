@@ -5,8 +5,10 @@
 //! 429/5xx/timeouts are retried with backoff within one time budget; a
 //! circuit breaker stops calling an endpoint that keeps failing, so replies
 //! come from the fallback at once, and says so in the log once, not per message.
+//! Markdown images in an answer (`![alt](https://…)`) leave its text and
+//! become the reply's attachments ([`crate::markdown`]).
 
-use crate::backend::{BackendError, ReplyBackend, ReplyRequest};
+use crate::backend::{BackendError, Draft, ReplyBackend, ReplyRequest};
 use botline_shared::config::Env;
 use botline_shared::message::{ChatKind, Role, Turn};
 use botline_shared::Error;
@@ -436,8 +438,13 @@ impl ReplyBackend for LlmBackend {
     fn reply<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,
-    ) -> BoxFuture<'a, Result<Option<String>, BackendError>> {
-        Box::pin(async move { self.call(request).await.map(Some) })
+    ) -> BoxFuture<'a, Result<Option<Draft>, BackendError>> {
+        // Markdown images in the answer are sent as pictures, not as text.
+        Box::pin(async move {
+            self.call(request)
+                .await
+                .map(|text| Some(crate::markdown::take_images(&text)))
+        })
     }
 }
 
@@ -453,6 +460,7 @@ mod tests {
             text: text.into(),
             message_id: "m".into(),
             at_ms: 0,
+            attachments: vec![],
         }
     }
 

@@ -9,7 +9,7 @@
 //! next backend or the fallback answers. Nothing is downloaded:
 //! `scripts/fetch-llm` puts the model in `models/smollm2/`.
 
-use crate::backend::{BackendError, ReplyBackend, ReplyRequest};
+use crate::backend::{BackendError, Draft, ReplyBackend, ReplyRequest};
 use crate::llm::{self, PromptMessage};
 use botline_shared::Error;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -598,8 +598,13 @@ impl ReplyBackend for LocalBackend {
     fn reply<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,
-    ) -> BoxFuture<'a, Result<Option<String>, BackendError>> {
-        Box::pin(async move { self.answer(request).await.map(Some) })
+    ) -> BoxFuture<'a, Result<Option<Draft>, BackendError>> {
+        // As for the LLM: Markdown images become attachments.
+        Box::pin(async move {
+            self.answer(request)
+                .await
+                .map(|text| Some(crate::markdown::take_images(&text)))
+        })
     }
 }
 
@@ -637,6 +642,7 @@ mod tests {
             text: text.into(),
             message_id: "m".into(),
             at_ms: 0,
+            attachments: vec![],
         }
     }
 

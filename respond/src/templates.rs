@@ -2,9 +2,11 @@
 //! `{sender_name}`, `{bot_name}`, `{text}`, `{intent}`, `{previous_text}`
 //! (the sender's previous message in this chat, or empty) and `{turns}`
 //! (how many turns the chat's context holds). A template naming any other
-//! variable stops respond at start, naming the template.
+//! variable stops respond at start, naming the template. A template may
+//! also name a picture to send with its text, `image = "https://…"` (both
+//! languages); anything but an http(s) URL there stops respond at start too.
 
-use crate::backend::{BackendError, ReplyBackend, ReplyRequest};
+use crate::backend::{self, BackendError, Draft, ReplyBackend, ReplyRequest};
 use botline_shared::message::Role;
 use botline_shared::Error;
 use futures_util::future::BoxFuture;
@@ -26,6 +28,9 @@ pub const VARIABLES: &[&str] = &[
 pub struct Template {
     pub en: String,
     pub zh: String,
+    /// A picture sent with the text (an http(s) URL), whatever the language.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// Which language a text is in, as far as choosing a template goes.
@@ -109,6 +114,9 @@ impl Templates {
                     Error::config(format!("respond.templates.{intent}.{language}"), reason)
                 })?;
             }
+            if let Some(image) = &template.image {
+                backend::image_url(&format!("respond.templates.{intent}.image"), image)?;
+            }
         }
         Ok(Templates {
             by_intent,
@@ -116,17 +124,15 @@ impl Templates {
         })
     }
 
-    fn text_for(&self, intent: &str, language: Language) -> Option<&str> {
-        self.by_intent.get(intent).map(|template| match language {
-            Language::English => template.en.as_str(),
-            Language::Chinese => template.zh.as_str(),
-        })
-    }
-
-    /// The reply for `request` from `intent`'s template, if it has one.
-    pub fn answer(&self, request: &ReplyRequest<'_>, intent: &str) -> Option<String> {
+    /// The reply for `request` from `intent`'s template, if it has one:
+    /// its text in the message's language, and its image.
+    pub fn answer(&self, request: &ReplyRequest<'_>, intent: &str) -> Option<Draft> {
         let message = &request.message.message;
-        let template = self.text_for(intent, language_of(&message.text))?;
+        let chosen = self.by_intent.get(intent)?;
+        let template = match language_of(&message.text) {
+            Language::English => chosen.en.as_str(),
+            Language::Chinese => chosen.zh.as_str(),
+        };
         let previous_text = request
             .context
             .iter()
@@ -149,11 +155,12 @@ impl Templates {
                 _ => return None,
             })
         });
-        rendered.ok()
+        let text = rendered.ok()?;
+        Some(Draft::with_image(text, chosen.image.as_deref()))
     }
 
     /// The fallback reply: always there, checked at start.
-    pub fn fallback(&self, request: &ReplyRequest<'_>) -> String {
+    pub fn fallback(&self, request: &ReplyRequest<'_>) -> Draft {
         self.answer(request, FALLBACK_INTENT)
             .expect("the fallback template exists and renders, checked at start")
     }
@@ -171,7 +178,7 @@ impl ReplyBackend for Templates {
     fn reply<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,
-    ) -> BoxFuture<'a, Result<Option<String>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Option<Draft>, BackendError>> {
         let intent = request.message.intent.name.as_str();
         let answer = if intent == FALLBACK_INTENT {
             None
@@ -210,6 +217,89 @@ mod tests {
         check("{nope}", Err("unknown variable {nope}; known: sender_name, bot_name, text, intent, previous_text, turns"));
         check("open {sender_name", Err("a `{` without its `}`"));
         check("close }", Err("a lone `}` (write `}}` for a brace)"));
+    }
+
+    fn templates(image: Option<&str>) -> Result<Templates, Error> {
+        let template = |en: &str, zh: &str, image: Option<&str>| Template {
+            en: en.into(),
+            zh: zh.into(),
+            image: image.map(str::to_string),
+        };
+        Templates::new(BTreeMap::from([
+            ("unknown".to_string(), template("Sorry?", "抱歉？", None)),
+            (
+                "where".to_string(),
+                template("Here, {sender_name}:", "在这里，{sender_name}：", image),
+            ),
+        ]))
+    }
+
+    fn answer(templates: &Templates, text: &str, intent: &str) -> Option<Draft> {
+        let mut message = botline_shared::testing::sample_message(1, text);
+        message.sender.name = "Ann".into();
+        let classified = botline_shared::message::ClassifiedMessage {
+            message,
+            priority: botline_shared::message::Priority::Normal,
+            intent: botline_shared::message::Intent {
+                name: intent.into(),
+                confidence: 1.0,
+            },
+            audit: vec![],
+            faq: None,
+        };
+        let request = ReplyRequest {
+            message: &classified,
+            context: &[],
+            bot_name: "botline",
+        };
+        templates.answer(&request, intent)
+    }
+
+    #[test]
+    fn a_template_sends_its_image_with_its_text_in_either_language() {
+        let templates = templates(Some("https://example.com/map.png")).unwrap();
+        for (text, expected) in [
+            ("where are you?", "Here, Ann:"),
+            ("你们在哪", "在这里，Ann："),
+        ] {
+            let draft = answer(&templates, text, "where").unwrap();
+            assert_eq!(draft.text, expected);
+            assert_eq!(
+                draft.attachments,
+                [botline_shared::message::Attachment::image(
+                    "https://example.com/map.png",
+                    None
+                )]
+            );
+        }
+        let plain = answer(&templates, "hm", "unknown").unwrap();
+        assert_eq!(plain, Draft::from("Sorry?".to_string()));
+        let without = templates_without_image();
+        assert!(answer(&without, "where?", "where")
+            .unwrap()
+            .attachments
+            .is_empty());
+    }
+
+    fn templates_without_image() -> Templates {
+        templates(None).unwrap()
+    }
+
+    #[test]
+    fn an_image_that_is_not_an_http_url_stops_respond_naming_the_template() {
+        for bad in ["map.png", "file:///srv/map.png", "javascript:alert(1)", ""] {
+            let error = templates(Some(bad)).err().unwrap().to_string();
+            assert_eq!(
+                error,
+                format!("setting respond.templates.where.image: {bad:?} is not an http(s) URL")
+            );
+        }
+        let shipped: Template =
+            serde_json::from_str(r#"{"en": "a", "zh": "b", "image": "https://x.test/a.png"}"#)
+                .unwrap();
+        assert_eq!(shipped.image.as_deref(), Some("https://x.test/a.png"));
+        let typo = serde_json::from_str::<Template>(r#"{"en": "a", "zh": "b", "img": "x"}"#);
+        assert!(typo.is_err(), "unknown keys are refused");
     }
 
     #[test]

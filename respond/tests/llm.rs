@@ -8,7 +8,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use botline_shared::codec;
 use botline_shared::message::{
-    ChatKind, ClassifiedMessage, FaqMatch, Intent, Priority, Reply, Role, Turn,
+    Attachment, ChatKind, ClassifiedMessage, FaqMatch, Intent, Priority, Reply, Role, Turn,
 };
 use botline_shared::streams::Streams;
 use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
@@ -124,6 +124,16 @@ impl Setup {
         text: &str,
         adjust: impl FnOnce(&mut ClassifiedMessage),
     ) -> String {
+        self.ask_reply(chat, text, adjust).await.text
+    }
+
+    /// Send one message and wait for its reply.
+    async fn ask_reply(
+        &mut self,
+        chat: &str,
+        text: &str,
+        adjust: impl FnOnce(&mut ClassifiedMessage),
+    ) -> Reply {
         self.next += 1;
         let mut message = sample_message(self.next, text);
         message.id = format!("m{:03}", self.next);
@@ -156,7 +166,7 @@ impl Setup {
             found.is_some()
         })
         .await;
-        found.unwrap().text
+        found.unwrap()
     }
 
     async fn stop(self) {
@@ -360,4 +370,49 @@ async fn sensitive_words_in_llm_output_follow_the_policy() {
         "LLM says: all fine"
     );
     replaced.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pictures_leave_llm_text_for_attachments_and_faq_entries_bring_theirs() {
+    let faq = "[[classify.faq]]\nquestion = \"Where are you?\"\nanswer = \"Main street 1.\"\n\
+               image = \"https://x.test/map.png\"\n";
+    let mut setup = Setup::start(faq, "").await;
+    // The stand-in echoes the message: the LLM "answers" with Markdown images.
+    let reply = setup
+        .ask_reply(
+            "p",
+            "our shop ![the shop](https://x.test/shop.jpg) and ![](javascript:alert(1))",
+            |_| {},
+        )
+        .await;
+    assert_eq!(
+        reply.text,
+        "LLM says: our shop and ![](javascript:alert(1))"
+    );
+    assert_eq!(
+        reply.attachments,
+        [Attachment::image(
+            "https://x.test/shop.jpg",
+            Some("the shop".into())
+        )]
+    );
+    // The bot's turn in the context keeps the picture too.
+    let mut connection = setup.redis.connection();
+    let context: Vec<Turn> = read_stream(&mut connection, &setup.streams.context("web", "p"));
+    assert_eq!(context.last().unwrap().attachments, reply.attachments);
+    let answered = setup
+        .ask_reply("p", "where is it?", |c| {
+            c.faq = Some(FaqMatch {
+                question: "Where are you?".into(),
+                answer: "Main street 1.".into(),
+                score: 0.995,
+            })
+        })
+        .await;
+    assert_eq!(answered.text, "Main street 1.");
+    assert_eq!(
+        answered.attachments,
+        [Attachment::image("https://x.test/map.png", None)]
+    );
+    setup.stop().await;
 }

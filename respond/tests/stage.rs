@@ -161,16 +161,35 @@ async fn replies_follow_the_conversation_and_groups_need_a_mention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_template_is_named_at_start() {
     let redis = RedisServer::start();
-    let (settings, plumbing) =
-        redis.plumbing("[respond.templates.thanks]\nen = \"hi {nme}\"\nzh = \"\"\n");
-    let error = respond::run(settings, plumbing, CancellationToken::new())
-        .await
-        .unwrap_err();
+    let refused = |overlay: &str| {
+        let (settings, plumbing) = redis.plumbing(overlay);
+        async move {
+            respond::run(settings, plumbing, CancellationToken::new())
+                .await
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let error = refused("[respond.templates.thanks]\nen = \"hi {nme}\"\nzh = \"\"\n").await;
     assert!(
-        error
-            .to_string()
-            .starts_with("setting respond.templates.thanks.en: unknown variable {nme}"),
+        error.starts_with("setting respond.templates.thanks.en: unknown variable {nme}"),
         "{error}"
+    );
+    // An image that is not an http(s) URL, in a template or an FAQ entry.
+    let error =
+        refused("[respond.templates.thanks]\nen = \"a\"\nzh = \"b\"\nimage = \"thanks.png\"\n")
+            .await;
+    assert_eq!(
+        error,
+        "setting respond.templates.thanks.image: \"thanks.png\" is not an http(s) URL"
+    );
+    let error = refused(
+        "[[classify.faq]]\nquestion = \"q\"\nanswer = \"a\"\nimage = \"ftp://x.test/a.png\"\n",
+    )
+    .await;
+    assert_eq!(
+        error,
+        "setting classify.faq[0].image: \"ftp://x.test/a.png\" is not an http(s) URL"
     );
 }
 

@@ -95,14 +95,19 @@ impl Record for ClassifiedMessage {
 
 impl Record for Reply {
     fn plain_fields(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut fields = vec![
             ("id", self.id.clone()),
             ("platform", self.platform.clone()),
             ("chat", self.chat.id.clone()),
             ("text", preview(&self.text)),
             ("prio", self.priority.as_str().into()),
             ("trace", self.trace_id.clone()),
-        ]
+        ];
+        if !self.attachments.is_empty() {
+            // How many, not the URLs: `body` has them.
+            fields.push(("attachments", self.attachments.len().to_string()));
+        }
+        fields
     }
 }
 
@@ -231,6 +236,7 @@ mod tests {
             text: "ok".into(),
             message_id: "m".into(),
             at_ms: 3,
+            attachments: vec![Attachment::image("https://example.com/a.png", None)],
         });
         round_trip(DeadLetter {
             stage: "classify".into(),
@@ -281,6 +287,7 @@ mod tests {
             text: "t".into(),
             message_id: "m".into(),
             at_ms: 1,
+            attachments: vec![],
         })
         .unwrap();
         let wrong = check_garbage(&[("v", b"1"), ("body", &wrong_kind)]);

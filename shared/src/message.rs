@@ -109,6 +109,39 @@ pub struct Attachment {
     pub name: Option<String>,
 }
 
+impl Attachment {
+    /// A picture at `url`, `name` its alt text.
+    pub fn image(url: impl Into<String>, name: Option<String>) -> Self {
+        Attachment {
+            kind: AttachmentKind::Image,
+            url: Some(url.into()),
+            file_id: None,
+            mime: None,
+            size: None,
+            name: name.filter(|name| !name.is_empty()),
+        }
+    }
+
+    /// The URL, when it is an http or https one (the only kind replies
+    /// carry out to platforms and browsers).
+    pub fn http_url(&self) -> Option<&str> {
+        self.url.as_deref().filter(|url| is_http_url(url))
+    }
+}
+
+/// Whether `url` starts `http://` or `https://` (any case) and has no
+/// whitespace or control characters.
+pub fn is_http_url(url: &str) -> bool {
+    let rest = ["http://", "https://"].iter().find_map(|scheme| {
+        let start = url.get(..scheme.len())?;
+        start
+            .eq_ignore_ascii_case(scheme)
+            .then(|| &url[scheme.len()..])
+    });
+    rest.is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachmentKind {
@@ -220,6 +253,11 @@ pub struct Reply {
     /// User ids to mention, rendered the platform's way by egress.
     #[serde(default)]
     pub mentions: Vec<String>,
+    /// Pictures (and files) to send with the text, by http(s) URL; each
+    /// egress sender renders images the platform's way and other kinds as
+    /// links in the text.
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
     /// The message's `platform_data`, for the sender.
     #[serde(default)]
     pub platform_data: BTreeMap<String, String>,
@@ -257,6 +295,9 @@ pub struct Turn {
     pub text: String,
     pub message_id: String,
     pub at_ms: i64,
+    /// What was sent with the text (a reply's images, say).
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
 }
 
 impl Turn {
@@ -269,6 +310,7 @@ impl Turn {
             text: message.text.clone(),
             message_id: message.id.clone(),
             at_ms: message.received_at_ms,
+            attachments: message.attachments.clone(),
         }
     }
 }
@@ -294,4 +336,39 @@ pub struct DeadLetter {
     /// binary), so it can be put back unchanged.
     pub fields: Vec<(String, serde_bytes::ByteBuf)>,
     pub at_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http_and_https_urls_pass() {
+        for (url, expected) in [
+            ("https://example.com/a.png", true),
+            ("http://127.0.0.1:8080/x", true),
+            ("HTTPS://EXAMPLE.COM/A.PNG", true),
+            ("http://a", true),
+            ("https://", false),
+            ("https:///path", false),
+            ("ftp://example.com/a.png", false),
+            ("javascript:alert(1)", false),
+            ("data:image/png;base64,AAAA", false),
+            ("//example.com/a.png", false),
+            ("https://exa mple.com/a.png", false),
+            ("https://example.com/\n", false),
+            ("https://example.com/\u{7}", false),
+            ("", false),
+        ] {
+            assert_eq!(is_http_url(url), expected, "{url:?}");
+        }
+        let image = Attachment::image("https://example.com/a.png", Some(String::new()));
+        assert_eq!(image.name, None, "an empty alt text is no name");
+        assert_eq!(image.http_url(), Some("https://example.com/a.png"));
+        let file = Attachment {
+            url: Some("file:///etc/passwd".into()),
+            ..image
+        };
+        assert_eq!(file.http_url(), None);
+    }
 }

@@ -99,6 +99,7 @@ fn reply(n: usize, chat: &str) -> Reply {
         reply_to: None,
         text: "hi".into(),
         mentions: vec![],
+        attachments: vec![],
         platform_data: Default::default(),
         priority: Priority::Normal,
         received_at_ms: 1,

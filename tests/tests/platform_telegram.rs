@@ -1,7 +1,8 @@
 //! Telegram end to end: an update POSTed with the webhook's secret token to
 //! the real ingest's /hooks/telegram comes out of the real egress as a
 //! `sendMessage` on a local stand-in of the Bot API, quoting the message
-//! and mentioning its sender.
+//! and mentioning its sender; answered by a template that names an image,
+//! as a `sendPhoto` with the template's text as its caption.
 
 use axum::extract::{Path, State};
 use axum::routing::post;
@@ -59,17 +60,16 @@ fn update() -> String {
     .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_telegram_update_becomes_a_send_message_quoting_it() {
-    let (calls, api_url) = bot_api().await;
-    let redis = RedisServer::start();
+/// The pipeline with Telegram on both sides, egress talking to `api_url`,
+/// `extra` laid over the settings.
+async fn telegram_pipeline(redis: &RedisServer, api_url: &str, extra: &str) -> Pipeline {
     let overlay = format!(
         "[runner]\nblock_ms = 200\n\
          [ingest.platforms.telegram]\nenabled = true\nbot_id = \"999\"\nbot_username = \"support_bot\"\n\
-         [egress.platforms.telegram]\nenabled = true\napi_base_url = \"{api_url}\"\n"
+         [egress.platforms.telegram]\nenabled = true\napi_base_url = \"{api_url}\"\n{extra}"
     );
     let pipeline = Pipeline::start_with_env(
-        &redis,
+        redis,
         &overlay,
         &[
             ("BOTLINE_TELEGRAM_WEBHOOK_SECRET", SECRET),
@@ -77,28 +77,46 @@ async fn a_telegram_update_becomes_a_send_message_quoting_it() {
         ],
     );
     pipeline.wait_ready(Duration::from_secs(60)).await;
+    pipeline
+}
 
-    let client = reqwest::Client::new();
-    let hook = format!("{}/hooks/telegram", pipeline.base_url());
-    let forged = client
-        .post(&hook)
-        .header("X-Telegram-Bot-Api-Secret-Token", "not-the-secret")
+/// POST the update to ingest's Telegram webhook with `secret`; the status.
+async fn post_update(pipeline: &Pipeline, secret: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{}/hooks/telegram", pipeline.base_url()))
+        .header("X-Telegram-Bot-Api-Secret-Token", secret)
+        .header("content-type", "application/json")
         .body(update())
         .send()
         .await
-        .unwrap();
-    assert_eq!(forged.status(), 401);
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Wait until `delivered` holds one receipt.
+async fn one_receipt(redis: &RedisServer) {
+    let delivered = botline_shared::streams::Streams::default().delivered();
+    wait_for("the receipt", Duration::from_secs(60), || {
+        redis::cmd("XLEN")
+            .arg(&delivered)
+            .query::<usize>(&mut redis.connection())
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telegram_update_becomes_a_send_message_quoting_it() {
+    let (calls, api_url) = bot_api().await;
+    let redis = RedisServer::start();
+    let pipeline = telegram_pipeline(&redis, &api_url, "").await;
+
+    assert_eq!(post_update(&pipeline, "not-the-secret").await, 401);
     // Telegram retries until it gets a 2xx: the second copy adds nothing.
     for _ in 0..2 {
-        let answer = client
-            .post(&hook)
-            .header("X-Telegram-Bot-Api-Secret-Token", SECRET)
-            .header("content-type", "application/json")
-            .body(update())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
+        assert_eq!(post_update(&pipeline, SECRET).await, 200);
     }
 
     wait_for("the reply at the Bot API", Duration::from_secs(60), || {
@@ -121,14 +139,35 @@ async fn a_telegram_update_becomes_a_send_message_quoting_it() {
     assert!(body.get("message_thread_id").is_none(), "{body}");
 
     // Delivered once: the receipt is there and no second call came.
-    let delivered = botline_shared::streams::Streams::default().delivered();
-    wait_for("the receipt", Duration::from_secs(30), || {
-        redis::cmd("XLEN")
-            .arg(&delivered)
-            .query::<usize>(&mut redis.connection())
-            .unwrap_or(0)
-            == 1
-    })
-    .await;
+    one_receipt(&redis).await;
     assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_with_an_image_becomes_a_send_photo() {
+    const PICTURE: &str = "https://cdn.example.com/welcome.png";
+    let (calls, api_url) = bot_api().await;
+    let redis = RedisServer::start();
+    let template = format!(
+        "[respond.templates.greeting]\nen = \"Welcome, {{sender_name}}!\"\n\
+         zh = \"欢迎，{{sender_name}}！\"\nimage = \"{PICTURE}\"\n"
+    );
+    let pipeline = telegram_pipeline(&redis, &api_url, &template).await;
+    assert_eq!(post_update(&pipeline, SECRET).await, 200);
+
+    one_receipt(&redis).await;
+    assert_eq!(
+        calls.lock().unwrap().clone(),
+        [(
+            "sendPhoto".to_string(),
+            json!({
+                "chat_id": -1001234567890_i64,
+                "photo": PICTURE,
+                "caption": "<a href=\"tg://user?id=1111111\">Ann Lee</a> Welcome, Ann Lee!",
+                "parse_mode": "HTML",
+                "reply_parameters": {"message_id": 2201, "allow_sending_without_reply": true},
+            })
+        )],
+        "one sendPhoto, the template's text as its caption"
+    );
 }

@@ -5,14 +5,20 @@
 //! `{"msgtype": "text", "text": {"content": …}, "at": {"atUserIds": […],
 //! "isAtAll": …}}`, each mentioned user also written `@<userId>` in the text
 //! (where the text does not have it, in front), which is how DingTalk shows
-//! a mention. Only URLs under `session_webhook_base` are used, since the
+//! a mention. A reply with pictures is a `markdown` message instead:
+//! `{"msgtype": "markdown", "markdown": {"title": …, "text": "…\n\n![alt](https://…)"},
+//! "at": …}`, DingTalk fetching each picture's URL itself (the title, shown
+//! in the conversation list, is the text's first line). Attachments other
+//! than pictures are links on lines of their own.
+//! Only URLs under `session_webhook_base` are used, since the
 //! callback's signature does not cover its body. `errcode` 130101 (sent
 //! too fast: DingTalk then refuses for a while) is retried a minute later.
 //!
 //! Once the session webhook has expired (or without one) the robot API is
 //! used, when `app_key` is set: `POST {api_base_url}/v1.0/robot/groupMessages/send`
 //! for a group, `/v1.0/robot/oToMessages/batchSend` for a direct chat (to
-//! the sender's user id from `platform_data`), a `sampleText` message, header
+//! the sender's user id from `platform_data`), a `sampleText` message (or
+//! `sampleMarkdown`, `{"title", "text"}`, with pictures), header
 //! `x-acs-dingtalk-access-token`. The token comes from
 //! `/v1.0/oauth2/accessToken` (AppKey and `BOTLINE_DINGTALK_APP_SECRET`),
 //! shared by every replica through the token cache; a 401 drops it and the
@@ -24,7 +30,7 @@
 //! reason naming DingTalk's code and message.
 
 use super::http::{self, Answered, Http};
-use super::mentions;
+use super::{media, mentions};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
 use crate::tokens::{Fetched, TokenCache};
@@ -50,6 +56,8 @@ const SESSION_MARGIN_MS: i64 = 5_000;
 /// "send too fast": the robot is throttled for a while.
 const THROTTLED: i64 = 130101;
 const THROTTLED_WAIT: Duration = Duration::from_secs(60);
+/// How much of the text's first line a markdown message's title keeps.
+const MARKDOWN_TITLE_CHARS: usize = 32;
 
 pub const PLATFORM: Platform = Platform { name: NAME, build };
 
@@ -271,21 +279,68 @@ fn endpoint(base: &Url, path: &str) -> Url {
 }
 
 /// The session webhook body: text with each mention as `@<userId>`, and
-/// the mentions in `at` (`all` as `isAtAll`).
+/// the mentions in `at` (`all` as `isAtAll`); markdown with pictures.
 pub fn session_body(reply: &Reply) -> serde_json::Value {
     let (everyone, users): (Vec<String>, Vec<String>) =
         reply.mentions.iter().cloned().partition(|id| id == "all");
-    serde_json::json!({
-        "msgtype": "text",
-        "text": { "content": mentions::place(&reply.text, &users, |id| format!("@{id}")) },
-        "at": { "atUserIds": users, "isAtAll": !everyone.is_empty() },
-    })
+    let plain = media::text_with_links(reply, false);
+    let text = mentions::place(&plain, &users, |id| format!("@{id}"));
+    let mut body = match markdown(&plain, &text, &media::images(reply)) {
+        Some((title, markdown)) => serde_json::json!({
+            "msgtype": "markdown",
+            "markdown": { "title": title, "text": markdown },
+        }),
+        None => serde_json::json!({ "msgtype": "text", "text": { "content": text } }),
+    };
+    body["at"] = serde_json::json!({ "atUserIds": users, "isAtAll": !everyone.is_empty() });
+    body
+}
+
+/// `text` and `images` as DingTalk markdown, with its title (the first
+/// line of `plain`, the text without mentions); `None` without pictures
+/// (a plain text message then).
+fn markdown(plain: &str, text: &str, images: &[media::Image]) -> Option<(String, String)> {
+    if images.is_empty() {
+        return None;
+    }
+    let title = plain
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .or_else(|| images.iter().find_map(|image| image.alt))
+        .unwrap_or("[图片]");
+    let title: String = title.chars().take(MARKDOWN_TITLE_CHARS).collect();
+    // Two spaces before a line break keep it a break in markdown.
+    let mut markdown = text.replace('\n', "  \n");
+    for image in images {
+        if !markdown.is_empty() {
+            markdown.push_str("\n\n");
+        }
+        let alt: String = image
+            .alt
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| !matches!(c, '[' | ']' | '\n' | '\r'))
+            .collect();
+        // Image URLs have no whitespace (checked); parentheses would end the link.
+        let url = image.url.replace('(', "%28").replace(')', "%29");
+        markdown.push_str(&format!("![{alt}]({url})"));
+    }
+    Some((title, markdown))
 }
 
 /// The robot API path and body for `reply`, or `None` for a direct chat
 /// without the user's id.
 pub fn api_request(robot_code: &str, reply: &Reply) -> Option<(&'static str, serde_json::Value)> {
-    let message = serde_json::json!({ "content": reply.text }).to_string();
+    let text = media::text_with_links(reply, false);
+    let (key, message) = match markdown(&text, &text, &media::images(reply)) {
+        Some((title, markdown)) => (
+            "sampleMarkdown",
+            serde_json::json!({ "title": title, "text": markdown }),
+        ),
+        None => ("sampleText", serde_json::json!({ "content": text })),
+    };
+    let message = message.to_string();
     if reply.chat.kind == ChatKind::Direct {
         let user = reply.platform_data.get(USER_ID)?;
         return Some((
@@ -293,7 +348,7 @@ pub fn api_request(robot_code: &str, reply: &Reply) -> Option<(&'static str, ser
             serde_json::json!({
                 "robotCode": robot_code,
                 "userIds": [user],
-                "msgKey": "sampleText",
+                "msgKey": key,
                 "msgParam": message,
             }),
         ));
@@ -303,7 +358,7 @@ pub fn api_request(robot_code: &str, reply: &Reply) -> Option<(&'static str, ser
         serde_json::json!({
             "robotCode": robot_code,
             "openConversationId": reply.chat.id,
-            "msgKey": "sampleText",
+            "msgKey": key,
             "msgParam": message,
         }),
     ))
@@ -430,6 +485,44 @@ mod tests {
         let mut placed = reply(ChatKind::Group, &["u1"]);
         placed.text = "ok @u1, done".into();
         assert_eq!(session_body(&placed)["text"]["content"], "ok @u1, done");
+    }
+
+    #[test]
+    fn pictures_make_a_markdown_message() {
+        let mut sent = reply(ChatKind::Group, &["2220111111"]);
+        sent.text = "Our shop\nopen 9-6".into();
+        sent.attachments = vec![
+            botline_shared::message::Attachment::image(
+                "https://x.test/shop(1).jpg",
+                Some("the [shop]".into()),
+            ),
+            botline_shared::message::Attachment::image("https://x.test/map.png", None),
+        ];
+        assert_eq!(
+            session_body(&sent),
+            serde_json::json!({
+                "msgtype": "markdown",
+                "markdown": {
+                    "title": "Our shop",
+                    "text": "@2220111111 Our shop  \nopen 9-6\n\n![the shop](https://x.test/shop%281%29.jpg)\n\n![](https://x.test/map.png)",
+                },
+                "at": {"atUserIds": ["2220111111"], "isAtAll": false},
+            })
+        );
+        let (_, body) = api_request("dingxxxxx", &sent).unwrap();
+        assert_eq!(body["msgKey"], "sampleMarkdown");
+        let param: serde_json::Value =
+            serde_json::from_str(body["msgParam"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            param,
+            serde_json::json!({
+                "title": "Our shop",
+                "text": "Our shop  \nopen 9-6\n\n![the shop](https://x.test/shop%281%29.jpg)\n\n![](https://x.test/map.png)",
+            })
+        );
+        sent.text.clear();
+        sent.mentions.clear();
+        assert_eq!(session_body(&sent)["markdown"]["title"], "the [shop]");
     }
 
     #[test]

@@ -11,6 +11,25 @@
 //! sends at most one message per uuid within an hour, so a resend after a
 //! lost answer is not a second message.
 //!
+//! A reply with pictures is one `post` message instead (the same `uuid`, so
+//! still one message however often it is sent): each picture is fetched
+//! from its URL (at most `image_max_bytes`, Feishu's limit being 10 MB,
+//! and it must be a picture: JPEG, PNG, WEBP, GIF, TIFF, BMP or ICO) and
+//! uploaded, `POST {base_url}/open-apis/im/v1/images` (multipart:
+//! `image_type=message`, `image=<the file>`, the tenant token), for its
+//! `image_key`; then the post's content is the text, a paragraph per line
+//! (mentions as `at` elements), and a paragraph per picture:
+//!
+//! ```json
+//! {"zh_cn": {"content": [[{"tag": "at", "user_id": "ou_…"}, {"tag": "text", "text": " hi"}],
+//!                         [{"tag": "img", "image_key": "img_v3_…"}]]}}
+//! ```
+//!
+//! A picture whose URL answers 4xx, is too big or is not a picture sends
+//! the reply to `dead` naming the URL and why; timeouts and 5xx are retried.
+//! Each attempt uploads afresh (an upload makes no message). Attachments
+//! other than pictures are links on lines of their own.
+//!
 //! `Authorization: Bearer <tenant_access_token>`, the token fetched from
 //! `/open-apis/auth/v3/tenant_access_token/internal` with the app id and
 //! `BOTLINE_FEISHU_APP_SECRET`, shared by every replica through the token
@@ -25,6 +44,7 @@
 //! Feishu's code and message.
 
 use super::http::{self, Answered, Http};
+use super::media::{self, Fetcher, ImageFormat, Picture};
 use super::mentions;
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
@@ -61,6 +81,7 @@ struct Settings {
     per_chat_per_second: u32,
     per_app_per_second: u32,
     per_app_per_minute: u32,
+    image_max_bytes: u64,
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
@@ -86,8 +107,20 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
                 format!("{:?} is not an http(s) URL", settings.base_url),
             )
         })?;
+    if settings.image_max_bytes == 0 {
+        return Err(Error::config(
+            "egress.platforms.feishu.image_max_bytes",
+            "must be greater than 0",
+        ));
+    }
     Ok(Arc::new(FeishuSender {
         http: Http::new(NAME, settings.timeout_ms)?,
+        fetcher: Fetcher::new(
+            NAME,
+            std::time::Duration::from_millis(settings.timeout_ms),
+            settings.image_max_bytes,
+            ImageFormat::ALL,
+        )?,
         app_secret: secret_env(kit.env, APP_SECRET_ENV, 1)?,
         token_name: format!("{NAME}:{}", settings.app_id),
         base_url,
@@ -98,6 +131,8 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
 
 pub struct FeishuSender {
     http: Http,
+    /// Fetches a reply's pictures for upload.
+    fetcher: Fetcher,
     base_url: reqwest::Url,
     app_secret: String,
     /// The token cache's name for this app's tenant_access_token.
@@ -152,21 +187,69 @@ impl FeishuSender {
                 return http::without_token(error.to_string(), refused.load(Ordering::Relaxed))
             }
         };
-        let (url, body) = request(&self.base_url, reply);
+        let mut image_keys = Vec::new();
+        for image in media::images(reply) {
+            let uploaded = match self.fetcher.fetch(image.url).await {
+                Ok(picture) => self.upload(&token, &picture).await,
+                Err(attempt) => Err(attempt),
+            };
+            match uploaded {
+                Ok(key) => image_keys.push(key),
+                Err(attempt) => return attempt,
+            }
+        }
+        let (url, body) = request(&self.base_url, reply, &image_keys);
         let sent = self.http.post(url).bearer_auth(&token).json(&body);
         let answered = match self.http.send(sent, NAME).await {
             Ok(answered) => answered,
             Err(attempt) => return attempt,
         };
-        if ApiAnswer::read(&answered.body).token_invalid() {
-            if let Err(error) = self.tokens.invalidate(&self.token_name).await {
-                return answered.attempt(Verdict::RetryAfter {
-                    wait: None,
-                    reason: format!("dropping the refused tenant_access_token failed: {error}"),
-                });
-            }
+        if let Some(attempt) = self.drop_refused_token(&answered).await {
+            return attempt;
         }
         answered.attempt(judge(&answered))
+    }
+
+    /// When Feishu called the token invalid and dropping it failed, the
+    /// attempt saying so.
+    async fn drop_refused_token(&self, answered: &Answered) -> Option<Attempt> {
+        if !ApiAnswer::read(&answered.body).token_invalid() {
+            return None;
+        }
+        let error = self.tokens.invalidate(&self.token_name).await.err()?;
+        Some(answered.attempt(Verdict::RetryAfter {
+            wait: None,
+            reason: format!("dropping the refused tenant_access_token failed: {error}"),
+        }))
+    }
+
+    /// `picture` uploaded for a message: its `image_key`.
+    async fn upload(&self, token: &str, picture: &Picture) -> Result<String, Attempt> {
+        let form = reqwest::multipart::Form::new()
+            .text("image_type", "message")
+            .part("image", picture.part());
+        let sent = self
+            .http
+            .post(endpoint(&self.base_url, &["im", "v1", "images"]))
+            .bearer_auth(token)
+            .multipart(form);
+        let answered = self.http.send(sent, "feishu image upload").await?;
+        if let Some(attempt) = self.drop_refused_token(&answered).await {
+            return Err(attempt);
+        }
+        if let Some(verdict) = refusal(&answered, "feishu image upload") {
+            return Err(answered.attempt(verdict));
+        }
+        let key = ApiAnswer::read(&answered.body)
+            .data
+            .and_then(|data| data.get("image_key")?.as_str().map(str::to_string))
+            .filter(|key| !key.is_empty());
+        key.ok_or_else(|| {
+            answered.attempt(Verdict::RetryAfter {
+                wait: None,
+                reason: "feishu image upload answered without an image_key".into(),
+            })
+        })
     }
 
     /// A new tenant_access_token; `refused` is set when Feishu turned the
@@ -218,14 +301,28 @@ fn endpoint(base: &reqwest::Url, segments: &[&str]) -> reqwest::Url {
     url
 }
 
-/// The URL and JSON body of the send for `reply`.
-pub fn request(base: &reqwest::Url, reply: &Reply) -> (reqwest::Url, serde_json::Value) {
-    let content = serde_json::json!({ "text": render(&reply.text, &reply.mentions) }).to_string();
+/// The URL and JSON body of the send for `reply`, its pictures uploaded
+/// as `image_keys` (a `text` message without any, else a `post`).
+pub fn request(
+    base: &reqwest::Url,
+    reply: &Reply,
+    image_keys: &[String],
+) -> (reqwest::Url, serde_json::Value) {
+    let text = media::text_with_links(reply, false);
+    let (msg_type, content) = if image_keys.is_empty() {
+        (
+            "text",
+            serde_json::json!({ "text": render(&text, &reply.mentions) }),
+        )
+    } else {
+        ("post", post(&text, &reply.mentions, image_keys))
+    };
+    let content = content.to_string();
     match &reply.reply_to {
         Some(message_id) => (
             endpoint(base, &["im", "v1", "messages", message_id, "reply"]),
             serde_json::json!({
-                "msg_type": "text",
+                "msg_type": msg_type,
                 "content": content,
                 "reply_in_thread": reply.thread.is_some(),
                 "uuid": reply.id,
@@ -236,13 +333,49 @@ pub fn request(base: &reqwest::Url, reply: &Reply) -> (reqwest::Url, serde_json:
             url.set_query(Some("receive_id_type=chat_id"));
             let body = serde_json::json!({
                 "receive_id": reply.chat.id,
-                "msg_type": "text",
+                "msg_type": msg_type,
                 "content": content,
                 "uuid": reply.id,
             });
             (url, body)
         }
     }
+}
+
+/// A `post` message's content: a paragraph per line of `text` (its
+/// mentions as `at` elements, those it does not name in front of the
+/// first), then a paragraph per picture.
+pub fn post(text: &str, mentions: &[String], image_keys: &[String]) -> serde_json::Value {
+    let at = |user: &str| serde_json::json!({ "tag": "at", "user_id": user });
+    let piece = |text: &str| serde_json::json!({ "tag": "text", "text": text });
+    let mut paragraphs: Vec<Vec<serde_json::Value>> = Vec::new();
+    let ahead: Vec<&String> = mentions
+        .iter()
+        .filter(|user| !mentions::names(text, user))
+        .collect();
+    if !text.is_empty() || !ahead.is_empty() {
+        for (index, line) in text.split('\n').enumerate() {
+            let mut elements = Vec::new();
+            if index == 0 && !ahead.is_empty() {
+                elements.extend(ahead.iter().map(|user| at(user)));
+                elements.push(piece(" "));
+            }
+            for part in mentions::pieces(line, mentions) {
+                elements.push(match part {
+                    mentions::Piece::Text(text) => piece(text),
+                    mentions::Piece::Mention(user) => at(user),
+                });
+            }
+            if elements.is_empty() {
+                elements.push(piece(""));
+            }
+            paragraphs.push(elements);
+        }
+    }
+    for key in image_keys {
+        paragraphs.push(vec![serde_json::json!({ "tag": "img", "image_key": key })]);
+    }
+    serde_json::json!({ "zh_cn": { "content": paragraphs } })
 }
 
 /// `text` with each of `mentions` as Feishu's `<at>` tag: in place of its
@@ -258,8 +391,9 @@ struct ApiAnswer {
     code: Option<i64>,
     #[serde(default)]
     msg: String,
+    /// `message_id` for a send, `image_key` for an upload.
     #[serde(default)]
-    data: Option<SentMessage>,
+    data: Option<serde_json::Value>,
 }
 
 impl ApiAnswer {
@@ -271,12 +405,6 @@ impl ApiAnswer {
     fn token_invalid(&self) -> bool {
         self.code.is_some_and(|code| TOKEN_INVALID.contains(&code))
     }
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct SentMessage {
-    #[serde(default)]
-    message_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,16 +425,27 @@ fn unknown_code() -> i64 {
 
 /// What Feishu's answer to a send means.
 fn judge(answered: &Answered) -> Verdict {
+    refusal(answered, NAME).unwrap_or_else(|| Verdict::Delivered {
+        platform_message_id: ApiAnswer::read(&answered.body)
+            .data
+            .and_then(|data| data.get("message_id")?.as_str().map(str::to_string)),
+        writes: Vec::new(),
+    })
+}
+
+/// Why an Open API call (`what`: `feishu`, `feishu image upload`) did not
+/// succeed, as a verdict; `None` when it did (2xx, code 0).
+fn refusal(answered: &Answered, what: &str) -> Option<Verdict> {
     let answer = ApiAnswer::read(&answered.body);
     let status = answered.status;
     let reason = || match answer.code {
         Some(code) => format!(
-            "feishu answered {}: code {code} {}",
+            "{what} answered {}: code {code} {}",
             status.as_u16(),
             http::quote(&answer.msg)
         ),
         None => format!(
-            "feishu answered {}: {}",
+            "{what} answered {}: {}",
             status.as_u16(),
             http::quote(&answered.body)
         ),
@@ -318,33 +457,27 @@ fn judge(answered: &Answered) -> Verdict {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().parse().ok())
             .map(Duration::from_secs);
-        return Verdict::RetryAfter {
+        return Some(Verdict::RetryAfter {
             wait: reset.or(answered.retry_after),
             reason: reason(),
-        };
+        });
     }
     if answer.token_invalid() {
-        return Verdict::RetryAfter {
+        return Some(Verdict::RetryAfter {
             wait: Some(Duration::ZERO),
             reason: format!("{}; the tenant_access_token is fetched anew", reason()),
-        };
+        });
     }
     if status.is_success() && answer.code == Some(0) {
-        return Verdict::Delivered {
-            platform_message_id: answer
-                .data
-                .as_ref()
-                .and_then(|data| data.message_id.clone()),
-            writes: Vec::new(),
-        };
+        return None;
     }
     if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
-        return Verdict::RetryAfter {
+        return Some(Verdict::RetryAfter {
             wait: None,
             reason: reason(),
-        };
+        });
     }
-    Verdict::Permanent(reason())
+    Some(Verdict::Permanent(reason()))
 }
 
 #[cfg(test)]
@@ -381,7 +514,7 @@ mod tests {
     #[test]
     fn a_reply_quotes_its_message_and_stays_in_its_thread() {
         let base = reqwest::Url::parse("http://127.0.0.1:1/lark/").unwrap();
-        let (url, body) = request(&base, &reply(Some("om_1"), Some("omt_1"), &["ou_a"]));
+        let (url, body) = request(&base, &reply(Some("om_1"), Some("omt_1"), &["ou_a"]), &[]);
         assert_eq!(
             url.as_str(),
             "http://127.0.0.1:1/lark/open-apis/im/v1/messages/om_1/reply"
@@ -395,7 +528,7 @@ mod tests {
                 "uuid": "01J00000000000000000000000",
             })
         );
-        let (url, body) = request(&base, &reply(None, None, &[]));
+        let (url, body) = request(&base, &reply(None, None, &[]), &[]);
         assert_eq!(
             url.as_str(),
             "http://127.0.0.1:1/lark/open-apis/im/v1/messages?receive_id_type=chat_id"
@@ -409,6 +542,45 @@ mod tests {
                 "uuid": "01J00000000000000000000000",
             })
         );
+    }
+
+    #[test]
+    fn with_pictures_the_reply_is_a_post_of_lines_and_images() {
+        let check = |text: &str, mentions: &[&str], expected: serde_json::Value| {
+            let mentions: Vec<String> = mentions.iter().map(|id| id.to_string()).collect();
+            assert_eq!(
+                post(text, &mentions, &["img_1".into()]),
+                serde_json::json!({"zh_cn": {"content": expected}}),
+                "{text:?}"
+            );
+        };
+        check(
+            "hi @ou_a!\n\nbye",
+            &["ou_a", "ou_b"],
+            serde_json::json!([
+                [{"tag": "at", "user_id": "ou_b"}, {"tag": "text", "text": " "},
+                 {"tag": "text", "text": "hi "}, {"tag": "at", "user_id": "ou_a"},
+                 {"tag": "text", "text": "!"}],
+                [{"tag": "text", "text": ""}],
+                [{"tag": "text", "text": "bye"}],
+                [{"tag": "img", "image_key": "img_1"}],
+            ]),
+        );
+        check(
+            "",
+            &[],
+            serde_json::json!([[{"tag": "img", "image_key": "img_1"}]]),
+        );
+        let base = reqwest::Url::parse("http://127.0.0.1:1/").unwrap();
+        let (_, body) = request(&base, &reply(None, None, &[]), &["img_1".into()]);
+        assert_eq!(body["msg_type"], "post");
+        assert_eq!(
+            body["uuid"], "01J00000000000000000000000",
+            "one message, one uuid"
+        );
+        let content: serde_json::Value =
+            serde_json::from_str(body["content"].as_str().unwrap()).unwrap();
+        assert_eq!(content["zh_cn"]["content"][1][0]["image_key"], "img_1");
     }
 
     #[test]

@@ -212,6 +212,7 @@ pub fn test_reply(
         reply_to: None,
         text: text.into(),
         mentions: Vec::new(),
+        attachments: Vec::new(),
         platform_data: Default::default(),
         priority: botline_shared::message::Priority::Normal,
         received_at_ms: 0,

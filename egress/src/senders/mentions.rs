@@ -23,6 +23,62 @@ pub fn place(text: &str, mentions: &[String], render: impl Fn(&str) -> String) -
     }
 }
 
+/// Whether `text` names `user` as `@<user>` (not followed by more of an id).
+pub fn names(text: &str, user: &str) -> bool {
+    find_whole(text, user).is_some()
+}
+
+/// A stretch of text, or a mention, in the order the text has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Text(&'a str),
+    Mention(&'a str),
+}
+
+/// `text` cut at each `@<user>` of `mentions` it names (as a whole id):
+/// for platforms whose mentions are elements of their own, not markup.
+pub fn pieces<'a>(text: &'a str, mentions: &'a [String]) -> Vec<Piece<'a>> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some((at, user)) = mentions
+        .iter()
+        .filter_map(|user| find_whole(rest, user).map(|at| (at, user.as_str())))
+        .min()
+    {
+        if at > 0 {
+            pieces.push(Piece::Text(&rest[..at]));
+        }
+        pieces.push(Piece::Mention(user));
+        rest = &rest[at + 1 + user.len()..];
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Text(rest));
+    }
+    pieces
+}
+
+/// Where `text` first has `@<user>` not followed by more of an id.
+fn find_whole(text: &str, user: &str) -> Option<usize> {
+    if user.is_empty() {
+        return None;
+    }
+    let token = format!("@{user}");
+    let mut from = 0;
+    while let Some(found) = text[from..].find(&token) {
+        let at = from + found;
+        let after = &text[at + token.len()..];
+        if !after
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_')
+        {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
 /// `text` with every `@<user>` (not followed by more of an id) replaced by
 /// `with`, or `None` if there is none.
 fn replace_mention(text: &str, user: &str, with: &str) -> Option<String> {
@@ -77,6 +133,30 @@ mod tests {
         check("@U1_x is longer", &["U1"], "[U1] @U1_x is longer");
         check("hi", &["7", "42"], "[7] [42] hi");
         check("你好 @7。", &["7"], "你好 [7]。");
+    }
+
+    #[test]
+    fn texts_are_cut_into_pieces_at_their_mentions() {
+        let mentions = vec!["ou_a".to_string(), "ou_ab".to_string()];
+        assert_eq!(
+            pieces("hi @ou_ab and @ou_a, @ou_ax", &mentions),
+            [
+                Piece::Text("hi "),
+                Piece::Mention("ou_ab"),
+                Piece::Text(" and "),
+                Piece::Mention("ou_a"),
+                Piece::Text(", @ou_ax"),
+            ]
+        );
+        assert_eq!(pieces("@ou_a", &mentions), [Piece::Mention("ou_a")]);
+        assert_eq!(pieces("", &mentions), []);
+    }
+
+    #[test]
+    fn a_text_names_a_user_only_by_the_whole_id() {
+        assert!(names("hi @42!", "42"));
+        assert!(!names("hi @421", "42"));
+        assert!(!names("hi 42", "42"));
     }
 
     #[test]

@@ -10,7 +10,22 @@
 //! ```
 //!
 //! The text is escaped (`&`, `<`, `>`); each user to mention becomes
-//! `<@U…>` in place of its `@U…` in the text, or else in front of it. A
+//! `<@U…>` in place of its `@U…` in the text, or else in front of it.
+//! Attachments other than pictures are links on lines of their own.
+//!
+//! A reply with pictures (at most [`MAX_IMAGES`]; any beyond are links in
+//! the text) is Block Kit: the text in `section` blocks (`mrkdwn`, at most
+//! 3000 characters each, split at a paragraph, line, sentence or space),
+//! then one `image` block per picture, Slack fetching the URL itself;
+//! `text` stays, as the notification's fallback:
+//!
+//! ```json
+//! {"channel": "C123ABC456", "text": "Our shop:",
+//!  "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "Our shop:"}},
+//!             {"type": "image", "image_url": "https://…/shop.jpg", "alt_text": "the shop"}]}
+//! ```
+//!
+//! A
 //! reply goes into the thread of the message it answers; with
 //! `thread_replies`, a channel message outside a thread is answered in a
 //! new thread under it (its `ts`).
@@ -25,6 +40,7 @@
 
 use super::http::{self, Answered, Http};
 use super::mentions::{self, escape};
+use super::{media, split};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
 use botline_shared::config::secret_env;
@@ -45,6 +61,13 @@ pub const PLATFORM: Platform = Platform {
 pub const TOKEN_ENV: &str = "BOTLINE_SLACK_BOT_TOKEN";
 /// Slack's `error` codes worth another attempt.
 const RETRYABLE_ERRORS: &[&str] = &["ratelimited", "service_unavailable"];
+/// Most `image` blocks a reply gets (Slack allows 50 blocks in all).
+pub const MAX_IMAGES: usize = 10;
+/// Slack's longest `section` text, in characters.
+const MAX_SECTION_CHARS: usize = 3000;
+/// Slack's longest `alt_text`, and `image_url`, in characters.
+const MAX_ALT_CHARS: usize = 2000;
+const MAX_IMAGE_URL_CHARS: usize = 3000;
 
 /// `[egress.platforms.slack]`, documented in shared/defaults.toml.
 #[derive(Debug, Deserialize)]
@@ -135,12 +158,39 @@ impl Sender for SlackSender {
     }
 }
 
+/// `text` escaped, with `mentions` as `<@U…>`.
+fn render(text: &str, mentions: &[String]) -> String {
+    mentions::place(&escape(text), mentions, |user| format!("<@{user}>"))
+}
+
 /// The `chat.postMessage` body for `reply` (documented at the top of this module).
 pub fn payload(reply: &Reply, thread_replies: bool) -> serde_json::Value {
-    let text = mentions::place(&escape(&reply.text), &reply.mentions, |user| {
-        format!("<@{user}>")
-    });
+    // Pictures Slack can show; the rest go in the text as links.
+    let mut images = Vec::new();
+    let mut beyond = Vec::new();
+    for image in media::images(reply) {
+        if image.url.chars().count() <= MAX_IMAGE_URL_CHARS && images.len() < MAX_IMAGES {
+            images.push(image);
+        } else {
+            beyond.push(image);
+        }
+    }
+    let mut plain = media::text_with_links(reply, false);
+    media::append_image_links(&mut plain, &beyond);
+    let text = render(&plain, &reply.mentions);
     let mut body = serde_json::json!({ "channel": reply.chat.id, "text": text });
+    if !images.is_empty() {
+        if plain.is_empty() && reply.mentions.is_empty() {
+            // The notification still says something.
+            let alts: Vec<&str> = images.iter().filter_map(|image| image.alt).collect();
+            body["text"] = if alts.is_empty() {
+                "image".into()
+            } else {
+                escape(&alts.join(", ")).into()
+            };
+        }
+        body["blocks"] = blocks(reply, &plain, &images).into();
+    }
     let thread = reply.thread.as_ref().or(reply
         .reply_to
         .as_ref()
@@ -149,6 +199,40 @@ pub fn payload(reply: &Reply, thread_replies: bool) -> serde_json::Value {
         body["thread_ts"] = thread.as_str().into();
     }
     body
+}
+
+/// The Block Kit blocks of a reply with pictures: its text in sections,
+/// then an image block per picture.
+fn blocks(reply: &Reply, plain: &str, images: &[media::Image]) -> Vec<serde_json::Value> {
+    let growth = split::length(&render(plain, &reply.mentions), split::chars)
+        .saturating_sub(split::length(plain, split::chars));
+    let mut blocks: Vec<serde_json::Value> = if plain.is_empty() && reply.mentions.is_empty() {
+        Vec::new()
+    } else {
+        split::render_pieces(
+            plain,
+            &reply.mentions,
+            MAX_SECTION_CHARS,
+            split::chars,
+            growth,
+            render,
+        )
+        .into_iter()
+        .map(
+            |text| serde_json::json!({"type": "section", "text": {"type": "mrkdwn", "text": text}}),
+        )
+        .collect()
+    };
+    for image in images {
+        let alt: String = image
+            .alt
+            .unwrap_or("image")
+            .chars()
+            .take(MAX_ALT_CHARS)
+            .collect();
+        blocks.push(serde_json::json!({"type": "image", "image_url": image.url, "alt_text": alt}));
+    }
+    blocks
 }
 
 /// A Web API answer.
@@ -198,6 +282,7 @@ fn judge(answered: &Answered) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use botline_shared::message::Attachment;
 
     fn reply(kind: ChatKind, text: &str, mentions: &[&str]) -> Reply {
         Reply {
@@ -227,6 +312,59 @@ mod tests {
         let mut threaded = reply(ChatKind::Group, "hi", &[]);
         threaded.thread = Some("1355517000.000001".into());
         assert_eq!(payload(&threaded, false)["thread_ts"], "1355517000.000001");
+    }
+
+    #[test]
+    fn pictures_are_image_blocks_after_the_text_in_sections() {
+        let mut sent = reply(ChatKind::Group, "shop <A> & co", &["U1"]);
+        sent.attachments = vec![
+            Attachment::image("https://x.test/shop.jpg", Some("the shop".into())),
+            Attachment::image("https://x.test/map.png", None),
+        ];
+        assert_eq!(
+            payload(&sent, false),
+            serde_json::json!({
+                "channel": "C123ABC456",
+                "text": "<@U1> shop &lt;A&gt; &amp; co",
+                "blocks": [
+                    {"type": "section", "text": {"type": "mrkdwn", "text": "<@U1> shop &lt;A&gt; &amp; co"}},
+                    {"type": "image", "image_url": "https://x.test/shop.jpg", "alt_text": "the shop"},
+                    {"type": "image", "image_url": "https://x.test/map.png", "alt_text": "image"},
+                ],
+            })
+        );
+        // No text: no section, and the notification names the picture.
+        sent.text.clear();
+        sent.mentions.clear();
+        sent.attachments.truncate(1);
+        assert_eq!(
+            payload(&sent, false),
+            serde_json::json!({
+                "channel": "C123ABC456",
+                "text": "the shop",
+                "blocks": [{"type": "image", "image_url": "https://x.test/shop.jpg", "alt_text": "the shop"}],
+            })
+        );
+        // A long text is several sections of at most 3000 characters.
+        sent.text = format!("{}\n\n{}", "a".repeat(2500), "b".repeat(2500));
+        let blocks = payload(&sent, false)["blocks"].as_array().unwrap().clone();
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(blocks[0]["text"]["text"], "a".repeat(2500));
+        assert_eq!(blocks[1]["text"]["text"], "b".repeat(2500));
+        // Beyond ten pictures, the rest are links in the text.
+        sent.text = "many".into();
+        sent.attachments = (0..12)
+            .map(|n| Attachment::image(format!("https://x.test/{n}.png"), None))
+            .collect();
+        let body = payload(&sent, false);
+        assert_eq!(body["blocks"].as_array().unwrap().len(), 11);
+        assert_eq!(
+            body["text"],
+            "many\nhttps://x.test/10.png\nhttps://x.test/11.png"
+        );
+        // Without pictures, no blocks at all.
+        sent.attachments.clear();
+        assert!(payload(&sent, false).get("blocks").is_none());
     }
 
     fn check_judge(status: u16, retry_after: Option<u64>, body: &str, expected: &str) {

@@ -1,5 +1,6 @@
-//! Telegram: each reply is one `POST <api>/bot<token>/sendMessage`, the
-//! token being `BOTLINE_TELEGRAM_BOT_TOKEN`.
+//! Telegram: a reply is `POST <api>/bot<token>/sendMessage`, the token
+//! being `BOTLINE_TELEGRAM_BOT_TOKEN`; a reply with pictures is one
+//! `sendPhoto` per picture first.
 //!
 //! ```json
 //! {
@@ -14,7 +15,19 @@
 //! The text is HTML-escaped; each user to mention becomes an inline mention
 //! (`tg://user?id=`), named by the `name:<id>` ingest left in
 //! `platform_data`, in place of its `@<id>` in the text or else in front of
-//! it. Text beyond Telegram's 4096 characters is cut with `…`.
+//! it. Attachments other than pictures are links on lines of their own.
+//!
+//! A text longer than Telegram's 4096 characters (UTF-16 code units, after
+//! the HTML is parsed) is sent as several `sendMessage` calls, split at a
+//! paragraph, line, sentence or space ([`super::split`]: the plain text is
+//! split, then each piece escaped, so no entity or link is ever cut).
+//! Pictures: `{"chat_id", "photo": "<url>", "caption", "parse_mode":
+//! "HTML"}`, Telegram fetching the URL itself; the text is the first
+//! picture's caption when it fits in Telegram's 1024, else the pictures go
+//! without captions and the text follows in `sendMessage` calls. Every call
+//! carries `message_thread_id`; only the first quotes the message answered
+//! (`reply_parameters`). A reply of several calls is sent part by part
+//! through [`crate::parts`], so a retry never sends a part twice.
 //!
 //! Answers: `{"ok": true, "result": {"message_id": …}}` is delivered;
 //! 429 waits `parameters.retry_after` seconds; 5xx and timeouts are retried;
@@ -25,8 +38,10 @@
 
 use super::http::{self, Answered, Http};
 use super::mentions::{self, escape};
+use super::{media, split};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
+use crate::parts::Parts;
 use botline_shared::config::secret_env;
 use botline_shared::message::{ChatKind, Reply};
 use botline_shared::Error;
@@ -43,8 +58,10 @@ pub const PLATFORM: Platform = Platform {
 
 /// The bot token from @BotFather: `<bot id>:<secret>`.
 pub const TOKEN_ENV: &str = "BOTLINE_TELEGRAM_BOT_TOKEN";
-/// Telegram's longest message text, in characters.
-const MAX_TEXT_CHARS: usize = 4096;
+/// Telegram's longest message text, in UTF-16 code units after entity parsing.
+const MAX_TEXT_UNITS: usize = 4096;
+/// Telegram's longest photo caption, likewise.
+const MAX_CAPTION_UNITS: usize = 1024;
 
 /// `[egress.platforms.telegram]`, documented in shared/defaults.toml.
 #[derive(Debug, Deserialize)]
@@ -63,8 +80,9 @@ struct TelegramSettings {
 
 pub struct TelegramSender {
     http: Http,
-    /// `<api>/bot<token>/sendMessage`: holds the token, so never logged.
+    /// `<api>/bot<token>/`, the methods' base: holds the token, so never logged.
     url: reqwest::Url,
+    parts: Parts,
     /// The digits before `:` in the token: names the bot's limits.
     bot_id: String,
     bot_per_second: u32,
@@ -97,15 +115,19 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
         }
     };
     let base = settings.api_base_url.trim_end_matches('/');
-    let url = reqwest::Url::parse(&format!("{base}/bot{token}/sendMessage")).map_err(|_| {
-        Error::config(
-            "egress.platforms.telegram.api_base_url",
-            "with the bot token, does not make a URL",
-        )
-    })?;
+    let url = reqwest::Url::parse(&format!("{base}/bot{token}/"))
+        .ok()
+        .filter(|url| url.join("sendMessage").is_ok())
+        .ok_or_else(|| {
+            Error::config(
+                "egress.platforms.telegram.api_base_url",
+                "with the bot token, does not make a URL",
+            )
+        })?;
     Ok(Arc::new(TelegramSender {
         http: Http::new(PLATFORM.name, settings.timeout_ms)?,
         url,
+        parts: kit.parts.clone(),
         bot_id,
         bot_per_second: settings.bot_per_second,
         chat_per_second: settings.chat_per_second,
@@ -149,19 +171,85 @@ impl Sender for TelegramSender {
 
     fn attempt<'a>(&'a self, reply: &'a Reply) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
-            let request = self.http.post(self.url.clone()).json(&payload(reply));
-            self.http.attempt(request, PLATFORM.name, judge).await
+            let plan: Vec<(usize, Part)> = plan(reply).into_iter().enumerate().collect();
+            let limits = self.limits(reply);
+            self.parts
+                .send(PLATFORM.name, reply, &limits, &plan, |(index, part)| {
+                    Box::pin(self.send_part(reply, *index, part))
+                })
+                .await
         })
     }
 }
 
-/// The `sendMessage` body for `reply` (documented at the top of this module).
-pub fn payload(reply: &Reply) -> serde_json::Value {
-    let mut body = serde_json::json!({
-        "chat_id": number_or_text(&reply.chat.id),
-        "text": render(reply),
-        "parse_mode": "HTML",
-    });
+impl TelegramSender {
+    async fn send_part(&self, reply: &Reply, index: usize, part: &Part) -> Attempt {
+        let (method, body) = payload(reply, index, part);
+        let url = self.url.join(method).expect("checked at start");
+        let request = self.http.post(url).json(&body);
+        self.http.attempt(request, PLATFORM.name, judge).await
+    }
+}
+
+/// One Bot API call of a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// `sendPhoto`: the picture by URL, with the text (HTML) as its caption
+    /// when it fits.
+    Photo {
+        url: String,
+        caption: Option<String>,
+    },
+    /// `sendMessage`: a piece of the text, as HTML.
+    Text(String),
+}
+
+/// The calls that send `reply`, in order (documented at the top of this module).
+pub fn plan(reply: &Reply) -> Vec<Part> {
+    let images = media::images(reply);
+    let text = media::text_with_links(reply, false);
+    let pieces = render_pieces(reply, &text);
+    let mut parts: Vec<Part> = images
+        .iter()
+        .map(|image| Part::Photo {
+            url: image.url.to_string(),
+            caption: None,
+        })
+        .collect();
+    let fits_caption = pieces.len() == 1 && visible_length(reply, &text) <= MAX_CAPTION_UNITS;
+    match parts.first_mut() {
+        Some(Part::Photo { caption, .. }) if fits_caption => {
+            *caption = pieces.into_iter().next().filter(|piece| !piece.is_empty());
+        }
+        Some(_) => parts.extend(
+            pieces
+                .into_iter()
+                .filter(|piece| !piece.is_empty())
+                .map(Part::Text),
+        ),
+        None => parts.extend(pieces.into_iter().map(Part::Text)),
+    }
+    parts
+}
+
+/// The method and body of part `index` of `reply`.
+pub fn payload(reply: &Reply, index: usize, part: &Part) -> (&'static str, serde_json::Value) {
+    let mut body = serde_json::json!({ "chat_id": number_or_text(&reply.chat.id) });
+    let method = match part {
+        Part::Photo { url, caption } => {
+            body["photo"] = url.as_str().into();
+            if let Some(caption) = caption {
+                body["caption"] = caption.as_str().into();
+                body["parse_mode"] = "HTML".into();
+            }
+            "sendPhoto"
+        }
+        Part::Text(text) => {
+            body["text"] = text.as_str().into();
+            body["parse_mode"] = "HTML".into();
+            "sendMessage"
+        }
+    };
     if let Some(thread) = reply
         .thread
         .as_deref()
@@ -173,13 +261,14 @@ pub fn payload(reply: &Reply) -> serde_json::Value {
         .reply_to
         .as_deref()
         .and_then(|id| id.parse::<i64>().ok())
+        .filter(|_| index == 0)
     {
         body["reply_parameters"] = serde_json::json!({
             "message_id": message,
             "allow_sending_without_reply": true,
         });
     }
-    body
+    (method, body)
 }
 
 fn number_or_text(id: &str) -> serde_json::Value {
@@ -187,13 +276,18 @@ fn number_or_text(id: &str) -> serde_json::Value {
         .map_or_else(|_| id.into(), serde_json::Value::from)
 }
 
-/// The reply's text as Telegram HTML, its mentions as inline mentions.
-pub fn render(reply: &Reply) -> String {
-    mentions::place(&escape(&cut(&reply.text)), &reply.mentions, |user| {
-        let name = reply
-            .platform_data
-            .get(&format!("name:{user}"))
-            .map_or(user, String::as_str);
+/// How a mentioned user is named: the name ingest saw, else the id.
+fn name_of<'r>(reply: &'r Reply, user: &'r str) -> &'r str {
+    reply
+        .platform_data
+        .get(&format!("name:{user}"))
+        .map_or(user, String::as_str)
+}
+
+/// `text` as Telegram HTML, `mentions` as inline mentions.
+fn render(reply: &Reply, text: &str, mentions: &[String]) -> String {
+    mentions::place(&escape(text), mentions, |user| {
+        let name = name_of(reply, user);
         if !user.is_empty() && user.bytes().all(|b| b.is_ascii_digit()) {
             format!("<a href=\"tg://user?id={user}\">{}</a>", escape(name))
         } else {
@@ -202,16 +296,28 @@ pub fn render(reply: &Reply) -> String {
     })
 }
 
-/// At most [`MAX_TEXT_CHARS`] characters, leaving room for mentions.
-fn cut(text: &str) -> String {
-    let limit = MAX_TEXT_CHARS - 96;
-    if text.chars().count() <= limit {
-        text.to_string()
-    } else {
-        let mut cut: String = text.chars().take(limit - 1).collect();
-        cut.push('…');
-        cut
-    }
+/// How long `text` shows once its mentions are rendered (HTML parsed), in
+/// UTF-16 code units.
+fn visible_length(reply: &Reply, text: &str) -> usize {
+    let shown = mentions::place(text, &reply.mentions, |user| {
+        name_of(reply, user).to_string()
+    });
+    split::length(&shown, split::utf16)
+}
+
+/// `text` as Telegram HTML in pieces of at most [`MAX_TEXT_UNITS`] each
+/// once parsed ([`split::render_pieces`]: the plain text is split, each
+/// piece then escaped, with the mentions it names).
+pub fn render_pieces(reply: &Reply, text: &str) -> Vec<String> {
+    let growth = visible_length(reply, text).saturating_sub(split::length(text, split::utf16));
+    split::render_pieces(
+        text,
+        &reply.mentions,
+        MAX_TEXT_UNITS,
+        split::utf16,
+        growth,
+        |piece, mentions| render(reply, piece, mentions),
+    )
 }
 
 /// A Bot API answer.
@@ -306,8 +412,8 @@ mod tests {
 
     fn check_render(text: &str, mentions: &[&str], expected: &str) {
         assert_eq!(
-            render(&reply(ChatKind::Group, text, mentions)),
-            expected,
+            render_pieces(&reply(ChatKind::Group, text, mentions), text),
+            [expected],
             "{text:?} {mentions:?}"
         );
     }
@@ -340,11 +446,98 @@ mod tests {
     }
 
     #[test]
-    fn long_texts_are_cut_to_what_telegram_takes() {
-        let long = "长".repeat(5000);
-        let rendered = render(&reply(ChatKind::Direct, &long, &[]));
-        assert_eq!(rendered.chars().count(), MAX_TEXT_CHARS - 96);
-        assert!(rendered.ends_with('…'));
+    fn long_texts_are_split_into_messages_telegram_takes() {
+        // 3000 emoji are 6000 UTF-16 units: two messages, split at a space.
+        let long = format!("{} {}", "😀".repeat(1500), "😀".repeat(1500));
+        let sent = reply(ChatKind::Direct, &long, &[]);
+        let parts = plan(&sent);
+        assert_eq!(
+            parts,
+            [Part::Text("😀".repeat(1500)), Part::Text("😀".repeat(1500))]
+        );
+        // Entities are never cut: each piece is escaped after the split.
+        let escaped = format!("{}\n\n{}", "<&>".repeat(1300), "b".repeat(300));
+        let pieces = render_pieces(&reply(ChatKind::Direct, &escaped, &[]), &escaped);
+        assert!(pieces == ["&lt;&amp;&gt;".repeat(1300), "b".repeat(300)]);
+        // A mention in the second piece is rendered there, not again in front of the first.
+        let text = format!("{}\n\nthanks @42", "a".repeat(4090));
+        let pieces = render_pieces(&reply(ChatKind::Group, &text, &["42"]), &text);
+        assert_eq!(
+            pieces,
+            [
+                "a".repeat(4090),
+                "thanks <a href=\"tg://user?id=42\">Ann &lt;3</a>".into()
+            ]
+        );
+        // One not in the text goes in front of the first piece only, with room made for it.
+        let text = "a".repeat(5000);
+        let pieces = render_pieces(&reply(ChatKind::Group, &text, &["42"]), &text);
+        assert_eq!(pieces.len(), 2);
+        assert!(pieces[0].starts_with("<a href=\"tg://user?id=42\">Ann &lt;3</a> aaa"));
+        assert!(!pieces[1].contains("tg://"));
+        assert!(
+            pieces[0].len() - "<a href=\"tg://user?id=42\">Ann &lt;3</a> ".len() + "Ann <3 ".len()
+                <= MAX_TEXT_UNITS
+        );
+    }
+
+    fn image(url: &str) -> botline_shared::message::Attachment {
+        botline_shared::message::Attachment::image(url, None)
+    }
+
+    #[test]
+    fn pictures_go_first_with_the_text_as_caption_when_it_fits() {
+        let mut sent = reply(ChatKind::Direct, "our <shop>", &[]);
+        sent.attachments = vec![image("https://x.test/a.png"), image("https://x.test/b.png")];
+        assert_eq!(
+            plan(&sent),
+            [
+                Part::Photo {
+                    url: "https://x.test/a.png".into(),
+                    caption: Some("our &lt;shop&gt;".into())
+                },
+                Part::Photo {
+                    url: "https://x.test/b.png".into(),
+                    caption: None
+                },
+            ]
+        );
+        sent.text = "x".repeat(1025);
+        sent.attachments.truncate(1);
+        assert_eq!(
+            plan(&sent),
+            [
+                Part::Photo {
+                    url: "https://x.test/a.png".into(),
+                    caption: None
+                },
+                Part::Text("x".repeat(1025)),
+            ]
+        );
+        sent.text = "x".repeat(1024);
+        assert_eq!(plan(&sent).len(), 1, "1024 units fit a caption");
+        sent.text.clear();
+        assert_eq!(
+            plan(&sent),
+            [Part::Photo {
+                url: "https://x.test/a.png".into(),
+                caption: None
+            }]
+        );
+        // Other attachments are links in the text.
+        sent.text = "menu".into();
+        sent.attachments.push(botline_shared::message::Attachment {
+            kind: botline_shared::message::AttachmentKind::File,
+            name: Some("menu.pdf".into()),
+            ..image("https://x.test/menu.pdf")
+        });
+        assert_eq!(
+            plan(&sent),
+            [Part::Photo {
+                url: "https://x.test/a.png".into(),
+                caption: Some("menu\nmenu.pdf: https://x.test/menu.pdf".into())
+            }]
+        );
     }
 
     #[test]
@@ -352,8 +545,9 @@ mod tests {
         let mut sent = reply(ChatKind::Group, "hi", &[]);
         sent.thread = Some("4".into());
         sent.reply_to = Some("12".into());
+        let first = |sent: &Reply| payload(sent, 0, &plan(sent)[0]).1;
         assert_eq!(
-            payload(&sent),
+            first(&sent),
             serde_json::json!({
                 "chat_id": -1001234,
                 "text": "hi",
@@ -362,11 +556,27 @@ mod tests {
                 "reply_parameters": {"message_id": 12, "allow_sending_without_reply": true},
             })
         );
+        // A later part keeps the thread but quotes nothing.
+        let photo = Part::Photo {
+            url: "https://x.test/a.png".into(),
+            caption: None,
+        };
+        assert_eq!(
+            payload(&sent, 1, &photo),
+            (
+                "sendPhoto",
+                serde_json::json!({
+                    "chat_id": -1001234,
+                    "photo": "https://x.test/a.png",
+                    "message_thread_id": 4,
+                })
+            )
+        );
         sent.chat.id = "@news".into();
         sent.thread = None;
         sent.reply_to = None;
         assert_eq!(
-            payload(&sent),
+            first(&sent),
             serde_json::json!({"chat_id": "@news", "text": "hi", "parse_mode": "HTML"})
         );
     }
@@ -435,7 +645,8 @@ mod tests {
     fn group_replies_count_against_the_group_minute() {
         let sender = TelegramSender {
             http: Http::new("telegram", 1000).unwrap(),
-            url: reqwest::Url::parse("http://127.0.0.1:1/bot1:x/sendMessage").unwrap(),
+            url: reqwest::Url::parse("http://127.0.0.1:1/bot1:x/").unwrap(),
+            parts: crate::parts::unconnected(),
             bot_id: "1".into(),
             bot_per_second: 30,
             chat_per_second: 1,

@@ -1,6 +1,8 @@
 //! Platform `web`: the browser chat that ingest serves. Delivering a reply
 //! does no I/O here: it is two writes made with the entry's
-//! acknowledgement, appending the bot's turn to the chat's transcript and
+//! acknowledgement, appending the bot's turn (its text and attachments,
+//! which the page shows: images as pictures, other files as links) to the
+//! chat's transcript and
 //! publishing the chat id so ingest pushes the new turn to the browser.
 //! Because the ack script makes them only if the entry is acknowledged,
 //! web delivery is exactly once.
@@ -41,6 +43,7 @@ impl WebSender {
             text: reply.text.clone(),
             message_id: reply.id.clone(),
             at_ms: now_ms(),
+            attachments: reply.attachments.clone(),
         };
         vec![
             Write::add_capped(

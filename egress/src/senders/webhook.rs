@@ -13,6 +13,10 @@
 //!   "reply_to": null,          // platform id of the inbound message, or null
 //!   "text": "…",
 //!   "mentions": ["u1"],
+//!   "attachments": [           // pictures and files to go with the text (may be empty)
+//!     {"kind": "image", "url": "https://…", "name": "alt text",   // kind: image | audio | video | file | sticker
+//!      "file_id": null, "mime": null, "size": null}
+//!   ],
 //!   "priority": "normal",      // urgent | normal | batch
 //!   "trace_id": "…",
 //!   "created_at_ms": 1700000000000
@@ -152,6 +156,7 @@ pub fn payload(reply: &Reply) -> serde_json::Value {
         "reply_to": reply.reply_to,
         "text": reply.text,
         "mentions": reply.mentions,
+        "attachments": reply.attachments,
         "priority": reply.priority.as_str(),
         "trace_id": reply.trace_id,
         "created_at_ms": reply.created_at_ms,

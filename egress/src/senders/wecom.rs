@@ -14,7 +14,23 @@
 //!
 //! An app talks to one member at a time: the chat id is the member's userid
 //! and only direct chats can be sent to. App messages have no mentions,
-//! quotes or threads; the text is cut to WeCom's 2048 bytes.
+//! quotes or threads; the text is cut to WeCom's 2048 bytes. Attachments
+//! other than pictures are links on lines of their own.
+//!
+//! Pictures: of WeCom's app message types that show one, `image` takes a
+//! `media_id` and shows the picture itself, in full; `news` takes a
+//! `picurl` but is a link card whose text is a title (128 bytes) and a
+//! description (512 bytes) and which must link somewhere on tap, so the
+//! reply's text would be cut and a made-up link added. So each picture is
+//! fetched from its URL (a JPEG or PNG of at most `image_max_bytes`, WeCom
+//! taking up to 10 MB), uploaded as temporary media, `POST
+//! {api_base_url}/cgi-bin/media/upload?access_token=…&type=image`
+//! (multipart, the file in field `media`), and sent as `{"msgtype":
+//! "image", "image": {"media_id": …}}`; then the text follows as a text
+//! message. A reply of several messages is sent part by part through
+//! [`crate::parts`], so a retry sends only the messages not yet out. A
+//! picture whose URL answers 4xx, is too big or is not a JPEG or PNG sends
+//! the reply to `dead` naming the URL and why.
 //!
 //! Every answer is HTTP 200 with `errcode`: 0 is delivered (`msgid` kept);
 //! the frequency limits (45009, 45011, 45033) and "system busy" (-1) are
@@ -24,8 +40,10 @@
 //! silently drops what is beyond them), and per app.
 
 use super::http::{self, Answered, Http};
+use super::media::{self, Fetcher, ImageFormat, Picture};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
+use crate::parts::Parts;
 use crate::tokens::{Fetched, TokenCache, TokenError};
 use botline_shared::config::secret_env;
 use botline_shared::message::{ChatKind, Reply};
@@ -48,6 +66,8 @@ pub const MAX_TEXT_BYTES: usize = 2048;
 const TOKEN_REFUSED: [i64; 3] = [40014, 42001, 40001];
 /// WeCom's errcodes for "too often" and "busy": worth another try later.
 const THROTTLED: [i64; 4] = [-1, 45009, 45011, 45033];
+/// The kinds of picture WeCom's image media takes.
+const IMAGE_FORMATS: &[ImageFormat] = &[ImageFormat::Jpeg, ImageFormat::Png];
 
 /// `[egress.platforms.wecom]`, documented in shared/defaults.toml.
 #[derive(Debug, Deserialize)]
@@ -64,11 +84,16 @@ struct WeComSettings {
     app_per_minute: u32,
     throttled_retry_ms: u64,
     duplicate_check_secs: u64,
+    image_max_bytes: u64,
 }
 
 pub struct WeComSender {
     http: Http,
     send_url: reqwest::Url,
+    /// `cgi-bin/media/upload?type=image`, the access token added per call.
+    upload_url: reqwest::Url,
+    fetcher: Fetcher,
+    parts: Parts,
     token_url: reqwest::Url,
     tokens: TokenCache,
     /// The token's name in the cache, and the prefix of the limits' names:
@@ -119,6 +144,14 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             .map_err(|error| Error::config(setting("api_base_url"), error))
     };
     let send_url = endpoint("cgi-bin/message/send")?;
+    let mut upload_url = endpoint("cgi-bin/media/upload")?;
+    upload_url.query_pairs_mut().append_pair("type", "image");
+    if settings.image_max_bytes == 0 {
+        return Err(Error::config(
+            setting("image_max_bytes"),
+            "must be greater than 0",
+        ));
+    }
     let mut token_url = endpoint("cgi-bin/gettoken")?;
     token_url
         .query_pairs_mut()
@@ -127,6 +160,14 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
     Ok(Arc::new(WeComSender {
         http: Http::new(PLATFORM.name, settings.timeout_ms)?,
         send_url,
+        upload_url,
+        fetcher: Fetcher::new(
+            PLATFORM.name,
+            Duration::from_millis(settings.timeout_ms),
+            settings.image_max_bytes,
+            IMAGE_FORMATS,
+        )?,
+        parts: kit.parts.clone(),
         token_url,
         tokens: kit.tokens.clone(),
         app: format!("wecom:{}:{}", settings.corp_id, settings.agent_id),
@@ -182,16 +223,38 @@ impl WeComSender {
                 )),
             };
         }
+        let plan = plan(reply);
+        let limits = self.limits(reply);
+        self.parts
+            .send(PLATFORM.name, reply, &limits, &plan, |part| {
+                Box::pin(self.send_part(reply, part))
+            })
+            .await
+    }
+
+    /// One message of a reply: a picture (fetched, uploaded) or the text.
+    async fn send_part(&self, reply: &Reply, part: &Part) -> Attempt {
         let token = match self.access_token().await {
             Ok(token) => token,
             Err(attempt) => return attempt,
         };
+        let content = match part {
+            Part::Text(text) => Content::Text(text),
+            Part::Image(url) => {
+                let uploaded = match self.fetcher.fetch(url).await {
+                    Ok(picture) => self.upload(&token, &picture).await,
+                    Err(attempt) => Err(attempt),
+                };
+                match uploaded {
+                    Ok(media_id) => Content::Image(media_id),
+                    Err(attempt) => return attempt,
+                }
+            }
+        };
+        let body = payload(reply, self.agent_id, self.duplicate_check_secs, &content);
         let mut url = self.send_url.clone();
         url.query_pairs_mut().append_pair("access_token", &token);
-        let request =
-            self.http
-                .post(url)
-                .json(&payload(reply, self.agent_id, self.duplicate_check_secs));
+        let request = self.http.post(url).json(&body);
         let answered = match self.http.send(request, PLATFORM.name).await {
             Ok(answered) => answered,
             Err(attempt) => return attempt,
@@ -199,22 +262,51 @@ impl WeComSender {
         let verdict = match read_answer(&answered, "message/send") {
             Err(verdict) => verdict,
             Ok(answer) if answer.errcode == 0 => delivered(answer),
-            Ok(answer) if TOKEN_REFUSED.contains(&answer.errcode) => {
-                let reason = answer.reason("message/send");
-                match self.tokens.invalidate(&self.app).await {
-                    Ok(()) => Verdict::RetryAfter {
-                        wait: Some(Duration::ZERO),
-                        reason,
-                    },
-                    Err(error) => Verdict::RetryAfter {
+            Ok(answer) => self.refused(&answer, "message/send").await,
+        };
+        answered.attempt(verdict)
+    }
+
+    /// `picture` uploaded as temporary image media: its `media_id`.
+    async fn upload(&self, token: &str, picture: &Picture) -> Result<String, Attempt> {
+        let mut url = self.upload_url.clone();
+        url.query_pairs_mut().append_pair("access_token", token);
+        let form = reqwest::multipart::Form::new().part("media", picture.part());
+        let request = self.http.post(url).multipart(form);
+        let answered = self.http.send(request, PLATFORM.name).await?;
+        let verdict = match read_answer(&answered, "media/upload") {
+            Err(verdict) => verdict,
+            Ok(answer) if answer.errcode == 0 => {
+                match answer.media_id.filter(|id| !id.is_empty()) {
+                    Some(media_id) => return Ok(media_id),
+                    None => Verdict::RetryAfter {
                         wait: None,
-                        reason: format!("{reason}; dropping the token failed: {error}"),
+                        reason: "wecom media/upload answered without a media_id".into(),
                     },
                 }
             }
-            Ok(answer) => failed(&answer, "message/send", self.throttled_retry),
+            Ok(answer) => self.refused(&answer, "media/upload").await,
         };
-        answered.attempt(verdict)
+        Err(answered.attempt(verdict))
+    }
+
+    /// What a refusal of `endpoint` means: a token WeCom no longer takes
+    /// is dropped and the attempt retried at once; the rest as [`failed`].
+    async fn refused(&self, answer: &WeComAnswer, endpoint: &str) -> Verdict {
+        if !TOKEN_REFUSED.contains(&answer.errcode) {
+            return failed(answer, endpoint, self.throttled_retry);
+        }
+        let reason = answer.reason(endpoint);
+        match self.tokens.invalidate(&self.app).await {
+            Ok(()) => Verdict::RetryAfter {
+                wait: Some(Duration::ZERO),
+                reason,
+            },
+            Err(error) => Verdict::RetryAfter {
+                wait: None,
+                reason: format!("{reason}; dropping the token failed: {error}"),
+            },
+        }
     }
 
     /// The app's access token, from the cache or fetched (by this replica
@@ -289,14 +381,56 @@ fn failed(answer: &WeComAnswer, endpoint: &str, throttled_retry: Duration) -> Ve
     }
 }
 
-/// The `message/send` body for `reply` (documented at the top of this module).
-pub fn payload(reply: &Reply, agent_id: u64, duplicate_check_secs: u64) -> serde_json::Value {
+/// One message of a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// A picture, by its URL.
+    Image(String),
+    /// The text, cut to WeCom's length.
+    Text(String),
+}
+
+/// The messages that send `reply`: its pictures, then its text.
+pub fn plan(reply: &Reply) -> Vec<Part> {
+    let mut parts: Vec<Part> = media::images(reply)
+        .iter()
+        .map(|image| Part::Image(image.url.to_string()))
+        .collect();
+    let text = media::text_with_links(reply, false);
+    if parts.is_empty() || !text.is_empty() {
+        parts.push(Part::Text(cut(&text, MAX_TEXT_BYTES)));
+    }
+    parts
+}
+
+/// What one `message/send` carries.
+pub enum Content<'a> {
+    Text(&'a str),
+    Image(String),
+}
+
+/// The `message/send` body for one message of `reply` (documented at the
+/// top of this module).
+pub fn payload(
+    reply: &Reply,
+    agent_id: u64,
+    duplicate_check_secs: u64,
+    content: &Content,
+) -> serde_json::Value {
     let mut body = serde_json::json!({
         "touser": reply.chat.id,
-        "msgtype": "text",
         "agentid": agent_id,
-        "text": { "content": cut(&reply.text, MAX_TEXT_BYTES) },
     });
+    match content {
+        Content::Text(text) => {
+            body["msgtype"] = "text".into();
+            body["text"] = serde_json::json!({ "content": text });
+        }
+        Content::Image(media_id) => {
+            body["msgtype"] = "image".into();
+            body["image"] = serde_json::json!({ "media_id": media_id });
+        }
+    }
     if duplicate_check_secs > 0 {
         body["enable_duplicate_check"] = 1.into();
         body["duplicate_check_interval"] = duplicate_check_secs.into();
@@ -330,6 +464,9 @@ struct WeComAnswer {
     msgid: Option<String>,
     #[serde(default)]
     invaliduser: Option<String>,
+    /// media/upload's answer.
+    #[serde(default)]
+    media_id: Option<String>,
 }
 
 impl WeComAnswer {
@@ -387,6 +524,41 @@ mod tests {
         assert!(cut_long.ends_with('…'));
     }
 
+    #[test]
+    fn pictures_go_first_then_the_text() {
+        let mut reply = http::test_reply("wecom", "1000002", "zhangsan", ChatKind::Direct, "shop");
+        assert_eq!(plan(&reply), [Part::Text("shop".into())]);
+        reply.attachments = vec![
+            botline_shared::message::Attachment::image("https://x.test/a.png", None),
+            botline_shared::message::Attachment::image("https://x.test/b.jpg", None),
+        ];
+        assert_eq!(
+            plan(&reply),
+            [
+                Part::Image("https://x.test/a.png".into()),
+                Part::Image("https://x.test/b.jpg".into()),
+                Part::Text("shop".into()),
+            ]
+        );
+        reply.text.clear();
+        assert_eq!(plan(&reply).len(), 2, "no empty text after the pictures");
+        assert_eq!(
+            payload(&reply, 1000002, 600, &Content::Image("MEDIA_1".into())),
+            serde_json::json!({
+                "touser": "zhangsan", "agentid": 1000002, "msgtype": "image",
+                "image": {"media_id": "MEDIA_1"},
+                "enable_duplicate_check": 1, "duplicate_check_interval": 600,
+            })
+        );
+        assert_eq!(
+            payload(&reply, 1000002, 0, &Content::Text("hi")),
+            serde_json::json!({
+                "touser": "zhangsan", "agentid": 1000002, "msgtype": "text",
+                "text": {"content": "hi"},
+            })
+        );
+    }
+
     fn verdict(errcode: i64, invaliduser: &str) -> String {
         let answer = WeComAnswer {
             errcode,
@@ -395,6 +567,7 @@ mod tests {
             expires_in: None,
             msgid: Some("m1".into()),
             invaliduser: Some(invaliduser.into()),
+            media_id: None,
         };
         let sender_verdict = if errcode == 0 {
             delivered(answer)
