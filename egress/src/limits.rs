@@ -5,6 +5,12 @@
 //! One script checks all of a reply's limits (per bot, per chat, …) and
 //! takes a slot in each only when every one has room, so a reply that must
 //! wait for its chat does not use up its bot's allowance meanwhile.
+//!
+//! Besides these paces, a platform may say when it has no room left (a
+//! Discord bucket at `Remaining: 0`, a global 429): [`Limiter::pause`]
+//! records that in Redis as a time before which [`Limit::pause`] has no
+//! room, so every replica's next attempt waits for it instead of being
+//! refused. Times come from Redis's clock, the same for every replica.
 
 use botline_shared::redis_conn::Pool;
 use botline_shared::streams::Streams;
@@ -13,7 +19,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// One rate limit: at most `count` sends per `period`, `burst` of them at once.
+/// One rate limit: at most `count` sends per `period`, `burst` of them at
+/// once; or, made by [`Limit::pause`], no room while a pause lasts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limit {
     /// Whose limit, unique across platforms: `telegram:chat:42`.
@@ -22,6 +29,9 @@ pub struct Limit {
     pub period: Duration,
     /// Sends allowed back to back before the pace applies (at least 1).
     pub burst: u32,
+    /// A pause ([`Limiter::pause`]), not a pace: it takes no slot, and
+    /// `count`, `period` and `burst` do not apply.
+    pub pause: bool,
 }
 
 impl Limit {
@@ -32,6 +42,16 @@ impl Limit {
             count,
             period,
             burst: count,
+            pause: false,
+        }
+    }
+
+    /// No room while the pause `name` lasts (see [`Limiter::pause`]); room
+    /// at any time otherwise, and nothing taken.
+    pub fn pause(name: impl Into<String>) -> Self {
+        Limit {
+            pause: true,
+            ..Limit::new(name, 1, Duration::from_secs(1))
         }
     }
 
@@ -59,7 +79,8 @@ pub fn check_rates(table: &str, rates: &[(&str, u32)]) -> Result<(), Error> {
     }
 }
 
-/// KEYS: one per limit. ARGV: per limit, interval µs and burst tolerance µs.
+/// KEYS: one per limit. ARGV: per limit, interval µs and burst tolerance µs;
+/// an interval of 0 marks a pause, whose key holds the µs time it ends.
 /// Returns 0 when a slot was taken in every limit, else the µs to wait
 /// before all of them have room (nothing taken).
 static TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
@@ -73,17 +94,39 @@ for i, key in ipairs(KEYS) do
   local interval = tonumber(ARGV[i * 2 - 1])
   local tolerance = tonumber(ARGV[i * 2])
   local tat = tonumber(redis.call('GET', key) or '0')
-  if tat < now then tat = now end
-  local allowed_at = tat - tolerance
-  if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end
-  arrivals[i] = tat + interval
+  if interval == 0 then
+    if tat - now > wait then wait = tat - now end
+  else
+    if tat < now then tat = now end
+    local allowed_at = tat - tolerance
+    if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end
+    arrivals[i] = tat + interval
+  end
 end
 if wait > 0 then return wait end
 for i, key in ipairs(KEYS) do
-  local ttl = math.ceil((arrivals[i] - now) / 1000) + 1000
-  redis.call('SET', key, string.format('%d', arrivals[i]), 'PX', ttl)
+  if arrivals[i] then
+    local ttl = math.ceil((arrivals[i] - now) / 1000) + 1000
+    redis.call('SET', key, string.format('%d', arrivals[i]), 'PX', ttl)
+  end
 end
 return 0
+"#,
+    )
+});
+
+/// KEYS[1]: a pause. ARGV[1]: how long from now it lasts, µs. Extends the
+/// pause to now + that, never shortens it. Returns the µs it lasts from now.
+static PAUSE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local ends = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current >= ends then return current - now end
+redis.call('SET', KEYS[1], string.format('%d', ends), 'PX', math.ceil(tonumber(ARGV[1]) / 1000) + 1000)
+return ends - now
 "#,
     )
 });
@@ -118,15 +161,33 @@ impl Limiter {
         }
         let mut invocation = TAKE.prepare_invoke();
         for limit in limits {
-            let interval = limit.interval_us();
+            let (interval, tolerance) = if limit.pause {
+                (0, 0)
+            } else {
+                let interval = limit.interval_us();
+                (interval, interval * u64::from(limit.burst.max(1) - 1))
+            };
             invocation
                 .key(self.streams.rate_limit(&limit.name))
                 .arg(interval)
-                .arg(interval * u64::from(limit.burst.max(1) - 1));
+                .arg(tolerance);
         }
         let mut connection = self.pool.get().await?;
         let wait_us: u64 = invocation.invoke_async(&mut connection).await?;
         Ok(Duration::from_micros(wait_us))
+    }
+
+    /// Give the pause `name` ([`Limit::pause`]) no room for `length` from
+    /// now, for every replica; a longer pause already there stays. Returns
+    /// how long it lasts from now.
+    pub async fn pause(&self, name: &str, length: Duration) -> Result<Duration, Error> {
+        let mut connection = self.pool.get().await?;
+        let lasts_us: u64 = PAUSE
+            .key(self.streams.rate_limit(name))
+            .arg(length.as_micros().max(1) as u64)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(Duration::from_micros(lasts_us))
     }
 
     /// Wait until a slot is taken in every limit, but not past `deadline`.
@@ -243,5 +304,52 @@ mod tests {
             limiter.take(&[limit], near).await,
             Err(Refusal::TooLate { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_pause_holds_every_limiter_back_until_it_ends_and_takes_nothing() {
+        let redis = RedisServer::start();
+        let first = limiter(&redis);
+        let second = limiter(&redis);
+        let bot = Limit::new("t:bot", 3, Duration::from_secs(60));
+        let paused = [bot.clone(), Limit::pause("t:pause:chat:1")];
+        assert!(
+            second.try_take(&paused).await.unwrap().is_zero(),
+            "no pause yet: room"
+        );
+        let lasts = first
+            .pause("t:pause:chat:1", Duration::from_millis(600))
+            .await
+            .unwrap();
+        assert!(lasts <= Duration::from_millis(600), "{lasts:?}");
+        let wait = second.try_take(&paused).await.unwrap();
+        assert!(
+            wait > Duration::from_millis(400) && wait <= Duration::from_millis(600),
+            "the other replica waits for the pause: {wait:?}"
+        );
+        // A shorter pause does not cut the longer one short.
+        first
+            .pause("t:pause:chat:1", Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert!(second.try_take(&paused).await.unwrap() > Duration::from_millis(300));
+        assert!(
+            second
+                .try_take(std::slice::from_ref(&bot))
+                .await
+                .unwrap()
+                .is_zero(),
+            "waiting for the pause took none of the bot's slots"
+        );
+        let far = Instant::now() + Duration::from_secs(5);
+        let waited = second.take(&paused, far).await.unwrap();
+        assert!(
+            waited > Duration::from_millis(300),
+            "taken once the pause ended: {waited:?}"
+        );
+        assert!(
+            !second.try_take(&[bot]).await.unwrap().is_zero(),
+            "the bot's three slots are taken"
+        );
     }
 }

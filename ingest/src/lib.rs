@@ -8,7 +8,10 @@
 //!
 //! Owns: `POST /v1/messages`, `POST /v1/broadcast`, `/` (the chat page),
 //! `/ws` (the chat socket), `/hooks/<platform>` (platform webhooks, see
-//! [`platforms`]). Never calls another stage.
+//! [`platforms`]) and `/hooks/<platform>/ws` (sockets platforms open to
+//! ingest). Never calls another stage; the frames egress relays over a
+//! platform socket ingest holds come through Redis
+//! ([`platforms::relay`]).
 //!
 //! [`UnifiedMessage`]: botline_shared::message::UnifiedMessage
 
@@ -19,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod generic;
 pub mod inbox;
+pub mod limits;
 pub mod platforms;
 pub mod scheduler;
 pub mod webchat;
@@ -28,16 +32,20 @@ use crate::backlog::Backlog;
 use crate::config::{IngestSettings, Schedule};
 use crate::error::IngestError;
 use crate::inbox::Inbox;
+use crate::limits::SourceLimits;
 use crate::platforms::InboundPlatform;
 use crate::webchat::Notice;
 use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use botline_shared::config::{Env, ProcessConfig, Settings, StreamSettings};
 use botline_shared::redis_conn::Pool;
 use botline_shared::streams::Streams;
 use botline_shared::telemetry::Health;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +65,8 @@ pub struct Ingest {
     pub jwt_secret: Option<String>,
     /// The platform webhooks `[ingest.platforms]` enables.
     pub platforms: Vec<Arc<dyn InboundPlatform>>,
+    /// Per-source request limits, from `settings`.
+    pub limits: Arc<SourceLimits>,
     pub health: Health,
 }
 
@@ -74,12 +84,12 @@ impl Ingest {
         let ingest_settings = IngestSettings::load(settings)?;
         Ok(Ingest {
             platforms: platforms::build(&ingest_settings.platforms, env)?,
+            limits: Arc::new(SourceLimits::new(&ingest_settings)?),
             schedules: ingest_settings.schedules()?,
             settings: ingest_settings,
             stream_settings: settings.section("streams")?,
             streams: process.streams(),
-            client: redis::Client::open(process.redis_url.as_str())
-                .map_err(|error| botline_shared::Error::config("BOTLINE_REDIS_URL", error))?,
+            client: botline_shared::redis_conn::client(process)?,
             pool: botline_shared::redis_conn::pool(process, 16)?,
             jwt_secret,
             health,
@@ -97,6 +107,7 @@ pub struct Shared {
     pub auth: Option<JwtAuth>,
     pub backlog: Backlog,
     pub platforms: Vec<Arc<dyn InboundPlatform>>,
+    pub limits: Arc<SourceLimits>,
     /// Chats whose transcript changed, from the pub/sub listener to the sockets.
     pub notices: broadcast::Sender<Notice>,
     pub shutdown: CancellationToken,
@@ -127,6 +138,7 @@ impl AppState {
                 .map(|secret| JwtAuth::new(secret, settings.audience())),
             backlog: Backlog::default(),
             platforms: ingest.platforms.clone(),
+            limits: ingest.limits.clone(),
             notices,
             shutdown,
             settings,
@@ -156,7 +168,9 @@ pub fn app(state: AppState) -> Router {
             "/hooks/{platform}",
             get(platforms::hook).post(platforms::hook),
         )
+        .route("/hooks/{platform}/ws", get(platforms::socket))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), limits::limit))
         .with_state(state)
 }
 
@@ -182,6 +196,13 @@ pub async fn run(
         ingest.health.clone(),
         shutdown.clone(),
     ));
+    let limits = ingest.limits.clone();
+    let quiet = shutdown.clone();
+    tokio::spawn(async move {
+        limits
+            .forget_quiet_sources(Duration::from_secs(60), quiet)
+            .await
+    });
     scheduler::start(ingest.schedules, state.inbox.clone(), shutdown.clone());
     for platform in &ingest.platforms {
         platform
@@ -190,7 +211,9 @@ pub async fn run(
     }
     info!(message = "ingest listening", addr = %listener.local_addr()?);
     ingest.health.set("http", true);
-    axum::serve(listener, app(state))
+    // The peer's address is what the per-source limits count by.
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

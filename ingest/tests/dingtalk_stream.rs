@@ -9,7 +9,9 @@
 //! disconnect and a dropped socket, none lost or doubled, every frame
 //! answered — acknowledgements only once the message is in `in`; across two
 //! ingest replicas only one connects, and the other takes over when the
-//! holder dies.
+//! holder dies. A quiet socket stays up on ingest's pings; one gone silent
+//! (open, but nothing read or sent) is found dead within `idle_timeout_ms`
+//! and replaced.
 
 mod common;
 
@@ -20,7 +22,7 @@ use botline_ingest::platforms::dingtalk::SESSION_WEBHOOK;
 use botline_shared::message::{ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,9 @@ enum Command {
     DisconnectThenSend(Value),
     /// Drop the TCP connection without a close frame.
     Drop,
+    /// Send this frame, then fall silent: the TCP connection stays open but
+    /// nothing more is read (so no pong either) or sent on it.
+    SendThenSilence(Value),
 }
 
 #[derive(Default)]
@@ -64,6 +69,10 @@ struct State {
     /// Where the messages must be before their frame is acknowledged.
     inbound: Option<(String, String)>,
     faults: Vec<String>,
+    /// WebSocket pings received from ingest.
+    pings: usize,
+    /// Silent sockets, kept open.
+    silent: Vec<ServerSocket>,
 }
 
 #[derive(Clone)]
@@ -165,6 +174,7 @@ impl DingTalk {
         for frame in redeliver {
             ok = ok && self.send(&mut socket, &mut mine, frame).await;
         }
+        let mut silent = false;
         while ok {
             tokio::select! {
                 order = orders.recv() => match order {
@@ -176,16 +186,24 @@ impl DingTalk {
                         ok = socket.send(Frame::text(disconnect.to_string())).await.is_ok()
                             && self.send(&mut socket, &mut mine, frame).await;
                     }
+                    Some(Command::SendThenSilence(frame)) => {
+                        silent = self.send(&mut socket, &mut mine, frame).await;
+                        break;
+                    }
                     Some(Command::Drop) | None => break,
                 },
-                frame = read(&mut socket) => match frame {
+                frame = read_json(&mut socket, || self.state().pings += 1) => match frame {
                     Some(frame) => self.answered(frame),
                     None => break,
                 },
             }
         }
-        drop(socket);
         let mut state = self.state();
+        if silent {
+            state.silent.push(socket);
+        } else {
+            drop(socket);
+        }
         state.live -= 1;
         let left: Vec<Value> = mine
             .iter()
@@ -215,7 +233,7 @@ impl DingTalk {
 
     async fn send(
         &self,
-        socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+        socket: &mut ServerSocket,
         mine: &mut BTreeSet<String>,
         frame: Value,
     ) -> bool {
@@ -295,19 +313,6 @@ async fn register(
     let ticket = format!("ticket-{}", state.registrations.len());
     state.tickets.insert(ticket.clone());
     Json(json!({"endpoint": dingtalk.endpoint, "ticket": ticket}))
-}
-
-/// The next JSON frame the client sent, or `None` once the connection is over.
-async fn read(
-    socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-) -> Option<Value> {
-    loop {
-        match socket.next().await? {
-            Ok(Frame::Text(text)) => return serde_json::from_str(&text).ok(),
-            Ok(Frame::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
 }
 
 fn system(topic: &str, message_id: &str, data: Value) -> Value {
@@ -525,4 +530,84 @@ async fn two_replicas_open_one_connection_and_the_other_takes_over() {
     assert_eq!(state.registrations.len(), 2);
     drop(state);
     second_shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_is_kept_and_a_silent_one_is_replaced_within_the_idle_time() {
+    let dingtalk = DingTalk::start().await;
+    let overlay = format!(
+        "{}idle_timeout_ms = 1000\nping_interval_ms = 300\n",
+        settings(&dingtalk)
+    );
+    let harness = start_configured(&overlay, &[SECRET_ENV]).await;
+    let key = harness.streams.inbound();
+    let redis = &harness.redis;
+    dingtalk.check_inbound(redis, &key);
+
+    dingtalk.wait_accepted(1).await;
+    dingtalk.command(Command::Send(system(
+        "ping",
+        "p1",
+        json!({"opaque": "o-1"}),
+    )));
+    dingtalk.command(Command::Send(callback("m1", "msg1", "one")));
+    expect_texts(redis, &key, &["one"]).await;
+    dingtalk.wait_all_answered(&["p1", "m1"]).await;
+
+    // Quiet, but answering: ingest's WebSocket pings (every 300 ms) get
+    // their pongs, and the socket outlives its idle time several times over.
+    wait_for(WAIT, "ten pings", || {
+        let pings = dingtalk.state().pings;
+        async move { pings >= 10 }
+    })
+    .await;
+    assert_eq!(dingtalk.state().accepted, 1, "a quiet socket is kept");
+
+    // Silent: a callback, then nothing at all, the TCP connection open.
+    // Its ack goes nowhere; the socket is found dead and replaced, and the
+    // callback, sent again on the new one, is added once.
+    let silenced = std::time::Instant::now();
+    dingtalk.command(Command::SendThenSilence(callback(
+        "m2",
+        "msg2",
+        "just before the silence",
+    )));
+    dingtalk.wait_accepted(2).await;
+    assert_replaced_after_idle(silenced, Duration::from_secs(1));
+    dingtalk.command(Command::Send(callback("m3", "msg3", "after the silence")));
+    expect_texts(
+        redis,
+        &key,
+        &["one", "just before the silence", "after the silence"],
+    )
+    .await;
+    dingtalk.wait_all_answered(&["m2", "m3"]).await;
+
+    let state = dingtalk.state();
+    assert!(state.faults.is_empty(), "{:?}", state.faults);
+    assert_eq!(state.accepted, 2);
+    assert_eq!(state.registrations.len(), 2, "one registration per socket");
+    drop(state);
+    assert_eq!(texts(redis, &key).len(), 3, "nothing doubled");
+}
+
+#[tokio::test]
+async fn idle_settings_are_checked_at_start() {
+    let dingtalk = DingTalk::start().await;
+    let redis = RedisServer::start();
+    let refused = |extra: &str| {
+        configured_ingest(
+            &redis.url(),
+            Some(&format!("{}{extra}", settings(&dingtalk))),
+            &[SECRET_ENV],
+            None,
+        )
+        .err()
+        .map(|error| error.to_string())
+        .unwrap_or_default()
+    };
+    assert!(refused("idle_timeout_ms = 0\n").contains("ingest.platforms.dingtalk.idle_timeout_ms"));
+    assert!(refused("ping_interval_ms = 60000\n")
+        .contains("ingest.platforms.dingtalk.ping_interval_ms"));
+    assert_eq!(refused("ping_interval_ms = 0\n"), "");
 }

@@ -6,7 +6,9 @@
 //! Messages keep flowing through a refresh and a dropped socket, none lost
 //! or doubled, every envelope acknowledged — and only once its message is in
 //! `in`; across two ingest replicas only one connects, and the other takes
-//! over when the holder dies.
+//! over when the holder dies. A socket kept quiet stays up on ingest's pings;
+//! one gone silent (open, but nothing read or sent) is found dead within
+//! `idle_timeout_ms` and replaced.
 
 mod common;
 
@@ -17,7 +19,7 @@ use axum::Json;
 use botline_shared::message::{ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,9 @@ enum Command {
     DisconnectThenSend(&'static str, Value),
     /// Drop the TCP connection without a close frame.
     Drop,
+    /// Send this envelope, then fall silent: the TCP connection stays open
+    /// but nothing more is read (so no pong either) or sent on it.
+    SendThenSilence(Value),
 }
 
 #[derive(Default)]
@@ -62,6 +67,10 @@ struct State {
     /// Where the messages must be before their envelope is acknowledged.
     inbound: Option<(String, String)>,
     faults: Vec<String>,
+    /// WebSocket pings received from ingest.
+    pings: usize,
+    /// Silent sockets, kept open.
+    silent: Vec<ServerSocket>,
 }
 
 #[derive(Clone)]
@@ -152,6 +161,7 @@ impl Slack {
         for envelope in redeliver {
             ok = ok && self.send(&mut socket, &mut mine, envelope).await;
         }
+        let mut silent = false;
         while ok {
             tokio::select! {
                 order = orders.recv() => match order {
@@ -164,17 +174,25 @@ impl Slack {
                         ok = socket.send(Frame::text(disconnect.to_string())).await.is_ok()
                             && self.send(&mut socket, &mut mine, envelope).await;
                     }
+                    Some(Command::SendThenSilence(envelope)) => {
+                        silent = self.send(&mut socket, &mut mine, envelope).await;
+                        break;
+                    }
                     Some(Command::Drop) | None => break,
                 },
-                frame = read(&mut socket) => match frame {
+                frame = read_json(&mut socket, || self.state().pings += 1) => match frame {
                     Some(frame) => self.acknowledged(frame),
                     None => break,
                 },
             }
         }
-        drop(socket);
-        // What this connection left unacknowledged goes out again.
         let mut state = self.state();
+        if silent {
+            state.silent.push(socket);
+        } else {
+            drop(socket);
+        }
+        // What this connection left unacknowledged goes out again.
         state.live -= 1;
         let left: Vec<Value> = mine
             .iter()
@@ -195,7 +213,7 @@ impl Slack {
 
     async fn send(
         &self,
-        socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+        socket: &mut ServerSocket,
         mine: &mut BTreeSet<String>,
         envelope: Value,
     ) -> bool {
@@ -259,19 +277,6 @@ async fn open(AxumState(slack): AxumState<Slack>, headers: HeaderMap) -> Json<Va
     Json(json!({"ok": true, "url": format!("{}?ticket={n}", slack.socket_url)}))
 }
 
-/// The next JSON frame the client sent, or `None` once the connection is over.
-async fn read(
-    socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-) -> Option<Value> {
-    loop {
-        match socket.next().await? {
-            Ok(Frame::Text(text)) => return serde_json::from_str(&text).ok(),
-            Ok(Frame::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
-}
-
 /// An `events_api` envelope carrying a channel message.
 fn envelope(id: &str, ts: &str, text: &str) -> Value {
     json!({
@@ -294,6 +299,9 @@ fn settings(slack: &Slack) -> String {
         slack.api_base
     )
 }
+
+/// The socket found dead after a second of silence, pinged after 300 ms.
+const IDLE: &str = "idle_timeout_ms = 1000\nping_interval_ms = 300\n";
 
 fn texts(redis: &RedisServer, key: &str) -> Vec<String> {
     read_stream::<UnifiedMessage>(redis, key)
@@ -509,4 +517,90 @@ async fn two_replicas_open_one_connection_and_the_other_takes_over() {
     assert_eq!(state.opens.len(), 2);
     drop(state);
     second_shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_socket_is_kept_and_a_silent_one_is_replaced_within_the_idle_time() {
+    let slack = Slack::start().await;
+    let harness = start_configured(
+        &format!("{}{IDLE}", settings(&slack)),
+        &[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)],
+    )
+    .await;
+    let key = harness.streams.inbound();
+    let redis = &harness.redis;
+    slack.check_inbound(redis, &key);
+
+    slack.wait_accepted(1).await;
+    slack.command(Command::Send(envelope("e1", "1700000201.000100", "one")));
+    expect_texts(redis, &key, &["one"]).await;
+    slack.wait_all_acked(&["e1"]).await;
+
+    // Quiet, but answering: ingest's pings (every 300 ms) get their pongs,
+    // and the socket outlives its idle time several times over.
+    wait_for(WAIT, "ten pings", || {
+        let pings = slack.state().pings;
+        async move { pings >= 10 }
+    })
+    .await;
+    assert_eq!(slack.state().accepted, 1, "a quiet socket is kept");
+
+    // Silent: an envelope, then nothing at all, the TCP connection open.
+    // Its ack goes nowhere; the socket is found dead and replaced, and the
+    // envelope, sent again on the new one, is added once.
+    let silenced = std::time::Instant::now();
+    slack.command(Command::SendThenSilence(envelope(
+        "e2",
+        "1700000202.000200",
+        "just before the silence",
+    )));
+    slack.wait_accepted(2).await;
+    assert_replaced_after_idle(silenced, Duration::from_secs(1));
+    slack.command(Command::Send(envelope(
+        "e3",
+        "1700000203.000300",
+        "after the silence",
+    )));
+    expect_texts(
+        redis,
+        &key,
+        &["one", "just before the silence", "after the silence"],
+    )
+    .await;
+    slack.wait_all_acked(&["e2", "e3"]).await;
+
+    let state = slack.state();
+    assert!(state.faults.is_empty(), "{:?}", state.faults);
+    assert_eq!(state.accepted, 2);
+    assert_eq!(
+        state.opens.len(),
+        2,
+        "apps.connections.open once per socket"
+    );
+    drop(state);
+    assert_eq!(texts(redis, &key).len(), 3, "nothing doubled");
+}
+
+#[tokio::test]
+async fn idle_settings_are_checked_at_start() {
+    let slack = Slack::start().await;
+    let redis = RedisServer::start();
+    let refused = |extra: &str| {
+        configured_ingest(
+            &redis.url(),
+            Some(&format!("{}{extra}", settings(&slack))),
+            &[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)],
+            None,
+        )
+        .err()
+        .map(|error| error.to_string())
+        .unwrap_or_default()
+    };
+    assert!(refused("idle_timeout_ms = 0\n").contains("ingest.platforms.slack.idle_timeout_ms"));
+    assert!(refused("idle_timeout_ms = 1000\nping_interval_ms = 1000\n")
+        .contains("ingest.platforms.slack.ping_interval_ms"));
+    assert_eq!(
+        refused("idle_timeout_ms = 1000\nping_interval_ms = 0\n"),
+        ""
+    );
 }

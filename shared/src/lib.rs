@@ -16,6 +16,7 @@ pub mod message;
 pub mod ops;
 pub mod order;
 pub mod redis_conn;
+pub mod relay;
 pub mod runner;
 pub mod service;
 pub mod streams;

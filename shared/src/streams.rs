@@ -98,6 +98,13 @@ impl Streams {
         self.key(&format!("sent:{reply_id}"))
     }
 
+    /// Set once part `part` of a reply sent as several platform messages
+    /// has been accepted (value: the platform's message id), so a retry
+    /// sends only the parts not yet out.
+    pub fn sent_part(&self, reply_id: &str, part: usize) -> String {
+        self.key(&format!("sent:{reply_id}:part:{part}"))
+    }
+
     /// Held by the egress consumer sending a reply right now.
     pub fn sending(&self, reply_id: &str) -> String {
         self.key(&format!("sending:{reply_id}"))
@@ -116,6 +123,27 @@ impl Streams {
     /// Lease on a consumer name, so replicas on one host pick distinct names.
     pub fn consumer_lease(&self, group: &str, consumer: &str) -> String {
         self.key(&format!("consumer:{group}:{consumer}"))
+    }
+
+    /// Frames egress wants sent over the socket an ingest replica holds
+    /// for `bot` on `platform` (OneBot's WebSocket), see [`crate::relay`].
+    pub fn socket_frames(&self, platform: &str, bot: &str) -> String {
+        self.key(&format!("socket:{platform}:{bot}"))
+    }
+
+    /// Whether the frame `echo` was sent, expired or cancelled, set once.
+    pub fn socket_state(&self, echo: &str) -> String {
+        self.key(&format!("socket-state:{echo}"))
+    }
+
+    /// What came of the frame `echo` (a list of one), for egress to read.
+    pub fn socket_outcome(&self, echo: &str) -> String {
+        self.key(&format!("socket-outcome:{echo}"))
+    }
+
+    /// The echo of the last frame made for a reply.
+    pub fn socket_reply(&self, reply_id: &str) -> String {
+        self.key(&format!("socket-reply:{reply_id}"))
     }
 }
 

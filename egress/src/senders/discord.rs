@@ -16,7 +16,11 @@
 //! its `@ID` in the text, or else in front of it; `allowed_mentions` lets
 //! exactly those users be pinged, so no text (an echoed `@everyone`, a role
 //! mention) pings anyone else. Text beyond Discord's 2000 characters is cut
-//! with `…`. The nonce is the same for every attempt at one reply, and with
+//! with `…`. Attachments other than pictures are links on lines of their
+//! own; pictures are embeds showing the image, `"embeds": [{"image":
+//! {"url": "https://…"}}]`, at most Discord's 10 (any beyond are links in
+//! the content), Discord fetching the URL itself; the content may then be
+//! empty. The nonce is the same for every attempt at one reply, and with
 //! `enforce_nonce` Discord answers a second request within a few minutes
 //! with the message the first one made: a resend after a timeout is not a
 //! second message.
@@ -27,11 +31,27 @@
 //! retried; any other status is permanent, its reason naming Discord's
 //! error `code` and `message` (50001 missing access, 50013 missing
 //! permissions, 10003 unknown channel, 50035 invalid form body, …).
+//!
+//! Rate limits: the static limits (the bot's `bot_per_second`, each
+//! channel's `channel_count` per `channel_period_ms`) are the floor; on top
+//! of them every answer's headers are heeded, as Discord asks, and shared
+//! with every replica through Redis ([`Limiter::pause`]). An answer with
+//! `X-RateLimit-Remaining: 0` pauses the channel's bucket (Create Message's
+//! bucket, per its major parameter, the channel) for its
+//! `X-RateLimit-Reset-After` (else until `X-RateLimit-Reset`); a 429 pauses
+//! the channel for its `retry_after` too, or, when global
+//! (`X-RateLimit-Global`, scope `global`, `"global": true`), every send of
+//! the bot. The next attempt for a paused channel waits before its request
+//! (within the send budget, else the entry is left pending) instead of
+//! earning a 429. 401, 403 and 429s count as invalid requests
+//! (`botline_egress_discord_invalid_requests_total`: 10,000 in 10 minutes
+//! get the IP banned), except a 429 of scope `shared` (a limit on the
+//! resource, not on the bot), which Discord does not count either.
 
 use super::http::{self, Answered, Http};
-use super::mentions;
+use super::{media, mentions};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
-use crate::limits::Limit;
+use crate::limits::{Limit, Limiter};
 use base64_free::bot_id_from_token;
 use botline_shared::config::secret_env;
 use botline_shared::message::Reply;
@@ -41,7 +61,8 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+use tracing::{debug, warn};
 
 pub const PLATFORM: Platform = Platform {
     name: "discord",
@@ -56,6 +77,11 @@ const MAX_TEXT_CHARS: usize = 2000;
 const NONCE_CHARS: usize = 25;
 /// Most users `allowed_mentions.users` may name.
 const MAX_ALLOWED_USERS: usize = 100;
+/// Most embeds one message may carry.
+pub const MAX_EMBEDS: usize = 10;
+/// The longest pause an answer's headers can impose: a value far off (a
+/// garbled header, a clock gone wrong) must not stop a channel for days.
+const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
 /// `[egress.platforms.discord]`, documented in shared/defaults.toml.
 #[derive(Debug, Deserialize)]
@@ -82,6 +108,8 @@ pub struct DiscordSender {
     bot_per_second: u32,
     channel_count: u32,
     channel_period: Duration,
+    /// Records the pauses Discord's answers ask for, for every replica.
+    limiter: Limiter,
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
@@ -119,6 +147,7 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
         bot_per_second: settings.bot_per_second,
         channel_count: settings.channel_count,
         channel_period: Duration::from_millis(settings.channel_period_ms),
+        limiter: Limiter::new(kit.pool.clone(), kit.streams.clone()),
     }))
 }
 
@@ -127,7 +156,8 @@ impl Sender for DiscordSender {
         PLATFORM.name
     }
 
-    /// The bot's global allowance and the channel's.
+    /// The bot's global allowance and the channel's, and the pauses
+    /// Discord's answers asked for: the bot's and the channel's bucket's.
     fn limits(&self, reply: &Reply) -> Vec<Limit> {
         vec![
             Limit::new(
@@ -140,6 +170,8 @@ impl Sender for DiscordSender {
                 self.channel_count,
                 self.channel_period,
             ),
+            Limit::pause(self.pause_name(None)),
+            Limit::pause(self.pause_name(Some(channel(reply)))),
         ]
     }
 
@@ -169,8 +201,57 @@ impl Sender for DiscordSender {
                 .post(url)
                 .header(reqwest::header::AUTHORIZATION, &self.authorization)
                 .json(&payload(reply));
-            self.http.attempt(request, PLATFORM.name, judge).await
+            match self.http.send(request, PLATFORM.name).await {
+                Ok(answered) => {
+                    self.heed(channel, &answered).await;
+                    answered.attempt(judge(&answered))
+                }
+                Err(attempt) => attempt,
+            }
         })
+    }
+}
+
+impl DiscordSender {
+    /// The pause of the bot (`None`) or of a channel's bucket.
+    fn pause_name(&self, channel: Option<&str>) -> String {
+        match channel {
+            None => format!("discord:{}:pause", self.bot),
+            Some(channel) => format!("discord:{}:pause:channel:{channel}", self.bot),
+        }
+    }
+
+    /// Pause what `answered` says has no room left (see [`learn`]), for
+    /// every replica, and count it if it is an invalid request. A pause
+    /// that cannot be recorded is logged: the static limits still apply.
+    async fn heed(&self, channel: &str, answered: &Answered) {
+        let learned = learn(answered);
+        if counts_as_invalid(answered.status, learned.scope.as_deref()) {
+            metrics::counter!("botline_egress_discord_invalid_requests_total").increment(1);
+        }
+        for (pause, target, length) in [
+            ("channel", Some(channel), learned.channel),
+            ("global", None, learned.global),
+        ] {
+            let Some(length) = length else { continue };
+            metrics::counter!("botline_egress_rate_limit_pauses_total", "platform" => PLATFORM.name, "pause" => pause)
+                .increment(1);
+            match self.limiter.pause(&self.pause_name(target), length).await {
+                Ok(lasts) => debug!(
+                    message = "discord rate limit: pausing",
+                    pause,
+                    channel,
+                    bucket = learned.bucket.as_deref().unwrap_or_default(),
+                    lasts_ms = lasts.as_millis() as u64
+                ),
+                Err(error) => warn!(
+                    message = "could not record a discord rate-limit pause",
+                    pause,
+                    channel,
+                    %error
+                ),
+            }
+        }
     }
 }
 
@@ -209,7 +290,24 @@ pub fn payload(reply: &Reply) -> serde_json::Value {
             "fail_if_not_exists": false,
         });
     }
+    let embeds: Vec<serde_json::Value> = media::images(reply)
+        .iter()
+        .take(MAX_EMBEDS)
+        .map(|image| serde_json::json!({ "image": { "url": image.url } }))
+        .collect();
+    if !embeds.is_empty() {
+        body["embeds"] = embeds.into();
+    }
     body
+}
+
+/// The text to send: the reply's, with its other attachments (and the
+/// pictures beyond [`MAX_EMBEDS`]) as links.
+fn content_text(reply: &Reply) -> String {
+    let mut text = media::text_with_links(reply, false);
+    let images = media::images(reply);
+    media::append_image_links(&mut text, images.get(MAX_EMBEDS..).unwrap_or_default());
+    text
 }
 
 /// The same for every attempt at one reply, at most 25 characters.
@@ -231,7 +329,7 @@ pub fn render(reply: &Reply) -> String {
     users.truncate(MAX_ALLOWED_USERS);
     // Room for mentions placed in front: `<@` + 20 digits + `> `.
     let room = MAX_TEXT_CHARS.saturating_sub(users.len() * 24).max(1);
-    let text = mentions::place(&cut(&reply.text, room), &users, |user| {
+    let text = mentions::place(&cut(&content_text(reply), room), &users, |user| {
         if is_snowflake(user) {
             format!("<@{user}>")
         } else {
@@ -295,17 +393,7 @@ fn judge(answered: &Answered) -> Verdict {
             .and_then(|refusal| refusal.retry_after)
             .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
             .map(Duration::from_secs_f64);
-        let scope = answered
-            .headers
-            .get("x-ratelimit-scope")
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or(
-                if refusal.as_ref().and_then(|refusal| refusal.global) == Some(true) {
-                    "global"
-                } else {
-                    "route"
-                },
-            );
+        let scope = scope(answered, refusal.as_ref()).unwrap_or("route");
         return Verdict::RetryAfter {
             wait: asked.or(answered.retry_after),
             reason: format!("discord rate limit ({scope}) answered 429"),
@@ -334,6 +422,96 @@ fn judge(answered: &Answered) -> Verdict {
         }
     } else {
         Verdict::Permanent(reason)
+    }
+}
+
+/// A 429's scope: the `X-RateLimit-Scope` header (`user`, `global`,
+/// `shared`), else `global` when the header `X-RateLimit-Global` or the
+/// body's `global` says so; `None` when nothing does.
+fn scope<'a>(answered: &'a Answered, refusal: Option<&Refusal>) -> Option<&'a str> {
+    let global_header = header(answered, "x-ratelimit-global")
+        .is_some_and(|value| value.eq_ignore_ascii_case("true"));
+    header(answered, "x-ratelimit-scope").or((global_header
+        || refusal.and_then(|refusal| refusal.global) == Some(true))
+    .then_some("global"))
+}
+
+fn header<'a>(answered: &'a Answered, name: &str) -> Option<&'a str> {
+    answered
+        .headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+}
+
+/// Seconds as Discord writes them (`1.5`), as a wait within [`MAX_PAUSE`].
+fn seconds(value: f64) -> Option<Duration> {
+    (value.is_finite() && value >= 0.0)
+        .then(|| Duration::from_secs_f64(value.min(MAX_PAUSE.as_secs_f64())))
+}
+
+/// What an answer's rate-limit headers (and a 429's body) say to wait for.
+#[derive(Debug, Default, PartialEq)]
+struct Learned {
+    /// The channel's bucket has no room for this long.
+    channel: Option<Duration>,
+    /// None of the bot's requests may go for this long.
+    global: Option<Duration>,
+    /// A 429's scope (see [`scope`]).
+    scope: Option<String>,
+    /// `X-RateLimit-Bucket`, for the logs.
+    bucket: Option<String>,
+}
+
+/// Read an answer as a careful Discord client does: `Remaining: 0` means
+/// the bucket is empty until `Reset-After` (or `Reset`); a 429 means waiting
+/// its `retry_after` (the body's, else `Retry-After`), the whole bot for a
+/// global one, else the channel.
+fn learn(answered: &Answered) -> Learned {
+    let mut learned = Learned {
+        bucket: header(answered, "x-ratelimit-bucket").map(str::to_string),
+        ..Learned::default()
+    };
+    let exhausted = header(answered, "x-ratelimit-remaining")
+        .and_then(|value| value.parse::<f64>().ok())
+        == Some(0.0);
+    if exhausted {
+        learned.channel = header(answered, "x-ratelimit-reset-after")
+            .and_then(|value| value.parse().ok())
+            .and_then(seconds)
+            .or_else(|| {
+                let reset: f64 = header(answered, "x-ratelimit-reset")?.parse().ok()?;
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .ok()?;
+                seconds(reset - now.as_secs_f64())
+            });
+    }
+    if answered.status == StatusCode::TOO_MANY_REQUESTS {
+        let refusal = serde_json::from_str::<Refusal>(&answered.body).ok();
+        let scope = scope(answered, refusal.as_ref());
+        let wait = refusal
+            .as_ref()
+            .and_then(|refusal| refusal.retry_after)
+            .and_then(seconds)
+            .or(answered.retry_after.map(|wait| wait.min(MAX_PAUSE)));
+        if scope == Some("global") {
+            learned.global = wait;
+        } else {
+            learned.channel = learned.channel.max(wait);
+        }
+        learned.scope = scope.map(str::to_string);
+    }
+    learned
+}
+
+/// Whether Discord counts this answer toward the invalid requests that get
+/// an IP banned (401, 403, 429 other than scope `shared`).
+fn counts_as_invalid(status: StatusCode, scope: Option<&str>) -> bool {
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => true,
+        StatusCode::TOO_MANY_REQUESTS => scope != Some("shared"),
+        _ => false,
     }
 }
 
@@ -417,6 +595,34 @@ mod tests {
     }
 
     #[test]
+    fn pictures_are_embeds_and_beyond_ten_links() {
+        let mut sent = reply("look", &[]);
+        sent.attachments = vec![botline_shared::message::Attachment::image(
+            "https://x.test/a.png",
+            Some("a".into()),
+        )];
+        let body = payload(&sent);
+        assert_eq!(body["content"], "look");
+        assert_eq!(
+            body["embeds"],
+            serde_json::json!([{"image": {"url": "https://x.test/a.png"}}])
+        );
+        sent.attachments = (0..12)
+            .map(|n| {
+                botline_shared::message::Attachment::image(format!("https://x.test/{n}.png"), None)
+            })
+            .collect();
+        let body = payload(&sent);
+        assert_eq!(body["embeds"].as_array().unwrap().len(), 10);
+        assert_eq!(
+            body["content"],
+            "look\nhttps://x.test/10.png\nhttps://x.test/11.png"
+        );
+        sent.attachments.clear();
+        assert!(payload(&sent).get("embeds").is_none());
+    }
+
+    #[test]
     fn a_thread_is_where_the_reply_goes() {
         let mut sent = reply("hi", &[]);
         assert_eq!(channel(&sent), "500");
@@ -477,6 +683,167 @@ mod tests {
             "permanent discord error 10003: Unknown Channel (HTTP 404)",
         );
         check(401, None, "", "permanent discord answered 401: ");
+    }
+
+    /// What [`learn`] makes of an answer of `status` with `headers` and `body`.
+    fn learned(status: u16, headers: &[(&'static str, &str)], body: &str) -> Learned {
+        let mut map = reqwest::header::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, value.parse().unwrap());
+        }
+        learn(&Answered {
+            status: StatusCode::from_u16(status).unwrap(),
+            retry_after: map
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok()?.parse().ok())
+                .map(Duration::from_secs),
+            headers: map,
+            body: body.into(),
+        })
+    }
+
+    #[test]
+    fn rate_limit_headers_say_what_to_wait_for() {
+        let ms = |ms: u64| Some(Duration::from_millis(ms));
+        let check = |status, headers: &[(&'static str, &str)], body: &str, expected: Learned| {
+            assert_eq!(
+                learned(status, headers, body),
+                expected,
+                "{status} {headers:?} {body}"
+            );
+        };
+        let bucket = |channel, global, scope: Option<&str>| Learned {
+            channel,
+            global,
+            scope: scope.map(str::to_string),
+            bucket: Some("abcd1234".into()),
+        };
+        let exhausted = [
+            ("x-ratelimit-limit", "5"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset-after", "1.5"),
+            ("x-ratelimit-bucket", "abcd1234"),
+        ];
+        check(200, &exhausted, "{}", bucket(ms(1500), None, None));
+        check(
+            200,
+            &[
+                ("x-ratelimit-remaining", "3"),
+                ("x-ratelimit-reset-after", "1.5"),
+                ("x-ratelimit-bucket", "abcd1234"),
+            ],
+            "{}",
+            bucket(None, None, None),
+        );
+        check(200, &[], "{}", Learned::default());
+        // Without Reset-After, Reset (epoch seconds) says when.
+        let soon = (SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            + Duration::from_secs(30))
+        .as_secs_f64()
+        .to_string();
+        let from_reset = learned(
+            200,
+            &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", &soon)],
+            "{}",
+        );
+        assert!(
+            from_reset.channel.unwrap() > Duration::from_secs(28),
+            "{from_reset:?}"
+        );
+        // A garbled or far-off reset is bounded.
+        check(
+            200,
+            &[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset-after", "-1"),
+            ],
+            "{}",
+            Learned::default(),
+        );
+        check(
+            200,
+            &[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset-after", "1e12"),
+            ],
+            "{}",
+            Learned {
+                channel: Some(MAX_PAUSE),
+                ..Learned::default()
+            },
+        );
+        // A user 429: the longer of its retry_after and the bucket's reset.
+        let mut user = exhausted.to_vec();
+        user.push(("x-ratelimit-scope", "user"));
+        check(
+            429,
+            &user,
+            r#"{"retry_after": 2.25, "global": false}"#,
+            bucket(ms(2250), None, Some("user")),
+        );
+        check(
+            429,
+            &user,
+            r#"{"retry_after": 0.5, "global": false}"#,
+            bucket(ms(1500), None, Some("user")),
+        );
+        // Global, by header or by body: the whole bot waits, not the bucket.
+        check(
+            429,
+            &[
+                ("retry-after", "65"),
+                ("x-ratelimit-global", "true"),
+                ("x-ratelimit-scope", "global"),
+            ],
+            r#"{"retry_after": 64.57, "global": true}"#,
+            Learned {
+                global: ms(64570),
+                scope: Some("global".into()),
+                ..Learned::default()
+            },
+        );
+        check(
+            429,
+            &[("retry-after", "3")],
+            r#"{"message": "You are being rate limited.", "global": true}"#,
+            Learned {
+                global: ms(3000),
+                scope: Some("global".into()),
+                ..Learned::default()
+            },
+        );
+        // Shared: the resource is limited; that channel waits, the bot does not.
+        check(
+            429,
+            &[
+                ("x-ratelimit-remaining", "9"),
+                ("x-ratelimit-scope", "shared"),
+                ("x-ratelimit-bucket", "abcd1234"),
+            ],
+            r#"{"retry_after": 1336.57, "global": false}"#,
+            bucket(ms(1_336_570), None, Some("shared")),
+        );
+    }
+
+    #[test]
+    fn invalid_requests_are_counted_as_discord_counts_them() {
+        let check = |status: u16, scope: Option<&str>, expected: bool| {
+            assert_eq!(
+                counts_as_invalid(StatusCode::from_u16(status).unwrap(), scope),
+                expected,
+                "{status} {scope:?}"
+            );
+        };
+        check(200, None, false);
+        check(401, None, true);
+        check(403, None, true);
+        check(404, None, false);
+        check(429, Some("user"), true);
+        check(429, Some("global"), true);
+        check(429, None, true);
+        check(429, Some("shared"), false);
     }
 
     #[test]

@@ -12,9 +12,12 @@ pub mod dingtalk;
 pub mod discord;
 pub mod feishu;
 pub mod http;
+pub mod media;
 pub mod mentions;
 pub mod onebot;
+pub mod relay;
 pub mod slack;
+pub mod split;
 pub mod telegram;
 pub mod web;
 pub mod webhook;
@@ -22,6 +25,7 @@ pub mod wecom;
 
 use crate::config::EgressSettings;
 use crate::limits::Limit;
+use crate::parts::Parts;
 use crate::tokens::TokenCache;
 use botline_shared::config::{enabled_platforms, Env, StreamSettings};
 use botline_shared::message::Reply;
@@ -63,6 +67,8 @@ pub struct Kit<'a> {
     pub pool: &'a Pool,
     /// Access tokens shared by every replica.
     pub tokens: TokenCache,
+    /// Progress of replies sent as several messages, shared by every replica.
+    pub parts: Parts,
 }
 
 /// One platform's sender, built from its `[egress.platforms.<name>]` table
@@ -180,6 +186,7 @@ pub fn build(
         streams,
         pool,
         tokens: TokenCache::new(pool.clone(), streams.clone()),
+        parts: Parts::new(pool.clone(), streams.clone(), settings.sent_ttl()),
     };
     for (name, table) in enabled_platforms("egress", &settings.platforms, &known)? {
         let platform = PLATFORMS

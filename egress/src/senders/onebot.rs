@@ -22,8 +22,14 @@
 //! duplicate). 5xx and timeouts are retried. OneBot has no rate limit of
 //! its own; the limits here (per account, per group, per private chat) are
 //! to keep the QQ account out of trouble.
+//!
+//! With `transport = "ws"` the same `send_msg` goes over the WebSocket ingest
+//! holds for the bot instead ([`ws`]), and its answer is judged alike.
+
+mod ws;
 
 use super::http::{self, Answered, Http};
+use super::{media, mentions};
 use super::{Attempt, Kit, Platform, Sender, Verdict};
 use crate::limits::Limit;
 use botline_shared::config::secret_env;
@@ -49,18 +55,31 @@ pub const TOKEN_ENV: &str = "BOTLINE_ONEBOT_ACCESS_TOKEN";
 struct OneBotSettings {
     #[allow(dead_code)]
     enabled: bool,
+    transport: Transport,
     api_base_url: String,
     timeout_ms: u64,
+    pickup_timeout_ms: u64,
     account_per_minute: u32,
     group_per_minute: u32,
     private_per_minute: u32,
     burst: u32,
 }
 
+/// How send_msg reaches the implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Transport {
+    Http,
+    Ws,
+}
+
 pub struct OneBotSender {
     http: Http,
     url: reqwest::Url,
+    /// `Bearer <access token>`; empty with the WebSocket, which ingest holds.
     authorization: String,
+    /// `transport = "ws"`: the WebSocket ingest holds, through Redis.
+    socket: Option<ws::Socket>,
     account_per_minute: u32,
     group_per_minute: u32,
     private_per_minute: u32,
@@ -83,7 +102,14 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             "must be greater than 0",
         ));
     }
-    let token = secret_env(kit.env, TOKEN_ENV, 1)?;
+    let socket = match settings.transport {
+        Transport::Http => None,
+        Transport::Ws => Some(ws::Socket::new(kit, &settings)?),
+    };
+    let authorization = match socket {
+        None => format!("Bearer {}", secret_env(kit.env, TOKEN_ENV, 1)?),
+        Some(_) => String::new(),
+    };
     let url = reqwest::Url::parse(&format!(
         "{}/send_msg",
         settings.api_base_url.trim_end_matches('/')
@@ -94,7 +120,8 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
     Ok(Arc::new(OneBotSender {
         http: Http::new(PLATFORM.name, settings.timeout_ms)?,
         url,
-        authorization: format!("Bearer {token}"),
+        authorization,
+        socket,
         account_per_minute: settings.account_per_minute,
         group_per_minute: settings.group_per_minute,
         private_per_minute: settings.private_per_minute,
@@ -140,6 +167,9 @@ impl Sender for OneBotSender {
                     }
                 }
             };
+            if let Some(socket) = &self.socket {
+                return socket.attempt(reply, body).await;
+            }
             let request = self
                 .http
                 .post(self.url.clone())
@@ -179,14 +209,21 @@ fn segment(kind: &str, data: Value) -> Value {
 }
 
 /// The reply as message segments: the quote, mentions not in the text,
-/// then the text with its `@<qq>` mentions as `at` segments.
+/// the text with its `@<qq>` mentions as `at` segments (other attachments
+/// as links on lines of their own), then an `image` segment per picture,
+/// `{"type": "image", "data": {"file": "<url>"}}` (the implementation
+/// fetches the URL).
 fn segments(reply: &Reply) -> Vec<Value> {
     let mut segments = Vec::new();
     if let Some(id) = &reply.reply_to {
         segments.push(segment("reply", json!({ "id": id })));
     }
-    let named = |user: &str| find_mention(&reply.text, user).is_some();
-    let ahead: Vec<&String> = reply.mentions.iter().filter(|user| !named(user)).collect();
+    let full_text = media::text_with_links(reply, false);
+    let ahead: Vec<&String> = reply
+        .mentions
+        .iter()
+        .filter(|user| !mentions::names(&full_text, user))
+        .collect();
     for user in &ahead {
         segments.push(segment("at", json!({ "qq": user })));
     }
@@ -194,46 +231,27 @@ fn segments(reply: &Reply) -> Vec<Value> {
     if !ahead.is_empty() {
         text.push(' ');
     }
-    let mut rest = reply.text.as_str();
-    while let Some((at, user)) = reply
-        .mentions
-        .iter()
-        .filter_map(|user| find_mention(rest, user).map(|at| (at, user)))
-        .min()
-    {
-        text.push_str(&rest[..at]);
-        if !text.is_empty() {
-            segments.push(segment(
-                "text",
-                json!({ "text": std::mem::take(&mut text) }),
-            ));
+    for piece in mentions::pieces(&full_text, &reply.mentions) {
+        match piece {
+            mentions::Piece::Text(part) => text.push_str(part),
+            mentions::Piece::Mention(user) => {
+                if !text.is_empty() {
+                    segments.push(segment(
+                        "text",
+                        json!({ "text": std::mem::take(&mut text) }),
+                    ));
+                }
+                segments.push(segment("at", json!({ "qq": user })));
+            }
         }
-        segments.push(segment("at", json!({ "qq": user })));
-        rest = &rest[at + 1 + user.len()..];
     }
-    text.push_str(rest);
     if !text.is_empty() {
         segments.push(segment("text", json!({ "text": text })));
     }
+    for image in media::images(reply) {
+        segments.push(segment("image", json!({ "file": image.url })));
+    }
     segments
-}
-
-/// Where `@<user>` stands in `text` as a whole id (not followed by more digits).
-fn find_mention(text: &str, user: &str) -> Option<usize> {
-    if user.is_empty() {
-        return None;
-    }
-    let token = format!("@{user}");
-    let mut from = 0;
-    while let Some(found) = text[from..].find(&token) {
-        let at = from + found;
-        let after = &text[at + token.len()..];
-        if !after.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-            return Some(at);
-        }
-        from = at + 1;
-    }
-    None
 }
 
 /// An action's answer.
@@ -256,10 +274,15 @@ fn judge(answered: &Answered) -> Verdict {
     if let Some(verdict) = answered.status_verdict(PLATFORM.name) {
         return verdict;
     }
-    let Ok(answer) = serde_json::from_str::<ActionAnswer>(&answered.body) else {
+    judge_answer(&answered.body)
+}
+
+/// What an action's answer (the body of a 2xx, or a WebSocket frame) means.
+fn judge_answer(body: &str) -> Verdict {
+    let Ok(answer) = serde_json::from_str::<ActionAnswer>(body) else {
         return Verdict::Permanent(format!(
             "onebot send_msg answered without OneBot JSON: {}",
-            http::quote(&answered.body)
+            http::quote(body)
         ));
     };
     match answer.retcode {
@@ -338,6 +361,23 @@ mod tests {
             reply(ChatKind::Group, "@7", &["7"], None),
             json!({"message_type": "group", "group_id": 123456789, "message": [
                 {"type": "at", "data": {"qq": "7"}}]}),
+        );
+    }
+
+    #[test]
+    fn pictures_are_image_segments_after_the_text() {
+        let mut sent = reply(ChatKind::Group, "看 @12345678", &["12345678"], None);
+        sent.attachments = vec![
+            botline_shared::message::Attachment::image("https://x.test/a.png", Some("a".into())),
+            botline_shared::message::Attachment::image("http://x.test/b.jpg", None),
+        ];
+        check(
+            sent,
+            json!({"message_type": "group", "group_id": 123456789, "message": [
+                {"type": "text", "data": {"text": "看 "}},
+                {"type": "at", "data": {"qq": "12345678"}},
+                {"type": "image", "data": {"file": "https://x.test/a.png"}},
+                {"type": "image", "data": {"file": "http://x.test/b.jpg"}}]}),
         );
     }
 

@@ -3,7 +3,9 @@
 //! receipts and dead letters read back, waits for a condition with a
 //! deadline (never a fixed sleep), and [`StandIn`], a local stand-in of a
 //! platform's API on 127.0.0.1:0 that records every request and answers
-//! each as the test's script says.
+//! each as the test's script says; [`Files`] serves pictures for the
+//! senders that fetch and upload them, and [`Received::multipart`] reads an
+//! upload the way a platform's server does.
 #![allow(dead_code)]
 
 use axum::body::Bytes;
@@ -66,15 +68,7 @@ impl Egress {
     /// Like [`Egress::start`], or the error that would stop egress at start.
     pub fn try_start(overlay: &str, env: &[(&str, &str)]) -> Result<Egress, Error> {
         let redis = RedisServer::start();
-        let (settings, plumbing) = redis.plumbing(&format!(
-            "[runner]\nblock_ms = 100\nclaim_idle_ms = 1000\nclaim_interval_ms = 200\n\
-             [egress]\nbackoff_base_ms = 10\nbackoff_cap_ms = 50\n{overlay}"
-        ));
-        let egress = EgressSettings::from_settings(&settings)?;
-        let shutdown = CancellationToken::new();
-        let stage = botline_egress::build(egress, &env.to_vec(), &plumbing, shutdown.clone())?;
-        let streams = plumbing.streams.clone();
-        let task = tokio::spawn(botline_egress::run(stage, plumbing, shutdown.clone()));
+        let (streams, Replica { shutdown, task }) = launch(&redis, overlay, env)?;
         Ok(Egress {
             redis,
             streams,
@@ -83,13 +77,14 @@ impl Egress {
         })
     }
 
+    /// Another egress replica on the same Redis (and so in the same
+    /// group), with the settings `overlay` and the environment `env`.
+    pub fn replica(&self, overlay: &str, env: &[(&str, &str)]) -> Replica {
+        launch(&self.redis, overlay, env).unwrap().1
+    }
+
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("egress stops")
-            .unwrap()
-            .unwrap();
+        stop(self.shutdown, self.task).await;
     }
 
     /// Put `reply` into `out:<its platform>`.
@@ -119,6 +114,46 @@ impl Egress {
     }
 }
 
+/// An egress replica besides an [`Egress`], until stopped.
+pub struct Replica {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Replica {
+    pub async fn stop(self) {
+        stop(self.shutdown, self.task).await;
+    }
+}
+
+/// Egress on `redis` with fast backoff and claims and the settings
+/// `overlay`: its streams and its running stage.
+fn launch(
+    redis: &RedisServer,
+    overlay: &str,
+    env: &[(&str, &str)],
+) -> Result<(Streams, Replica), Error> {
+    let (settings, plumbing) = redis.plumbing(&format!(
+        "[runner]\nblock_ms = 100\nclaim_idle_ms = 1000\nclaim_interval_ms = 200\n\
+         [egress]\nbackoff_base_ms = 10\nbackoff_cap_ms = 50\n{overlay}"
+    ));
+    let egress = EgressSettings::from_settings(&settings)?;
+    let shutdown = CancellationToken::new();
+    let stage = botline_egress::build(egress, &env.to_vec(), &plumbing, shutdown.clone())?;
+    let streams = plumbing.streams.clone();
+    let task = tokio::spawn(botline_egress::run(stage, plumbing, shutdown.clone()));
+    Ok((streams, Replica { shutdown, task }))
+}
+
+async fn stop(shutdown: CancellationToken, task: JoinHandle<Result<(), Error>>) {
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("egress stops")
+        .unwrap()
+        .unwrap();
+}
+
 /// A reply as respond writes it, to `chat` on `platform`.
 pub fn reply(id: &str, platform: &str, chat: Chat, text: &str) -> Reply {
     Reply {
@@ -131,6 +166,7 @@ pub fn reply(id: &str, platform: &str, chat: Chat, text: &str) -> Reply {
         reply_to: None,
         text: text.into(),
         mentions: Vec::new(),
+        attachments: Vec::new(),
         platform_data: Default::default(),
         priority: Priority::Normal,
         received_at_ms: now_ms() - 50,
@@ -252,4 +288,125 @@ async fn respond(
         response.headers_mut().insert(name, value.parse().unwrap());
     }
     response
+}
+
+/// One part of a `multipart/form-data` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormPart {
+    pub name: String,
+    pub file_name: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// The parts of a `multipart/form-data` body (RFC 7578), or `None`
+    /// when the request is not one or is malformed.
+    pub fn multipart(&self) -> Option<Vec<FormPart>> {
+        let content_type = self.header("content-type")?;
+        let boundary = content_type
+            .strip_prefix("multipart/form-data")?
+            .split(';')
+            .find_map(|param| param.trim().strip_prefix("boundary="))?
+            .trim_matches('"');
+        let delimiter = format!("--{boundary}").into_bytes();
+        let body = self.body.as_ref();
+        let mut starts = Vec::new();
+        let mut from = 0;
+        while let Some(at) = find(&body[from..], &delimiter) {
+            starts.push(from + at);
+            from += at + delimiter.len();
+        }
+        let last = *starts.last()?;
+        if !body[last + delimiter.len()..].starts_with(b"--") {
+            return None;
+        }
+        let mut parts = Vec::new();
+        for pair in starts.windows(2) {
+            let raw = body[pair[0] + delimiter.len()..pair[1]]
+                .strip_prefix(b"\r\n")?
+                .strip_suffix(b"\r\n")?;
+            let split = find(raw, b"\r\n\r\n")?;
+            let headers = std::str::from_utf8(&raw[..split]).ok()?;
+            let mut part = FormPart {
+                name: String::new(),
+                file_name: None,
+                content_type: None,
+                body: raw[split + 4..].to_vec(),
+            };
+            for line in headers.split("\r\n") {
+                let (header, value) = line.split_once(':')?;
+                match header.trim().to_ascii_lowercase().as_str() {
+                    "content-disposition" => {
+                        for param in value.split(';').skip(1) {
+                            let (key, value) = param.trim().split_once('=')?;
+                            let value = value.trim_matches('"').to_string();
+                            match key {
+                                "name" => part.name = value,
+                                "filename" => part.file_name = Some(value),
+                                _ => {}
+                            }
+                        }
+                    }
+                    "content-type" => part.content_type = Some(value.trim().to_string()),
+                    _ => {}
+                }
+            }
+            parts.push(part);
+        }
+        Some(parts)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// Bytes that start like a PNG file, `size` long.
+pub fn png(size: usize) -> Vec<u8> {
+    let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    bytes.resize(size.max(bytes.len()), 7);
+    bytes
+}
+
+/// A web server on 127.0.0.1:0 serving fixed files by path (404 for any
+/// other), counting the requests.
+#[derive(Clone)]
+pub struct Files {
+    pub url: String,
+    hits: Arc<Mutex<Vec<String>>>,
+}
+
+impl Files {
+    pub async fn start(files: Vec<(&'static str, &'static str, Vec<u8>)>) -> Files {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = Files {
+            url: format!("http://{}", listener.local_addr().unwrap()),
+            hits: Arc::default(),
+        };
+        let hits = served.hits.clone();
+        let files = Arc::new(files);
+        let app = Router::new().fallback(move |uri: Uri| {
+            let files = files.clone();
+            let hits = hits.clone();
+            async move {
+                hits.lock().unwrap().push(uri.path().to_string());
+                match files.iter().find(|(path, _, _)| *path == uri.path()) {
+                    Some((_, content_type, bytes)) => {
+                        ([("content-type", *content_type)], bytes.clone()).into_response()
+                    }
+                    None => (StatusCode::NOT_FOUND, "no such file").into_response(),
+                }
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        served
+    }
+
+    /// The paths asked for, in order.
+    pub fn hits(&self) -> Vec<String> {
+        self.hits.lock().unwrap().clone()
+    }
 }

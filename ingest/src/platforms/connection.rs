@@ -6,32 +6,52 @@
 //! - [`Lease`]: `SET NX PX`-style ownership of one key, extended only by
 //!   its holder (a compare-and-renew script) and given up on a clean
 //!   shutdown. A holder that dies stops renewing; the key expires after
-//!   `ttl` and a standby replica takes it on its next look.
+//!   `ttl` and a standby replica takes it on its next look. A connection
+//!   the platform opened anew may [`Lease::take_over`] (OneBot's reverse
+//!   WebSocket: the newest connection is the one in use).
 //! - [`Backoff`]: exponential backoff with full jitter between attempts,
 //!   back to the start once a connection got up.
 //! - [`Link`]: the connection's state as metrics
 //!   (`botline_ingest_connection_up`, `_reconnects_total`,
 //!   `_last_event_age_seconds`, labelled `platform` and `bot`) and as a
 //!   `/readyz` check named `<platform>:<bot>`.
+//! - [`Liveness`]: how long a connection has been silent and whether that
+//!   is too long (OneBot's heartbeats set the limit); [`Keepalive`] uses it
+//!   for a WebSocket we opened that must never be silent long (Slack Socket
+//!   Mode, DingTalk Stream): any frame, ping and pong included, counts as
+//!   hearing from the peer; quiet for `ping_interval_ms`, we send our own
+//!   ping (a live peer answers it with a pong); silent for
+//!   `idle_timeout_ms`, the connection is dead (a NAT that dropped it, a
+//!   half-open TCP connection that would otherwise wait forever) and ends
+//!   as a failure, so [`supervise`] opens the next one after its backoff,
+//!   the lease kept.
 //! - [`supervise`]: the loop tying them together: take the lease (or stand
 //!   by), renew it in the background, run the platform's connection again
 //!   and again (with backoff) while the lease is ours, and give the lease
-//!   up on shutdown.
+//!   up on shutdown. [`Held`] makes a connection's lease and link and
+//!   starts it; [`platform_settings`] reads the timing settings every such
+//!   connection has from the platform's table.
 //!
 //! The platform's side is [`Connector::connect`]: one connection from
 //! opening to its end. It is told to stop (lease lost or shutdown) through
 //! a token, and calls [`Link::up`], [`Link::down`] and [`Link::event`] as
 //! its connection changes.
 
+use crate::inbox::Inbox;
+use botline_shared::config::deserialize_setting;
 use botline_shared::redis_conn::Pool;
 use botline_shared::telemetry::Health;
 use botline_shared::Error;
 use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -96,6 +116,11 @@ impl Lease {
         self.ttl
     }
 
+    /// This process's value in the lease while it holds it.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
     /// Take the lease if it is free, or extend it if it is ours: whether we
     /// hold it now.
     pub async fn hold(&self) -> Result<bool, botline_shared::Error> {
@@ -107,6 +132,20 @@ impl Lease {
             .invoke_async(&mut connection)
             .await?;
         Ok(held == 1)
+    }
+
+    /// Take the lease even from another holder, who notices at its next
+    /// renewal (for a connection the platform opened anew: the newest wins).
+    pub async fn take_over(&self) -> Result<(), botline_shared::Error> {
+        let mut connection = self.pool.get().await?;
+        let _: () = redis::cmd("SET")
+            .arg(&self.key)
+            .arg(&self.holder)
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .query_async(&mut connection)
+            .await?;
+        Ok(())
     }
 
     /// Give the lease up if we still hold it, so another replica need not
@@ -241,16 +280,18 @@ impl Link {
             .set(0.0);
     }
 
-    /// This replica stands by (another holds the lease): no connection here
-    /// and nothing wrong with that, so the check is true and the age 0.
-    fn stand_by(&self) {
+    /// This replica stands by (another holds the lease, or the platform
+    /// connects to another replica): no connection here and nothing wrong
+    /// with that, so the check is true and the age 0.
+    pub fn stand_by(&self) {
         self.set_down();
         self.health.set(&self.check, true);
         metrics::gauge!("botline_ingest_connection_last_event_age_seconds", "platform" => self.platform, "bot" => self.bot.clone())
             .set(0.0);
     }
 
-    fn reconnecting(&self) {
+    /// Another connection opens after one ended.
+    pub fn reconnecting(&self) {
         metrics::counter!("botline_ingest_connection_reconnects_total", "platform" => self.platform, "bot" => self.bot.clone())
             .increment(1);
     }
@@ -261,6 +302,231 @@ impl Link {
             let age = (botline_shared::now_ms() - last).max(0) as f64 / 1000.0;
             metrics::gauge!("botline_ingest_connection_last_event_age_seconds", "platform" => self.platform, "bot" => self.bot.clone())
                 .set(age);
+        }
+    }
+}
+
+/// Export `link`'s last-event age every second while it is up, until `stop`.
+pub fn watch_age(link: Arc<Link>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => if link.is_up() { link.export_age() },
+                _ = stop.cancelled() => return,
+            }
+        }
+    })
+}
+
+// ---- silence ----
+
+/// How long a connection may stay silent, from when it was last heard.
+#[derive(Debug)]
+pub struct Liveness {
+    /// `None`: no limit (yet).
+    allowed: Option<Duration>,
+    last_heard: Instant,
+}
+
+impl Liveness {
+    pub fn new(allowed: Option<Duration>, now: Instant) -> Self {
+        Liveness {
+            allowed,
+            last_heard: now,
+        }
+    }
+
+    /// The peer sent something.
+    pub fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    /// From now on it may stay silent this long.
+    pub fn allow(&mut self, allowed: Duration) {
+        self.allowed = Some(allowed);
+    }
+
+    /// How long it has been silent at `now`, when that is as long as
+    /// allowed or longer.
+    pub fn silent_too_long(&self, now: Instant) -> Option<Duration> {
+        let silent = now.saturating_duration_since(self.last_heard);
+        (silent >= self.allowed?).then_some(silent)
+    }
+}
+
+/// How a socket that must not stay silent is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Idle {
+    /// Nothing at all from the peer for this long: the connection is dead.
+    pub timeout: Duration,
+    /// Quiet this long (since the peer was heard, or since our last ping):
+    /// send a WebSocket ping. `None`: never.
+    pub ping_after: Option<Duration>,
+}
+
+impl Idle {
+    /// From a platform's `idle_timeout_ms` (at least 1) and
+    /// `ping_interval_ms` (0: no pings; else below the timeout); an error
+    /// names the setting under `section`.
+    pub fn checked(
+        section: &str,
+        idle_timeout_ms: u64,
+        ping_interval_ms: u64,
+    ) -> Result<Idle, Error> {
+        if idle_timeout_ms == 0 {
+            return Err(Error::config(
+                format!("{section}.idle_timeout_ms"),
+                "must be at least 1",
+            ));
+        }
+        if ping_interval_ms >= idle_timeout_ms {
+            return Err(Error::config(
+                format!("{section}.ping_interval_ms"),
+                "must be below idle_timeout_ms (or 0: no pings)",
+            ));
+        }
+        Ok(Idle {
+            timeout: Duration::from_millis(idle_timeout_ms),
+            ping_after: (ping_interval_ms > 0).then(|| Duration::from_millis(ping_interval_ms)),
+        })
+    }
+}
+
+/// What silence calls for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Quiet {
+    /// Send a ping.
+    Ping,
+    /// The connection is dead: silent this long.
+    Dead(Duration),
+}
+
+/// What came from a client socket.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A text frame (or a binary one, read as UTF-8).
+    Text(String),
+    /// A frame with nothing to read (ping, pong): only proof of life.
+    Control,
+    /// Told to stop; the socket is still open, to be closed.
+    Stopped,
+    /// Silent too long: the connection is dead, not worth a closing
+    /// handshake. Why, in words.
+    Silent(String),
+    /// The socket closed or broke: why.
+    Over(String),
+}
+
+/// A WebSocket ingest opened to a platform.
+pub type ClientSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// What one read from a socket to `peer` (`slack`) came to.
+pub fn incoming(frame: Option<Result<Message, tungstenite::Error>>, peer: &str) -> Incoming {
+    match frame {
+        None => Incoming::Over("the socket ended".into()),
+        Some(Err(error)) => Incoming::Over(format!("the socket broke: {error}")),
+        Some(Ok(Message::Text(text))) => Incoming::Text(text.to_string()),
+        Some(Ok(Message::Binary(bytes))) => {
+            Incoming::Text(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        Some(Ok(Message::Close(close))) => Incoming::Over(format!(
+            "closed by {peer}{}",
+            close
+                .map(|close| format!(" ({}: {})", u16::from(close.code), close.reason))
+                .unwrap_or_default()
+        )),
+        Some(Ok(_)) => Incoming::Control,
+    }
+}
+
+/// One client socket's silence, watched as [`Idle`] says.
+#[derive(Debug)]
+pub struct Keepalive {
+    idle: Idle,
+    /// Who is at the other end, for reasons: `slack`.
+    peer: &'static str,
+    liveness: Liveness,
+    /// When we last pinged, if we did since the peer was last heard.
+    pinged: Option<Instant>,
+}
+
+impl Keepalive {
+    /// A socket to `peer` opened at `now`.
+    pub fn new(idle: Idle, peer: &'static str, now: Instant) -> Self {
+        Keepalive {
+            idle,
+            peer,
+            liveness: Liveness::new(Some(idle.timeout), now),
+            pinged: None,
+        }
+    }
+
+    /// The peer sent something.
+    pub fn heard(&mut self, now: Instant) {
+        self.liveness.heard(now);
+        self.pinged = None;
+    }
+
+    fn dead_at(&self) -> Instant {
+        self.liveness.last_heard + self.idle.timeout
+    }
+
+    fn ping_at(&self) -> Option<Instant> {
+        Some(self.pinged.unwrap_or(self.liveness.last_heard) + self.idle.ping_after?)
+    }
+
+    /// When to look at the silence next.
+    fn next_look(&self) -> Instant {
+        let dead_at = self.dead_at();
+        self.ping_at()
+            .map_or(dead_at, |ping_at| ping_at.min(dead_at))
+    }
+
+    /// What the silence at `now` calls for (a ping is counted as sent).
+    pub fn look(&mut self, now: Instant) -> Option<Quiet> {
+        if let Some(silent) = self.liveness.silent_too_long(now) {
+            return Some(Quiet::Dead(silent));
+        }
+        if self.ping_at().is_some_and(|ping_at| ping_at <= now) {
+            self.pinged = Some(now);
+            return Some(Quiet::Ping);
+        }
+        None
+    }
+
+    /// The next thing from `socket`, unless `stop` comes first or it has
+    /// been silent too long; pings it while it is quiet.
+    pub async fn next(&mut self, socket: &mut ClientSocket, stop: &CancellationToken) -> Incoming {
+        loop {
+            let look_at = self.next_look();
+            tokio::select! {
+                _ = stop.cancelled() => return Incoming::Stopped,
+                frame = socket.next() => {
+                    self.heard(Instant::now());
+                    return incoming(frame, self.peer);
+                }
+                _ = tokio::time::sleep_until(look_at) => match self.look(Instant::now()) {
+                    Some(Quiet::Dead(silent)) => {
+                        return Incoming::Silent(format!(
+                            "nothing from {} for {} ms",
+                            self.peer,
+                            silent.as_millis()
+                        ));
+                    }
+                    Some(Quiet::Ping) => {
+                        // A peer that stopped reading may block the write:
+                        // not past the time it counts as dead.
+                        let left = self.dead_at().saturating_duration_since(Instant::now());
+                        let ping = socket.send(Message::Ping(Default::default()));
+                        if let Ok(Err(error)) = tokio::time::timeout(left, ping).await {
+                            return Incoming::Over(format!("could not ping {}: {error}", self.peer));
+                        }
+                    }
+                    None => {}
+                },
+            }
         }
     }
 }
@@ -305,12 +571,41 @@ pub struct Supervision {
 }
 
 /// The timing settings every long-lived connection has, as written (ms).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Timings {
     pub lease_ttl_ms: u64,
     pub standby_poll_ms: u64,
     pub connect_timeout_ms: u64,
     pub reconnect_base_ms: u64,
     pub reconnect_cap_ms: u64,
+}
+
+/// The keys of [`Timings`] in a platform's table.
+const TIMING_KEYS: [&str; 5] = [
+    "lease_ttl_ms",
+    "standby_poll_ms",
+    "connect_timeout_ms",
+    "reconnect_base_ms",
+    "reconnect_cap_ms",
+];
+
+/// A platform's table (`section`, `ingest.platforms.slack`) read as the
+/// platform's own settings `S`, which do not name the timing keys, and the
+/// [`Supervision`] of its connection, from those keys; an error names the
+/// setting.
+pub fn platform_settings<S: DeserializeOwned>(
+    section: &str,
+    table: &toml::Value,
+) -> Result<(S, Supervision), Error> {
+    let mut own = table.as_table().cloned().unwrap_or_default();
+    let timings: toml::Table = TIMING_KEYS
+        .iter()
+        .filter_map(|key| own.remove(*key).map(|value| (key.to_string(), value)))
+        .collect();
+    let settings: S = deserialize_setting(section, toml::Value::Table(own))?;
+    let timings: Timings = deserialize_setting(section, toml::Value::Table(timings))?;
+    Ok((settings, timings.checked(section)?))
 }
 
 impl Timings {
@@ -352,6 +647,49 @@ impl Supervision {
     }
 }
 
+/// One long-lived connection's lease (`consumer:<kind>:<name>`) and link
+/// (`<platform>:<name>`), made the one way every platform makes them.
+pub struct Held {
+    pub lease: Lease,
+    pub link: Arc<Link>,
+}
+
+impl Held {
+    pub fn new(
+        inbox: &Inbox,
+        kind: &str,
+        platform: &'static str,
+        name: String,
+        health: Health,
+        supervision: &Supervision,
+    ) -> Held {
+        Held {
+            lease: Lease::new(
+                inbox.pool.clone(),
+                inbox.streams.consumer_lease(kind, &name),
+                supervision.lease_ttl,
+            ),
+            link: Arc::new(Link::new(platform, name, health)),
+        }
+    }
+
+    /// [`supervise`] `connector` under this lease, in a task of its own.
+    pub fn supervise(
+        self,
+        connector: Arc<dyn Connector>,
+        supervision: Supervision,
+        shutdown: CancellationToken,
+    ) {
+        tokio::spawn(supervise(
+            connector,
+            self.lease,
+            self.link,
+            supervision,
+            shutdown,
+        ));
+    }
+}
+
 /// Keep `connector`'s connection up from this replica while it holds
 /// `lease`, until `shutdown`; then close it and give the lease up.
 pub async fn supervise(
@@ -363,19 +701,7 @@ pub async fn supervise(
 ) {
     let mut backoff = Backoff::new(supervision.backoff_base, supervision.backoff_cap);
     let mut holding = false;
-    let ager = {
-        let link = link.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => if link.is_up() { link.export_age() },
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-        })
-    };
+    let ager = watch_age(link.clone(), shutdown.clone());
     while !shutdown.is_cancelled() {
         let held = match lease.hold().await {
             Ok(held) => held,
@@ -468,6 +794,18 @@ async fn renew(lease: Lease, stop: CancellationToken) {
     }
 }
 
+/// `opening` (a connection being opened), unless `stop` comes first: the
+/// connection, or how the attempt ended.
+pub async fn open_unless<T>(
+    opening: impl std::future::Future<Output = Result<T, String>>,
+    stop: &CancellationToken,
+) -> Result<T, Ended> {
+    tokio::select! {
+        opened = opening => opened.map_err(Ended::Failed),
+        _ = stop.cancelled() => Err(Ended::Stopped),
+    }
+}
+
 /// Sleep `wait`, or less if `token` is cancelled first.
 pub async fn sleep_unless(wait: Duration, token: &CancellationToken) {
     if wait.is_zero() {
@@ -482,6 +820,154 @@ pub async fn sleep_unless(wait: Duration, token: &CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silence_is_too_long_only_once_a_limit_is_known() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut liveness = Liveness::new(None, start);
+        assert_eq!(
+            liveness.silent_too_long(at(3_600_000)),
+            None,
+            "no limit yet"
+        );
+        liveness.allow(Duration::from_millis(3000));
+        liveness.heard(at(10));
+        assert_eq!(liveness.silent_too_long(at(3009)), None);
+        assert_eq!(
+            liveness.silent_too_long(at(3010)),
+            Some(Duration::from_millis(3000))
+        );
+        liveness.heard(at(3110));
+        assert_eq!(liveness.silent_too_long(at(3200)), None);
+    }
+
+    /// Watch a socket opened at 0 with `idle`: at each time (ms), either
+    /// the peer is heard (`"heard"`) or we look, expecting `expected`.
+    fn check_keepalive(idle: Idle, steps: &[(u64, &str)]) {
+        let start = Instant::now();
+        let mut keepalive = Keepalive::new(idle, "peer", start);
+        for (ms, expected) in steps {
+            let now = start + Duration::from_millis(*ms);
+            if *expected == "heard" {
+                keepalive.heard(now);
+                continue;
+            }
+            let got = match keepalive.look(now) {
+                None => "-".to_string(),
+                Some(Quiet::Ping) => "ping".to_string(),
+                Some(Quiet::Dead(silent)) => format!("dead {}", silent.as_millis()),
+            };
+            assert_eq!(got, *expected, "at {ms} ms in {steps:?}");
+            if !got.starts_with("dead") {
+                assert!(keepalive.next_look() > now, "the next look is later");
+            }
+        }
+    }
+
+    #[test]
+    fn a_quiet_socket_is_pinged_and_a_silent_one_is_dead() {
+        let pinged = Idle {
+            timeout: Duration::from_millis(1000),
+            ping_after: Some(Duration::from_millis(300)),
+        };
+        check_keepalive(
+            pinged,
+            &[
+                (299, "-"),
+                (300, "ping"),
+                (599, "-"),
+                (600, "ping"),
+                (650, "heard"),
+                (949, "-"),
+                (950, "ping"),
+                (1250, "ping"),
+                (1550, "ping"),
+                (1649, "-"),
+                (1650, "dead 1000"),
+            ],
+        );
+        let unpinged = Idle {
+            timeout: Duration::from_millis(1000),
+            ping_after: None,
+        };
+        check_keepalive(
+            unpinged,
+            &[(500, "-"), (900, "heard"), (1899, "-"), (1900, "dead 1000")],
+        );
+    }
+
+    #[test]
+    fn idle_settings_are_checked() {
+        let check = |timeout, ping, expected: Result<Idle, &str>| {
+            let got = Idle::checked("ingest.platforms.slack", timeout, ping)
+                .map_err(|error| error.to_string());
+            assert_eq!(got, expected.map_err(str::to_string), "{timeout} {ping}");
+        };
+        let ms = Duration::from_millis;
+        check(
+            30000,
+            10000,
+            Ok(Idle {
+                timeout: ms(30000),
+                ping_after: Some(ms(10000)),
+            }),
+        );
+        check(
+            30000,
+            0,
+            Ok(Idle {
+                timeout: ms(30000),
+                ping_after: None,
+            }),
+        );
+        check(
+            0,
+            0,
+            Err("setting ingest.platforms.slack.idle_timeout_ms: must be at least 1"),
+        );
+        check(
+            1000,
+            1000,
+            Err("setting ingest.platforms.slack.ping_interval_ms: must be below idle_timeout_ms (or 0: no pings)"),
+        );
+    }
+
+    #[test]
+    fn frames_are_read_as_text_proof_of_life_or_the_end() {
+        use tungstenite::protocol::frame::coding::CloseCode;
+        use tungstenite::protocol::CloseFrame;
+        let check = |frame, expected: Incoming| assert_eq!(incoming(frame, "slack"), expected);
+        check(Some(Ok(Message::text("{}"))), Incoming::Text("{}".into()));
+        check(
+            Some(Ok(Message::binary(b"{\"a\":1}".to_vec()))),
+            Incoming::Text("{\"a\":1}".into()),
+        );
+        check(
+            Some(Ok(Message::Ping(Default::default()))),
+            Incoming::Control,
+        );
+        check(
+            Some(Ok(Message::Pong(Default::default()))),
+            Incoming::Control,
+        );
+        check(None, Incoming::Over("the socket ended".into()));
+        check(
+            Some(Ok(Message::Close(None))),
+            Incoming::Over("closed by slack".into()),
+        );
+        check(
+            Some(Ok(Message::Close(Some(CloseFrame {
+                code: CloseCode::Away,
+                reason: "refresh".into(),
+            })))),
+            Incoming::Over("closed by slack (1001: refresh)".into()),
+        );
+        check(
+            Some(Err(tungstenite::Error::ConnectionClosed)),
+            Incoming::Over("the socket broke: Connection closed normally".into()),
+        );
+    }
 
     #[test]
     fn backoff_doubles_its_ceiling_up_to_the_cap_and_starts_over_after_a_reset() {

@@ -26,13 +26,13 @@
 
 mod stream;
 
-use super::connection::Timings;
+use super::connection::{platform_settings, Idle, Supervision};
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
 use crate::inbox::Inbox;
 use base64::Engine;
-use botline_shared::config::{deserialize_setting, secret_env, Env};
+use botline_shared::config::{secret_env, Env};
 use botline_shared::message::{
     Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
@@ -68,11 +68,8 @@ struct Settings {
     mode: Mode,
     client_id: String,
     api_base_url: String,
-    lease_ttl_ms: u64,
-    standby_poll_ms: u64,
-    connect_timeout_ms: u64,
-    reconnect_base_ms: u64,
-    reconnect_cap_ms: u64,
+    idle_timeout_ms: u64,
+    ping_interval_ms: u64,
 }
 
 /// How callbacks reach ingest.
@@ -86,17 +83,22 @@ enum Mode {
 }
 
 fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>, Error> {
-    let settings: Settings = deserialize_setting("ingest.platforms.dingtalk", table.clone())?;
+    let (settings, supervision): (Settings, _) =
+        platform_settings("ingest.platforms.dingtalk", table)?;
     let app_secret = secret_env(env, APP_SECRET_ENV, 1)?;
     let stream = match settings.mode {
         Mode::Http => None,
-        Mode::Stream => Some(stream_settings(&settings, &app_secret)?),
+        Mode::Stream => Some(stream_settings(&settings, supervision, &app_secret)?),
     };
     info!(message = "dingtalk callbacks", mode = ?settings.mode);
     Ok(Arc::new(DingTalk { app_secret, stream }))
 }
 
-fn stream_settings(settings: &Settings, app_secret: &str) -> Result<stream::StreamSettings, Error> {
+fn stream_settings(
+    settings: &Settings,
+    supervision: Supervision,
+    app_secret: &str,
+) -> Result<stream::StreamSettings, Error> {
     let setting = |name: &str| format!("ingest.platforms.dingtalk.{name}");
     if settings.client_id.is_empty() {
         return Err(Error::config(
@@ -109,21 +111,19 @@ fn stream_settings(settings: &Settings, app_secret: &str) -> Result<stream::Stre
         .ok()
         .filter(|url| matches!(url.scheme(), "http" | "https"))
         .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
-    let supervision = Timings {
-        lease_ttl_ms: settings.lease_ttl_ms,
-        standby_poll_ms: settings.standby_poll_ms,
-        connect_timeout_ms: settings.connect_timeout_ms,
-        reconnect_base_ms: settings.reconnect_base_ms,
-        reconnect_cap_ms: settings.reconnect_cap_ms,
-    }
-    .checked("ingest.platforms.dingtalk")?;
     let client = supervision.http_client("ingest.platforms.dingtalk")?;
+    let idle = Idle::checked(
+        "ingest.platforms.dingtalk",
+        settings.idle_timeout_ms,
+        settings.ping_interval_ms,
+    )?;
     Ok(stream::StreamSettings {
         client_id: settings.client_id.clone(),
         client_secret: app_secret.to_string(),
         open_url,
         client,
         supervision,
+        idle,
     })
 }
 
@@ -184,10 +184,9 @@ impl DingTalk {
         {
             return Err(refuse("bad_signature", "the sign header does not match"));
         }
-        let in_window = timestamp
-            .trim()
-            .parse::<i64>()
-            .is_ok_and(|ms| (request.received_at_ms - ms).abs() <= SIGNATURE_WINDOW_MS);
+        let in_window = timestamp.trim().parse::<i64>().is_ok_and(|ms| {
+            request.received_at_ms.saturating_sub(ms).saturating_abs() <= SIGNATURE_WINDOW_MS
+        });
         if !in_window {
             return Err(refuse(
                 "stale_timestamp",

@@ -34,13 +34,13 @@
 //! attachments by URL. The bot's own messages and system messages (joins,
 //! pins, …) are ignored.
 
-use super::connection::{self, Connector, Ended, Lease, Link, Supervision, Timings};
-use super::{Event, Hook, HookRequest, InboundPlatform, Registration};
+use super::connection::{platform_settings, Connector, Ended, Held, Link, Supervision};
+use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
 use base64::Engine;
-use botline_shared::config::{deserialize_setting, secret_env, Env};
+use botline_shared::config::{secret_env, Env};
 use botline_shared::message::{
     Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Sender, UnifiedMessage,
 };
@@ -113,11 +113,6 @@ struct DiscordSettings {
     bot_id: String,
     shard_id: u32,
     shard_count: u32,
-    lease_ttl_ms: u64,
-    standby_poll_ms: u64,
-    connect_timeout_ms: u64,
-    reconnect_base_ms: u64,
-    reconnect_cap_ms: u64,
 }
 
 pub struct Discord {
@@ -131,7 +126,8 @@ pub struct Discord {
 }
 
 fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>, Error> {
-    let settings: DiscordSettings = deserialize_setting("ingest.platforms.discord", table.clone())?;
+    let (settings, supervision): (DiscordSettings, _) =
+        platform_settings("ingest.platforms.discord", table)?;
     let setting = |name: &str| format!("ingest.platforms.discord.{name}");
     let token = secret_env(env, TOKEN_ENV, 1)?;
     let gateway_url = url::Url::parse(&settings.gateway_url)
@@ -168,14 +164,6 @@ fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>,
             "must be below shard_count (at least 1)",
         ));
     }
-    let supervision = Timings {
-        lease_ttl_ms: settings.lease_ttl_ms,
-        standby_poll_ms: settings.standby_poll_ms,
-        connect_timeout_ms: settings.connect_timeout_ms,
-        reconnect_base_ms: settings.reconnect_base_ms,
-        reconnect_cap_ms: settings.reconnect_cap_ms,
-    }
-    .checked("ingest.platforms.discord")?;
     info!(message = "discord gateway", bot_id = %bot_id, intents, shard_id = settings.shard_id, shard_count = settings.shard_count);
     Ok(Arc::new(Discord {
         gateway_url,
@@ -229,14 +217,16 @@ impl InboundPlatform for Discord {
 
     fn start(self: Arc<Self>, inbox: Inbox, health: Health, shutdown: CancellationToken) {
         let name = self.connection_name();
-        let lease = Lease::new(
-            inbox.pool.clone(),
-            inbox.streams.consumer_lease("discord-gateway", &name),
-            self.supervision.lease_ttl,
-        );
         let session_key = inbox.streams.consumer_lease("discord-session", &name);
-        let link = Arc::new(Link::new(PLATFORM.name, name, health));
         let supervision = self.supervision.clone();
+        let held = Held::new(
+            &inbox,
+            "discord-gateway",
+            PLATFORM.name,
+            name,
+            health,
+            &supervision,
+        );
         let gateway = Arc::new(Gateway {
             own_id: Mutex::new(self.bot_id.clone()),
             discord: self,
@@ -244,13 +234,7 @@ impl InboundPlatform for Discord {
             session_key,
             session: Mutex::new(None),
         });
-        tokio::spawn(connection::supervise(
-            gateway,
-            lease,
-            link,
-            supervision,
-            shutdown,
-        ));
+        held.supervise(gateway, supervision, shutdown);
     }
 }
 
@@ -643,23 +627,16 @@ impl Gateway {
 
     /// A MESSAGE_CREATE into `in` (or counted as ignored).
     async fn admit(&self, data: serde_json::Value) -> Result<(), IngestError> {
-        let raw = raw_event(data.to_string().as_bytes());
-        let message: DiscordMessage = match serde_json::from_value(data) {
-            Ok(message) => message,
+        let own_id = self.own_id.lock().expect("own id lock").clone();
+        let read = match read_dispatch(data, &own_id) {
+            Ok(read) => read,
             Err(error) => {
                 // Passed over: it would fail the same way when replayed.
-                IngestError::Malformed(error.to_string()).record("discord_gateway");
+                error.record("discord_gateway");
                 return Ok(());
             }
         };
-        let own_id = self.own_id.lock().expect("own id lock").clone();
-        let stamp = Stamp {
-            id: ulid::Ulid::new().to_string(),
-            received_at_ms: botline_shared::now_ms(),
-            trace_id: ulid::Ulid::new().to_string(),
-            raw: Some(raw),
-        };
-        match read_message(message, &own_id, stamp) {
+        match read {
             Read::Message(event) => {
                 self.inbox
                     .admit(&[Submission {
@@ -720,6 +697,43 @@ async fn next_payload(socket: &mut Socket) -> Result<Option<Payload>, String> {
             }
         }
     }
+}
+
+/// One Gateway text frame, as far as it makes a message: `None` for
+/// payloads other than a MESSAGE_CREATE dispatch, else the message or why it
+/// is ignored. Pure: the Gateway's parser, reached by the fuzz targets (fuzz/).
+#[doc(hidden)]
+pub fn read_frame(text: &str, own_id: &str) -> Result<Option<Hook>, IngestError> {
+    let payload: Payload =
+        serde_json::from_str(text).map_err(|error| IngestError::Malformed(error.to_string()))?;
+    if payload.op != 0 || payload.t.as_deref() != Some("MESSAGE_CREATE") {
+        return Ok(None);
+    }
+    Ok(Some(match read_dispatch(payload.d, own_id)? {
+        Read::Message(event) => Hook::Events {
+            events: vec![*event],
+            answer: Answer::ok(),
+        },
+        Read::Ignored(kind) => Hook::Ignored {
+            kind: kind.into(),
+            answer: Answer::ok(),
+        },
+    }))
+}
+
+/// A MESSAGE_CREATE's `d`, stamped now: the message, why it is ignored, or
+/// why it does not read.
+fn read_dispatch(data: serde_json::Value, own_id: &str) -> Result<Read, IngestError> {
+    let raw = raw_event(data.to_string().as_bytes());
+    let message: DiscordMessage =
+        serde_json::from_value(data).map_err(|error| IngestError::Malformed(error.to_string()))?;
+    let stamp = Stamp {
+        id: ulid::Ulid::new().to_string(),
+        received_at_ms: botline_shared::now_ms(),
+        trace_id: ulid::Ulid::new().to_string(),
+        raw: Some(raw),
+    };
+    Ok(read_message(message, own_id, stamp))
 }
 
 // ---- MESSAGE_CREATE, as far as botline reads it ----

@@ -11,12 +11,18 @@
 //! with the platform's event id as the dedup key, so the platform's own
 //! retries add nothing. The answer goes out as soon as Redis has the
 //! events: nothing slower happens in the request.
+//!
+//! A platform that connects to ingest over a WebSocket of its own (OneBot's
+//! reverse WebSocket) does so at `GET /hooks/<platform>/ws`
+//! ([`InboundPlatform::socket`]): the opening request is verified the same
+//! way (401 and a counted reason) before the upgrade.
 
 pub mod connection;
 pub mod dingtalk;
 pub mod discord;
 pub mod feishu;
 pub mod onebot;
+pub mod relay;
 pub mod slack;
 pub mod telegram;
 pub mod wecom;
@@ -27,6 +33,8 @@ use crate::inbox::{Inbox, Submission};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -34,6 +42,7 @@ use botline_shared::config::{enabled_platforms, Env};
 use botline_shared::message::{Chat, Mentions, Origin, Sender, UnifiedMessage};
 use botline_shared::telemetry::Health;
 use botline_shared::Error;
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -50,7 +59,22 @@ pub trait InboundPlatform: Send + Sync + 'static {
     /// URL, a gateway connection), started once with the server; `health`
     /// is what `/readyz` reports, for the connections it keeps.
     fn start(self: Arc<Self>, _inbox: Inbox, _health: Health, _shutdown: CancellationToken) {}
+
+    /// A WebSocket the platform opens to ingest at `GET /hooks/<name>/ws`
+    /// (OneBot's reverse WebSocket): the opening request verified the
+    /// platform's way first (401 and a counted reason, as a webhook), then
+    /// what serves the socket. Platforms without one answer 404.
+    fn socket(self: Arc<Self>, _request: &HookRequest) -> Result<SocketService, IngestError> {
+        Err(IngestError::UnknownPlatform(format!("{}/ws", self.name())))
+    }
 }
+
+/// Serves one WebSocket a platform opened, until it ends.
+pub type SocketService = Box<dyn FnOnce(WebSocket) -> BoxFuture<'static, ()> + Send>;
+
+/// Largest frame a platform's socket may send (OneBot events with long
+/// forwarded messages are bigger than a webhook body usually is).
+pub const SOCKET_MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
 /// One platform's inbound side, built from its `[ingest.platforms.<name>]`
 /// table (already known to be enabled) and the environment.
@@ -109,6 +133,18 @@ pub struct HookRequest {
 }
 
 impl HookRequest {
+    /// A request received now, traced by the caller's trace id or a new one.
+    pub fn new(method: Method, query: Option<String>, headers: HeaderMap, body: Bytes) -> Self {
+        HookRequest {
+            method,
+            query: query.unwrap_or_default(),
+            trace_id: crate::api::trace_id(&headers),
+            headers,
+            body,
+            received_at_ms: botline_shared::now_ms(),
+        }
+    }
+
     /// A header's value, if present and text.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|value| value.to_str().ok())
@@ -242,11 +278,7 @@ pub async fn hook(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
-    let platform = state
-        .platforms
-        .iter()
-        .find(|platform| platform.name() == name)
-        .ok_or(IngestError::UnknownPlatform(name))?;
+    let platform = enabled(&state, name)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             IngestError::TooLarge {
@@ -257,33 +289,62 @@ pub async fn hook(
         }
     })?;
     state.check_backlog()?;
-    let request = HookRequest {
-        method,
-        query: query.unwrap_or_default(),
-        trace_id: crate::api::trace_id(&headers),
-        headers,
-        body,
-        received_at_ms: botline_shared::now_ms(),
-    };
+    let request = HookRequest::new(method, query, headers, body);
     let platform_name = platform.name();
     match platform.receive(&request)? {
         Hook::Answer(answer) => Ok(answer.into_response()),
         Hook::Ignored { kind, answer } => {
-            metrics::counter!("botline_ingest_ignored_total", "platform" => platform_name, "kind" => kind)
-                .increment(1);
+            count_ignored(platform_name, kind);
             Ok(answer.into_response())
         }
         Hook::Events { events, answer } => {
-            let submissions: Vec<Submission> = events
-                .into_iter()
-                .map(|event| Submission {
-                    message: event.message,
-                    event_id: Some(event.event_id),
-                    transcript: false,
-                })
-                .collect();
-            state.inbox.admit(&submissions).await?;
+            state.inbox.admit(&submissions(events)).await?;
             Ok(answer.into_response())
         }
     }
+}
+
+/// `GET /hooks/{platform}/ws`: a WebSocket the platform opens to ingest.
+pub async fn socket(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, IngestError> {
+    let platform = enabled(&state, name)?.clone();
+    let request = HookRequest::new(Method::GET, query, headers, Bytes::new());
+    let serve = platform.socket(&request)?;
+    let upgrade = upgrade.map_err(|rejection| IngestError::Malformed(rejection.body_text()))?;
+    Ok(upgrade
+        .max_message_size(SOCKET_MAX_FRAME_BYTES)
+        .on_upgrade(serve)
+        .into_response())
+}
+
+/// The enabled platform called `name` (else 404).
+fn enabled(state: &AppState, name: String) -> Result<&Arc<dyn InboundPlatform>, IngestError> {
+    state
+        .platforms
+        .iter()
+        .find(|platform| platform.name() == name)
+        .ok_or(IngestError::UnknownPlatform(name))
+}
+
+/// Count a verified event that made no message, by kind.
+pub fn count_ignored(platform: &'static str, kind: String) {
+    metrics::counter!("botline_ingest_ignored_total", "platform" => platform, "kind" => kind)
+        .increment(1);
+}
+
+/// What to add to `in` for `events`, each deduplicated by its event id.
+pub fn submissions(events: Vec<Event>) -> Vec<Submission> {
+    events
+        .into_iter()
+        .map(|event| Submission {
+            message: event.message,
+            event_id: Some(event.event_id),
+            transcript: false,
+        })
+        .collect()
 }

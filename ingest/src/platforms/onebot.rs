@@ -19,20 +19,38 @@
 //! bot's own messages (`message_sent`, or a sender that is the bot),
 //! `notice`, `request` and `meta_event` (heartbeats) are acknowledged and
 //! counted as ignored.
+//!
+//! The same events come over a WebSocket in the other two modes, read by
+//! the same parser ([`read_frame`]) and deduplicated by the same key, and
+//! the bot's replies go back over it ([`session`]): `mode = "forward"`,
+//! ingest connects to the implementation ([`forward`]); `mode = "reverse"`,
+//! the implementation connects to `/hooks/onebot/ws` ([`reverse`]). In
+//! both, the access token (`BOTLINE_ONEBOT_ACCESS_TOKEN`) authenticates
+//! the connection and `/hooks/onebot` is off.
 
-use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
+mod forward;
+mod reverse;
+mod session;
+
+use super::connection::{platform_settings, Supervision};
+use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration, SocketService};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
-use botline_shared::config::{deserialize_setting, secret_env, Env};
+use crate::inbox::Inbox;
+use axum::http::{HeaderMap, Method};
+use botline_shared::config::{secret_env, Env};
 use botline_shared::message::{
     Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
+use botline_shared::telemetry::Health;
 use botline_shared::Error;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha1::Sha1;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 pub const PLATFORM: Registration = Registration {
     name: "onebot",
@@ -41,7 +59,13 @@ pub const PLATFORM: Registration = Registration {
 
 /// The `secret` set in the OneBot implementation's HTTP POST settings.
 pub const SECRET_ENV: &str = "BOTLINE_ONEBOT_SECRET";
+/// The implementation's `access_token`: the WebSocket modes' credential.
+pub const TOKEN_ENV: &str = "BOTLINE_ONEBOT_ACCESS_TOKEN";
 const SIGNATURE_HEADER: &str = "x-signature";
+const SECTION: &str = "ingest.platforms.onebot";
+/// The lease of a bot's connection, the one that carries its replies
+/// (`consumer:onebot-socket:<self_id>`).
+const LEASE_KIND: &str = "onebot-socket";
 
 /// `[ingest.platforms.onebot]`, documented in shared/defaults.toml.
 #[derive(Debug, Deserialize)]
@@ -49,18 +73,86 @@ const SIGNATURE_HEADER: &str = "x-signature";
 struct OneBotSettings {
     #[allow(dead_code)]
     enabled: bool,
+    mode: Mode,
+    ws_url: String,
+    self_id: String,
+    heartbeat_misses: u32,
+}
+
+/// How events reach ingest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// The implementation POSTs them to `/hooks/onebot`.
+    Http,
+    /// Ingest connects to the implementation's WebSocket.
+    Forward,
+    /// The implementation connects to `/hooks/onebot/ws`.
+    Reverse,
 }
 
 pub struct OneBot {
-    secret: Vec<u8>,
+    transport: Transport,
+}
+
+enum Transport {
+    /// HTTP POST, signed with this secret.
+    Http {
+        secret: Vec<u8>,
+    },
+    Forward(Arc<forward::Target>),
+    Reverse(Arc<reverse::Reverse>),
 }
 
 fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>, Error> {
-    let _: OneBotSettings = deserialize_setting("ingest.platforms.onebot", table.clone())?;
-    let secret = secret_env(env, SECRET_ENV, 8)?;
-    Ok(Arc::new(OneBot {
-        secret: secret.into_bytes(),
-    }))
+    let (settings, supervision): (OneBotSettings, _) = platform_settings(SECTION, table)?;
+    if settings.heartbeat_misses == 0 {
+        return Err(Error::config(
+            format!("{SECTION}.heartbeat_misses"),
+            "must be at least 1",
+        ));
+    }
+    let mode = settings.mode;
+    let transport = match mode {
+        Mode::Http => Transport::Http {
+            secret: secret_env(env, SECRET_ENV, 8)?.into_bytes(),
+        },
+        Mode::Forward => Transport::Forward(Arc::new(target(settings, supervision, env)?)),
+        Mode::Reverse => Transport::Reverse(Arc::new(reverse::Reverse::new(
+            secret_env(env, TOKEN_ENV, 8)?,
+            settings.heartbeat_misses,
+            supervision,
+        ))),
+    };
+    info!(message = "onebot events", ?mode);
+    Ok(Arc::new(OneBot { transport }))
+}
+
+/// Where forward mode connects, and as which bot.
+fn target(
+    settings: OneBotSettings,
+    supervision: Supervision,
+    env: &dyn Env,
+) -> Result<forward::Target, Error> {
+    let setting = |name: &str| format!("{SECTION}.{name}");
+    let url = url::Url::parse(&settings.ws_url)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "ws" | "wss"))
+        .ok_or_else(|| Error::config(setting("ws_url"), "must be a ws:// or wss:// URL"))?;
+    let self_id = settings.self_id;
+    if self_id.is_empty() || !self_id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::config(
+            setting("self_id"),
+            "must be the bot's QQ number in forward mode",
+        ));
+    }
+    Ok(forward::Target {
+        url,
+        self_id,
+        token: secret_env(env, TOKEN_ENV, 1)?,
+        heartbeat_misses: settings.heartbeat_misses,
+        supervision,
+    })
 }
 
 impl InboundPlatform for OneBot {
@@ -74,6 +166,12 @@ impl InboundPlatform for OneBot {
             reason,
             detail: detail.to_string(),
         };
+        let Transport::Http { secret } = &self.transport else {
+            return Err(unverified(
+                "webhook_off",
+                "events come over the WebSocket (mode forward or reverse); /hooks/onebot is not used",
+            ));
+        };
         let signature = request
             .header(SIGNATURE_HEADER)
             .ok_or_else(|| unverified("missing_signature", "no X-Signature header"))?;
@@ -81,7 +179,7 @@ impl InboundPlatform for OneBot {
             .strip_prefix("sha1=")
             .and_then(|hex| hex::decode(hex).ok())
             .unwrap_or_default();
-        let mut mac = Hmac::<Sha1>::new_from_slice(&self.secret).expect("any key length");
+        let mut mac = Hmac::<Sha1>::new_from_slice(secret).expect("any key length");
         mac.update(&request.body);
         mac.verify_slice(&given).map_err(|_| {
             unverified(
@@ -89,9 +187,39 @@ impl InboundPlatform for OneBot {
                 &format!("X-Signature does not match {SECRET_ENV}"),
             )
         })?;
-        let post: Post = parse_json(&request.body)?;
-        read_post(post, request.stamp())
+        read(request)
     }
+
+    fn start(self: Arc<Self>, inbox: Inbox, health: Health, shutdown: CancellationToken) {
+        match &self.transport {
+            Transport::Http { .. } => {}
+            Transport::Forward(target) => forward::start(target.clone(), inbox, health, shutdown),
+            Transport::Reverse(reverse) => reverse.start(inbox, health, shutdown),
+        }
+    }
+
+    fn socket(self: Arc<Self>, request: &HookRequest) -> Result<SocketService, IngestError> {
+        match &self.transport {
+            Transport::Reverse(reverse) => reverse.clone().accept(request),
+            _ => Err(IngestError::UnknownPlatform(format!(
+                "{} in reverse mode",
+                PLATFORM.name
+            ))),
+        }
+    }
+}
+
+/// An event, as the HTTP path reads it once verified.
+fn read(request: &HookRequest) -> Result<Hook, IngestError> {
+    let post: Post = parse_json(&request.body)?;
+    read_post(post, request.stamp())
+}
+
+/// An event that came over a WebSocket (no signature there: the
+/// connection was authenticated), read as the HTTP path reads it.
+fn read_frame(text: &[u8]) -> Result<Hook, IngestError> {
+    let request = HookRequest::new(Method::POST, None, HeaderMap::new(), text.to_vec().into());
+    read(&request)
 }
 
 // ---- OneBot's events, as far as botline reads them ----
@@ -356,7 +484,7 @@ fn read_post(post: Post, stamp: Stamp) -> Result<Hook, IngestError> {
         attachments: read.attachments,
         reply_to: read.reply_to,
         platform_message_id: Some(message_id.clone()),
-        platform_ts_ms: post.time.map(|seconds| seconds * 1000),
+        platform_ts_ms: post.time.map(|seconds| seconds.saturating_mul(1000)),
         ..stamp.user_message(PLATFORM.name, self_id.clone(), chat, sender, read.text)
     };
     Ok(Hook::Events {

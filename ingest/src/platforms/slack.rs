@@ -26,12 +26,12 @@
 
 mod socket;
 
-use super::connection::Timings;
+use super::connection::{platform_settings, Idle, Supervision};
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
 use crate::inbox::Inbox;
-use botline_shared::config::{deserialize_setting, secret_env, Env};
+use botline_shared::config::{secret_env, Env};
 use botline_shared::message::{
     Attachment, AttachmentKind, Chat, ChatKind, Mentions, Sender, UnifiedMessage,
 };
@@ -85,11 +85,8 @@ struct SlackSettings {
     bot_id: String,
     mode: Mode,
     api_base_url: String,
-    lease_ttl_ms: u64,
-    standby_poll_ms: u64,
-    connect_timeout_ms: u64,
-    reconnect_base_ms: u64,
-    reconnect_cap_ms: u64,
+    idle_timeout_ms: u64,
+    ping_interval_ms: u64,
 }
 
 /// How events reach ingest.
@@ -120,7 +117,8 @@ pub struct Slack {
 }
 
 fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>, Error> {
-    let settings: SlackSettings = deserialize_setting("ingest.platforms.slack", table.clone())?;
+    let (settings, supervision): (SlackSettings, _) =
+        platform_settings("ingest.platforms.slack", table)?;
     if settings.bot_user_id.is_empty() {
         return Err(Error::config(
             "ingest.platforms.slack.bot_user_id",
@@ -129,7 +127,7 @@ fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>,
     }
     let (secret, socket) = match settings.mode {
         Mode::Webhook => (Some(secret_env(env, SECRET_ENV, 16)?.into_bytes()), None),
-        Mode::Socket => (None, Some(socket_settings(&settings, env)?)),
+        Mode::Socket => (None, Some(socket_settings(&settings, supervision, env)?)),
     };
     info!(message = "slack events", mode = ?settings.mode, bot_user_id = %settings.bot_user_id);
     Ok(Arc::new(Slack {
@@ -144,6 +142,7 @@ fn build(table: &toml::Value, env: &dyn Env) -> Result<Arc<dyn InboundPlatform>,
 
 fn socket_settings(
     settings: &SlackSettings,
+    supervision: Supervision,
     env: &dyn Env,
 ) -> Result<socket::SocketSettings, Error> {
     let setting = |name: &str| format!("ingest.platforms.slack.{name}");
@@ -159,20 +158,18 @@ fn socket_settings(
         .ok()
         .filter(|url| matches!(url.scheme(), "http" | "https"))
         .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
-    let supervision = Timings {
-        lease_ttl_ms: settings.lease_ttl_ms,
-        standby_poll_ms: settings.standby_poll_ms,
-        connect_timeout_ms: settings.connect_timeout_ms,
-        reconnect_base_ms: settings.reconnect_base_ms,
-        reconnect_cap_ms: settings.reconnect_cap_ms,
-    }
-    .checked("ingest.platforms.slack")?;
     let client = supervision.http_client("ingest.platforms.slack")?;
+    let idle = Idle::checked(
+        "ingest.platforms.slack",
+        settings.idle_timeout_ms,
+        settings.ping_interval_ms,
+    )?;
     Ok(socket::SocketSettings {
         app_token,
         open_url,
         client,
         supervision,
+        idle,
     })
 }
 
@@ -231,7 +228,9 @@ impl Slack {
                 format!("{TIMESTAMP_HEADER} is not unix seconds"),
             )
         })?;
-        let skew = (request.received_at_ms / 1000 - seconds).abs();
+        let skew = (request.received_at_ms / 1000)
+            .saturating_sub(seconds)
+            .saturating_abs();
         if skew > WINDOW_SECS {
             return Err(unverified(
                 "stale_timestamp",
@@ -415,7 +414,11 @@ fn read_event(event: InnerEvent, bot: &Bot, stamp: Stamp) -> Read {
 fn slack_ts_ms(ts: &str) -> Option<i64> {
     let (seconds, fraction) = ts.split_once('.').unwrap_or((ts, "0"));
     let millis: String = format!("{fraction:0<3}").chars().take(3).collect();
-    Some(seconds.parse::<i64>().ok()? * 1000 + millis.parse::<i64>().ok()?)
+    seconds
+        .parse::<i64>()
+        .ok()?
+        .checked_mul(1000)?
+        .checked_add(millis.parse::<i64>().ok()?)
 }
 
 fn attachment(file: File) -> Attachment {

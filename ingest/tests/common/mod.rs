@@ -69,7 +69,11 @@ pub async fn start_with(secret: Option<&str>, adjust: impl FnOnce(&mut Ingest)) 
 /// Start ingest with the behaviour `overlay` (a platform enabled, say) and
 /// the environment `env` (its secrets).
 pub async fn start_configured(overlay: &str, env: &[(&str, &str)]) -> Harness {
-    let redis = RedisServer::start();
+    start_on(RedisServer::start(), overlay, env).await
+}
+
+/// [`start_configured`] on a Redis the test prepared first.
+pub async fn start_on(redis: RedisServer, overlay: &str, env: &[(&str, &str)]) -> Harness {
     let ingest = configured_ingest(&redis.url(), Some(overlay), env, None).unwrap();
     serve(redis, ingest).await
 }
@@ -190,4 +194,36 @@ pub fn assert_refused(answer: (u16, serde_json::Value), status: u16, error: &str
     assert_eq!(answer.0, status, "{answer:?}");
     let said = answer.1["error"].as_str().unwrap_or_default();
     assert!(said.contains(error), "expected {error:?} in {said:?}");
+}
+
+/// A WebSocket a platform's stand-in accepted.
+pub type ServerSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// The next JSON frame the client sent on a stand-in's socket, or `None`
+/// once the connection is over; `pinged` is called at each WebSocket ping
+/// (tungstenite answers it with a pong).
+pub async fn read_json(
+    socket: &mut ServerSocket,
+    mut pinged: impl FnMut(),
+) -> Option<serde_json::Value> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match socket.next().await? {
+            Ok(Message::Text(text)) => return serde_json::from_str(&text).ok(),
+            Ok(Message::Ping(_)) => pinged(),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// A socket silent since `silenced` was replaced after `idle_timeout` (and a
+/// reconnect backoff of well under a second), not before, nor much later.
+pub fn assert_replaced_after_idle(silenced: Instant, idle_timeout: Duration) {
+    let found = silenced.elapsed();
+    assert!(
+        found >= idle_timeout.mul_f64(0.9) && found < idle_timeout + Duration::from_secs(2),
+        "replaced after its idle time ({idle_timeout:?}): {found:?}"
+    );
 }

@@ -22,12 +22,21 @@
 //!
 //! A connection that drops is opened again with backoff; one ingest
 //! replica holds it, by a lease ([`crate::platforms::connection`]).
+//! DingTalk's `ping`s keep a healthy connection talking, and ingest sends
+//! WebSocket pings of its own when it has been quiet for
+//! `ping_interval_ms` (as DingTalk's SDKs do); a connection from which
+//! nothing at all came for `idle_timeout_ms` is dead and is dropped and
+//! opened again, what it had not acknowledged coming again on the new one
+//! ([`crate::platforms::connection::Keepalive`]).
 
 use super::{Callback, DingTalk, NAME};
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
-use crate::platforms::connection::{self, Connector, Ended, Lease, Link, Supervision};
+use crate::platforms::connection::{
+    open_unless, ClientSocket as Socket, Connector, Ended, Held, Idle, Incoming, Keepalive, Link,
+    Supervision,
+};
 use botline_shared::telemetry::Health;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
@@ -35,6 +44,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -53,6 +63,8 @@ pub(super) struct StreamSettings {
     pub open_url: url::Url,
     pub client: reqwest::Client,
     pub supervision: Supervision,
+    /// When the socket is pinged, and when it counts as dead.
+    pub idle: Idle,
 }
 
 /// Keep the app's Stream connection up from whichever replica holds its lease.
@@ -63,26 +75,14 @@ pub(super) fn start(
     shutdown: CancellationToken,
 ) {
     let settings = dingtalk.stream.as_ref().expect("stream mode");
-    let name = settings.client_id.clone();
-    let lease = Lease::new(
-        inbox.pool.clone(),
-        inbox.streams.consumer_lease("dingtalk-stream", &name),
-        settings.supervision.lease_ttl,
-    );
-    let supervision = settings.supervision.clone();
-    let link = Arc::new(Link::new(NAME, name, health));
-    let connector = Arc::new(StreamMode { dingtalk, inbox });
-    tokio::spawn(connection::supervise(
-        connector,
-        lease,
-        link,
+    let (name, supervision) = (settings.client_id.clone(), settings.supervision.clone());
+    let held = Held::new(&inbox, "dingtalk-stream", NAME, name, health, &supervision);
+    held.supervise(
+        Arc::new(StreamMode { dingtalk, inbox }),
         supervision,
         shutdown,
-    ));
+    );
 }
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct StreamMode {
     dingtalk: Arc<DingTalk>,
@@ -128,35 +128,44 @@ impl StreamMode {
     }
 
     async fn run(&self, link: &Link, stop: &CancellationToken) -> Ended {
-        let mut socket = tokio::select! {
-            opened = self.open() => match opened {
-                Ok(socket) => socket,
-                Err(reason) => return Ended::Failed(reason),
-            },
-            _ = stop.cancelled() => return Ended::Stopped,
+        let mut socket = match open_unless(self.open(), stop).await {
+            Ok(socket) => socket,
+            Err(ended) => return ended,
         };
         link.up();
         // Whether DingTalk sent anything on this connection: one that ends
         // before that is a failure, and the next waits a backoff.
         let mut received = false;
+        let mut keepalive = Keepalive::new(self.settings().idle, NAME, Instant::now());
         loop {
-            let frame = tokio::select! {
-                _ = stop.cancelled() => {
+            let text = match keepalive.next(&mut socket, stop).await {
+                Incoming::Text(text) => text,
+                Incoming::Control => {
+                    received = true;
+                    link.event();
+                    continue;
+                }
+                Incoming::Stopped => {
                     close(socket).await;
                     return Ended::Stopped;
                 }
-                frame = next_frame(&mut socket) => frame,
-            };
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(reason) if received => {
+                // Dropped: a peer that cannot be heard cannot answer a close.
+                Incoming::Silent(reason) => return Ended::Failed(reason),
+                Incoming::Over(reason) if received => {
                     info!(message = "dingtalk stream closed", %reason);
                     return Ended::Again;
                 }
-                Err(reason) => return Ended::Failed(reason),
+                Incoming::Over(reason) => return Ended::Failed(reason),
             };
             received = true;
             link.event();
+            let frame: Frame = match serde_json::from_str(&text) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    warn!(message = "unreadable dingtalk stream frame", %error);
+                    continue;
+                }
+            };
             let reply = match (frame.kind.as_str(), frame.header("topic")) {
                 ("SYSTEM", "ping") => Some(json!({
                     "code": 200,
@@ -307,22 +316,4 @@ async fn close(mut socket: Socket) {
         while let Some(Ok(_)) = socket.next().await {}
     };
     let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
-}
-
-/// The next frame; `Err` once the socket is over.
-async fn next_frame(socket: &mut Socket) -> Result<Frame, String> {
-    loop {
-        let text = match socket.next().await {
-            None => return Err("the socket ended".into()),
-            Some(Err(error)) => return Err(format!("the socket broke: {error}")),
-            Some(Ok(WsMessage::Text(text))) => text.to_string(),
-            Some(Ok(WsMessage::Binary(bytes))) => String::from_utf8_lossy(&bytes).into_owned(),
-            Some(Ok(WsMessage::Close(_))) => return Err("closed by dingtalk".into()),
-            Some(Ok(_)) => continue,
-        };
-        match serde_json::from_str::<Frame>(&text) {
-            Ok(frame) => return Ok(frame),
-            Err(error) => warn!(message = "unreadable dingtalk stream frame", %error),
-        }
-    }
 }

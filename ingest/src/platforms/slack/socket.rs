@@ -18,18 +18,30 @@
 //! longer possible, sent again by Slack on the new one, where dedup drops
 //! it). A connection that drops is opened again with backoff; one ingest
 //! replica holds it, by a lease ([`crate::platforms::connection`]).
+//!
+//! Slack pings the socket (tungstenite answers with pongs) and expects it
+//! to stay answered; ingest pings it too when it has been quiet for
+//! `ping_interval_ms`, and a socket from which nothing at all (no frame,
+//! ping or pong) came for `idle_timeout_ms` is dead — a NAT that dropped
+//! it, a half-open TCP connection — and is dropped and opened again, what
+//! it had not acknowledged coming again on the new one
+//! ([`crate::platforms::connection::Keepalive`]).
 
 use super::{read_event, Envelope, Read, Slack, PLATFORM};
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
-use crate::platforms::connection::{self, Connector, Ended, Lease, Link, Supervision};
+use crate::platforms::connection::{
+    incoming, open_unless, ClientSocket as Socket, Connector, Ended, Held, Idle, Incoming,
+    Keepalive, Link, Supervision,
+};
 use botline_shared::telemetry::Health;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -45,32 +57,30 @@ pub(super) struct SocketSettings {
     pub open_url: url::Url,
     pub client: reqwest::Client,
     pub supervision: Supervision,
+    /// When the socket is pinged, and when it counts as dead.
+    pub idle: Idle,
 }
 
 /// Keep the app's Socket Mode connection up from whichever replica holds
 /// its lease.
 pub(super) fn start(slack: Arc<Slack>, inbox: Inbox, health: Health, shutdown: CancellationToken) {
-    let settings = slack.socket.as_ref().expect("socket mode");
+    let supervision = slack
+        .socket
+        .as_ref()
+        .expect("socket mode")
+        .supervision
+        .clone();
     let name = slack.bot.user_id.clone();
-    let lease = Lease::new(
-        inbox.pool.clone(),
-        inbox.streams.consumer_lease("slack-socket", &name),
-        settings.supervision.lease_ttl,
+    let held = Held::new(
+        &inbox,
+        "slack-socket",
+        PLATFORM.name,
+        name,
+        health,
+        &supervision,
     );
-    let supervision = settings.supervision.clone();
-    let link = Arc::new(Link::new(PLATFORM.name, name, health));
-    let connector = Arc::new(SocketMode { slack, inbox });
-    tokio::spawn(connection::supervise(
-        connector,
-        lease,
-        link,
-        supervision,
-        shutdown,
-    ));
+    held.supervise(Arc::new(SocketMode { slack, inbox }), supervision, shutdown);
 }
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct SocketMode {
     slack: Arc<Slack>,
@@ -122,24 +132,26 @@ impl SocketMode {
     }
 
     async fn run(&self, link: &Link, stop: &CancellationToken) -> Ended {
-        let mut socket = tokio::select! {
-            opened = self.open() => match opened {
-                Ok(socket) => socket,
-                Err(reason) => return Ended::Failed(reason),
-            },
-            _ = stop.cancelled() => return Ended::Stopped,
+        let mut socket = match open_unless(self.open(), stop).await {
+            Ok(socket) => socket,
+            Err(ended) => return ended,
         };
+        let idle = self.settings().idle;
+        let mut keepalive = Keepalive::new(idle, PLATFORM.name, Instant::now());
         loop {
-            let message = tokio::select! {
-                _ = stop.cancelled() => {
+            let text = match keepalive.next(&mut socket, stop).await {
+                Incoming::Text(text) => text,
+                Incoming::Control => {
+                    link.event();
+                    continue;
+                }
+                Incoming::Stopped => {
                     close(socket).await;
                     return Ended::Stopped;
                 }
-                message = next_message(&mut socket) => message,
-            };
-            let message = match message {
-                Ok(message) => message,
-                Err(reason) => {
+                // Dropped: a peer that cannot be heard cannot answer a close.
+                Incoming::Silent(reason) => return Ended::Failed(reason),
+                Incoming::Over(reason) => {
                     return if link.is_up() {
                         info!(message = "slack socket closed", %reason);
                         Ended::Again
@@ -149,6 +161,9 @@ impl SocketMode {
                 }
             };
             link.event();
+            let Some(message) = read_message(&text) else {
+                continue;
+            };
             match self.handle(&mut socket, message, link, true).await {
                 Next::Continue => {}
                 Next::Fail(reason) => {
@@ -168,6 +183,7 @@ impl SocketMode {
                         Ok(next) => {
                             let old = std::mem::replace(&mut socket, next);
                             self.retire(old, link).await;
+                            keepalive = Keepalive::new(idle, PLATFORM.name, Instant::now());
                         }
                         Err(reason) => {
                             warn!(message = "could not open the next slack socket", %reason);
@@ -229,7 +245,13 @@ impl SocketMode {
     async fn retire(&self, mut old: Socket, link: &Link) {
         let _ = old.close(None).await;
         let draining = async {
-            while let Ok(message) = next_message(&mut old).await {
+            loop {
+                let message = match incoming(old.next().await, PLATFORM.name) {
+                    Incoming::Text(text) => read_message(&text),
+                    Incoming::Control => None,
+                    _ => break,
+                };
+                let Some(message) = message else { continue };
                 if let Next::Fail(reason) = self.handle(&mut old, message, link, false).await {
                     warn!(message = "slack event not added from a closing socket", %reason);
                 }
@@ -330,27 +352,9 @@ async fn close(mut socket: Socket) {
     let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
 }
 
-/// The next message Slack sent; `Err` once the socket is over.
-async fn next_message(socket: &mut Socket) -> Result<SocketMessage, String> {
-    loop {
-        let text = match socket.next().await {
-            None => return Err("the socket ended".into()),
-            Some(Err(error)) => return Err(format!("the socket broke: {error}")),
-            Some(Ok(Frame::Text(text))) => text.to_string(),
-            Some(Ok(Frame::Binary(bytes))) => String::from_utf8_lossy(&bytes).into_owned(),
-            Some(Ok(Frame::Close(close))) => {
-                return Err(format!(
-                    "closed by slack{}",
-                    close
-                        .map(|close| format!(" ({}: {})", u16::from(close.code), close.reason))
-                        .unwrap_or_default()
-                ))
-            }
-            Some(Ok(_)) => continue,
-        };
-        match serde_json::from_str::<SocketMessage>(&text) {
-            Ok(message) => return Ok(message),
-            Err(error) => warn!(message = "unreadable slack socket message", %error),
-        }
-    }
+/// A message Slack sent, or `None` (logged) when it cannot be read.
+fn read_message(text: &str) -> Option<SocketMessage> {
+    serde_json::from_str(text)
+        .map_err(|error| warn!(message = "unreadable slack socket message", %error))
+        .ok()
 }
