@@ -246,7 +246,7 @@ fn sweep(settings: &ClassifySettings, set: &[Labeled]) -> anyhow::Result<()> {
     };
     let accuracy = |guesses: &[&str]| scores(&set.iter().collect::<Vec<_>>(), guesses).0 * 100.0;
     let static_closest = closest(&fast)?;
-    for threshold in [0.2f32, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5] {
+    for threshold in [0.0f32, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5] {
         let guesses: Vec<&str> = static_closest
             .iter()
             .map(|(n, s)| {
@@ -264,8 +264,9 @@ fn sweep(settings: &ClassifySettings, set: &[Labeled]) -> anyhow::Result<()> {
     }
     let fast = fast.verdicts(&texts)?;
     let precise = precise.verdicts(&texts)?;
-    for min_score in [0.3f32, 0.4, 0.5, 0.6] {
-        for min_margin in [0.0f32, 0.02, 0.03, 0.04, 0.05, 0.1] {
+    // Cosine similarities (centroid, nearest_example) or probabilities (linear).
+    for min_score in [0.3f32, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9] {
+        for min_margin in [0.0f32, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5] {
             let mut transformer = 0;
             let guesses: Vec<&str> = fast
                 .iter()

@@ -2,13 +2,16 @@
 //! its example utterances, each FAQ entry by its question; all are embedded
 //! once at start. A message goes to the intent whose examples it is closest
 //! to (cosine), or to `unknown` when even the best is below the threshold;
-//! the best FAQ entry above its own threshold rides along. Adding an intent
-//! is adding examples: nothing is trained.
+//! the best FAQ entry above its own threshold rides along. With
+//! `intent_matching = "linear"` a small softmax regression trained on the
+//! examples at start ([`LinearHead`]) scores the intents instead. Either
+//! way adding an intent is adding examples: no training step for a user.
 //!
 //! The classifier only sees vectors, so any [`Embedder`] serves: the
 //! transformer, or the static token vectors of the fast path; each set of
 //! intents is embedded by the embedder that will judge against it.
 
+use crate::head::LinearHead;
 use crate::model::{cosine, Embedder, ModelError};
 use crate::rules::{Understanding, UNKNOWN_INTENT};
 use botline_shared::message::{FaqMatch, Intent};
@@ -23,6 +26,31 @@ pub enum Matching {
     Centroid,
     /// With the closest single example.
     NearestExample,
+    /// By a softmax regression trained on the examples at start
+    /// ([`LinearHead`]); the confidence is its probability.
+    Linear,
+}
+
+/// How an embedding is scored against the intents.
+enum Scorer {
+    Cosine(Index),
+    Linear(LinearHead),
+}
+
+impl Scorer {
+    fn new(groups: Vec<Vec<Vec<f32>>>, matching: Matching) -> Result<Scorer, ModelError> {
+        Ok(match matching {
+            Matching::Linear => Scorer::Linear(LinearHead::train(&groups)?),
+            cosine => Scorer::Cosine(Index::new(groups, cosine)),
+        })
+    }
+
+    fn best(&self, query: &[f32]) -> Option<Best> {
+        match self {
+            Scorer::Cosine(index) => index.best(query),
+            Scorer::Linear(head) => head.best(query),
+        }
+    }
 }
 
 /// Labelled unit vectors searched by cosine similarity.
@@ -32,7 +60,8 @@ pub struct Index {
 }
 
 impl Index {
-    /// `groups[label]` are the vectors of one label.
+    /// `groups[label]` are the vectors of one label. (`Linear` is scored by
+    /// a [`LinearHead`]; given here, it means centroids.)
     pub fn new(groups: Vec<Vec<Vec<f32>>>, matching: Matching) -> Index {
         let mut vectors = Vec::new();
         let mut labels = Vec::new();
@@ -42,7 +71,7 @@ impl Index {
                     labels.extend(std::iter::repeat_n(label, group.len()));
                     vectors.extend(group);
                 }
-                Matching::Centroid => {
+                Matching::Centroid | Matching::Linear => {
                     if let Some(centroid) = centroid(&group) {
                         labels.push(label);
                         vectors.push(centroid);
@@ -119,6 +148,9 @@ pub struct IntentExamples {
 pub struct FaqEntry {
     pub question: String,
     pub answer: String,
+    /// A picture sent with the answer: read (and checked) by respond, not here.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// What is compared with what, and how close is close enough.
@@ -144,7 +176,7 @@ pub struct Verdict {
 pub struct EmbeddingIntents {
     embedder: Arc<dyn Embedder>,
     names: Vec<String>,
-    intents: Index,
+    intents: Scorer,
     faq: Vec<FaqEntry>,
     questions: Index,
     thresholds: Thresholds,
@@ -174,7 +206,7 @@ impl EmbeddingIntents {
         Ok(EmbeddingIntents {
             embedder,
             names: intents.iter().map(|intent| intent.name.clone()).collect(),
-            intents: Index::new(groups, thresholds.matching),
+            intents: Scorer::new(groups, thresholds.matching)?,
             faq: faq.to_vec(),
             questions: Index::new(questions, Matching::NearestExample),
             thresholds,
@@ -271,6 +303,7 @@ mod tests {
             &[FaqEntry {
                 question: "-1,0".into(),
                 answer: "west".into(),
+                image: None,
             }],
             Thresholds {
                 matching,
@@ -349,6 +382,7 @@ mod tiny_model_tests {
         let faq = [FaqEntry {
             question: "where is my order".into(),
             answer: "on its way".into(),
+            image: Some("https://x.test/parcel.png".into()),
         }];
         for matching in [Matching::Centroid, Matching::NearestExample] {
             let model = EmbeddingIntents::new(

@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod cascade;
 pub mod embedding;
+pub mod head;
 pub mod model;
 pub mod rules;
 pub mod token_vectors;
@@ -186,7 +187,10 @@ fn intents_with(
     }
     for (setting, value) in [(unknown_setting, unknown), (faq_setting, faq)] {
         if !(-1.0..=1.0).contains(&value) {
-            return Err(Error::config(setting, "a cosine similarity, -1 to 1"));
+            return Err(Error::config(
+                setting,
+                "a cosine similarity or probability, -1 to 1",
+            ));
         }
     }
     EmbeddingIntents::new(

@@ -80,10 +80,11 @@ fn the_embedding_model_without_its_files_stops_start_naming_the_fix() {
         assert!(error.contains(needle), "{needle:?} not in {error:?}");
     }
     // The keyword rules need no files.
-    let keywords: ClassifySettings = Settings::from_overlay(None)
-        .unwrap()
-        .section("classify")
-        .unwrap();
+    let keywords: ClassifySettings =
+        Settings::from_overlay(Some("[classify]\nintent_model = \"keywords\"\n"))
+            .unwrap()
+            .section("classify")
+            .unwrap();
     assert!(classify::intent_model(&keywords, std::path::Path::new("/nonexistent/e5")).is_ok());
 }
 

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_is_queued_once_and_poison_goes_to_dead() {
     let redis = RedisServer::start();
-    let (settings, plumbing) = redis.plumbing("[runner]\nbatch_size = 7\nblock_ms = 100\n");
+    let (settings, plumbing) = redis.plumbing(
+        "[runner]\nbatch_size = 7\nblock_ms = 100\n[classify]\nintent_model = \"keywords\"\n",
+    );
     let streams = plumbing.streams.clone();
     let mut connection = redis.connection();
 

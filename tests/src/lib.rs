@@ -9,6 +9,7 @@
 
 pub mod browser;
 pub mod llm;
+pub mod onebot;
 pub mod prometheus;
 pub mod sink;
 
@@ -42,6 +43,8 @@ pub fn bin_dir() -> PathBuf {
 pub struct StageProcess {
     pub stage: &'static str,
     pub metrics_port: u16,
+    /// Ingest's HTTP port.
+    pub http_port: Option<u16>,
     env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
@@ -172,13 +175,32 @@ pub struct Pipeline {
     pub http_port: u16,
     pub processes: Vec<StageProcess>,
     config: PathBuf,
-    redis_url: String,
+    /// `BOTLINE_REDIS_URL` (and the TLS files) of the Redis the stages use.
+    redis_env: Vec<(String, String)>,
     extra_env: Vec<(String, String)>,
+}
+
+/// `overlay` with `[classify] intent_model = "keywords"` when it names no
+/// intent model.
+fn keyword_intents_unless_chosen(overlay: &str) -> String {
+    let mut settings: toml::Table = overlay.parse().expect("the test's overlay is TOML");
+    let classify = settings
+        .entry("classify")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .expect("[classify] is a table");
+    classify
+        .entry("intent_model")
+        .or_insert_with(|| "keywords".into());
+    settings.to_string()
 }
 
 impl Pipeline {
     /// Start every stage with `overlay` laid over the default settings.
-    /// `{sink}` in `overlay` becomes the sink's URL.
+    /// `{sink}` in `overlay` becomes the sink's URL. Classify tells intents
+    /// by the keyword rules unless `overlay` sets `[classify] intent_model`:
+    /// the shipped sentence encoder is for the tests about it (and far too
+    /// slow in a debug build for the rest).
     pub fn start(redis: &RedisServer, overlay: &str) -> Self {
         Self::start_with_env(redis, overlay, &[])
     }
@@ -193,13 +215,13 @@ impl Pipeline {
         ));
         std::fs::create_dir_all(&dir).expect("test folder");
         let config = dir.join("botline.toml");
-        std::fs::write(&config, overlay).expect("config");
+        std::fs::write(&config, keyword_intents_unless_chosen(overlay)).expect("config");
         let mut pipeline = Pipeline {
             dir,
             http_port: free_port(),
             processes: Vec::new(),
             config,
-            redis_url: redis.url(),
+            redis_env: redis.env(),
             extra_env: extra_env
                 .iter()
                 .map(|(name, value)| (name.to_string(), value.to_string()))
@@ -214,23 +236,33 @@ impl Pipeline {
     /// Start one more replica of `stage`; returns its index in `processes`.
     pub fn add(&mut self, stage: &'static str) -> usize {
         let index = self.processes.len();
-        let mut env: Vec<(String, String)> = vec![
-            ("BOTLINE_REDIS_URL".into(), self.redis_url.clone()),
+        let mut env = self.redis_env.clone();
+        env.extend([
             ("BOTLINE_CONFIG".into(), self.config.display().to_string()),
             ("BOTLINE_JWT_SECRET".into(), JWT_SECRET.into()),
             ("BOTLINE_WEBHOOK_SECRET".into(), WEBHOOK_SECRET.into()),
             ("BOTLINE_LOG".into(), "info".into()),
-        ];
+        ]);
         env.extend(self.extra_env.iter().cloned());
-        if stage == "ingest" {
-            env.push((
-                "BOTLINE_HTTP_ADDR".into(),
-                format!("127.0.0.1:{}", self.http_port),
-            ));
+        // The first ingest serves at `http_port`, each further replica at
+        // a port of its own.
+        let http_port = (stage == "ingest").then(|| {
+            match self
+                .processes
+                .iter()
+                .any(|process| process.stage == "ingest")
+            {
+                true => free_port(),
+                false => self.http_port,
+            }
+        });
+        if let Some(port) = http_port {
+            env.push(("BOTLINE_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
         }
         let mut process = StageProcess {
             stage,
             metrics_port: free_port(),
+            http_port,
             env,
             log: self.dir.join(format!("{stage}-{index}.log")),
             child: None,

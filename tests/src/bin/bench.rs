@@ -5,6 +5,10 @@
 //! table, then one JSON line:
 //! `{"messages":N,"lost":L,"duplicated":D,"throughput_msgs_per_s":T,"p50_ms":…,"p99_ms":…,"via":"stream|http"}`.
 //!
+//! Classify runs the shipped intent model (the sentence encoder in cascade
+//! mode; `--keywords` for the keyword rules) on texts from
+//! classify/eval/messages.tsv, each made unique.
+//!
 //! Replies go to the web chat platform (delivered inside Redis), so what is
 //! measured is botline, not an HTTP receiver; `--platform webhook` sends
 //! them to a local signed-webhook sink instead.
@@ -31,6 +35,7 @@ struct Options {
     config: Option<String>,
     llm_delay: Option<Duration>,
     llm_in_flight: usize,
+    keywords: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -45,6 +50,7 @@ fn options() -> Result<Options, String> {
         config: None,
         llm_delay: None,
         llm_in_flight: 16,
+        keywords: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -57,6 +63,7 @@ fn options() -> Result<Options, String> {
             "--platform" => options.platform = value()?,
             "--timeout-secs" => options.timeout = Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?),
             "--redis-stats" => options.redis_stats = true,
+            "--keywords" => options.keywords = true,
             "--llm-delay-ms" => {
                 options.llm_delay = Some(Duration::from_millis(value()?.parse().map_err(|e| format!("--llm-delay-ms: {e}"))?))
             }
@@ -66,7 +73,7 @@ fn options() -> Result<Options, String> {
                 options.config = Some(std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?);
             }
             "--help" | "-h" => {
-                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats] [--config FILE.toml] [--llm-delay-ms MS [--llm-in-flight N]]".into())
+                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats] [--keywords] [--config FILE.toml] [--llm-delay-ms MS [--llm-in-flight N]]".into())
             }
             other => return Err(format!("unknown option {other}; see --help")),
         }
@@ -78,6 +85,21 @@ fn options() -> Result<Options, String> {
         return Err("--platform is `web` or `webhook`".into());
     }
     Ok(options)
+}
+
+/// What people write (classify's labeled messages, English, Chinese and
+/// mixed), each made unique by its number so that classify's exact-text
+/// cache never answers: the model sees every message, the worst case.
+fn text(n: usize) -> String {
+    static TEXTS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let texts = TEXTS.get_or_init(|| {
+        include_str!("../../../classify/eval/messages.tsv")
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+            .filter_map(|line| line.split('\t').next())
+            .collect()
+    });
+    format!("{} {n}", texts[n % texts.len()])
 }
 
 /// Sleep so that item `index` goes out no earlier than its slot at `rate`.
@@ -106,10 +128,14 @@ async fn main() {
     };
     let redis = RedisServer::start();
     let sink = Sink::start(WEBHOOK_SECRET).await;
+    // The shipped intent model (the sentence encoder in cascade mode) unless
+    // --keywords; no per-address request limit, as every request comes
+    // from this one address.
     let mut overlay = format!(
-        "[streams]\ndelivered_max_len = {}\n[egress.webhook]\nurl = \"{}\"\n",
+        "[streams]\ndelivered_max_len = {}\n[egress.webhook]\nurl = \"{}\"\n[classify]\nintent_model = \"{}\"\n[ingest]\nper_source_per_second = 0\n",
         options.messages * 2 + 1000,
-        sink.url
+        sink.url,
+        if options.keywords { "keywords" } else { "embedding" },
     );
     // Replies from a local LLM stand-in that answers after a fixed delay.
     let llm = match options.llm_delay {
@@ -146,7 +172,7 @@ async fn main() {
                 pace(started, first, options.rate).await;
                 let mut pipe = redis::pipe();
                 for n in first..(first + chunk).min(options.messages) {
-                    let mut message = sample_message(n, "hello, how much is the pro plan?");
+                    let mut message = sample_message(n, &text(n));
                     message.id = format!("bench-{n}");
                     message.platform = options.platform.clone();
                     message.chat.id = format!("chat-{}", n % options.chats);
@@ -182,7 +208,7 @@ async fn main() {
                             "platform": platform,
                             "chat": { "id": format!("chat-{}", n % chats) },
                             "sender": { "id": format!("user-{}", n % chats), "name": "Ada" },
-                            "text": "hello, how much is the pro plan?",
+                            "text": text(n),
                         });
                         loop {
                             match http
