@@ -14,19 +14,24 @@
 //!   `id` ([A-Za-z0-9_-]{1,64}) is the event id, so a resend after a
 //!   reconnect is dropped; `name` defaults to "you".
 //! - server → client: `{"type":"turn","entry_id":"…","role":"user"|"bot","name":"…","text":"…","at_ms":…}`
-//!   for each transcript entry (history first, then live), and
+//!   for each transcript entry (history first, then live), with
+//!   `"attachments":[{"kind":"image"|"file"|…,"url":"https://…","name":"…"}]`
+//!   when the turn has any (only http(s) URLs are passed on; the page shows
+//!   images as pictures and other kinds as links), and
 //!   `{"type":"error","error":"…"}` for a refused message.
 
 use crate::error::IngestError;
 use crate::generic::{check_text, raw_event, Stamp, DEFAULT_BOT};
 use crate::inbox::Submission;
+use crate::limits::Source;
 use crate::AppState;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::response::{Html, IntoResponse, Response};
 use botline_shared::codec;
 use botline_shared::message::{
-    Chat, ChatKind, Mentions, Origin, Role, Sender, Turn, UnifiedMessage,
+    Attachment, AttachmentKind, Chat, ChatKind, Mentions, Origin, Role, Sender, Turn,
+    UnifiedMessage,
 };
 use botline_shared::redis_conn::{self, COMMAND_TIMEOUT};
 use botline_shared::telemetry::Health;
@@ -84,6 +89,7 @@ fn is_client_id(id: &str) -> bool {
 pub async fn socket(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
+    source: Option<Extension<Source>>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, IngestError> {
     let chat = query.get("chat").cloned().unwrap_or_default();
@@ -94,7 +100,7 @@ pub async fn socket(
     }
     Ok(upgrade
         .max_message_size(state.settings.max_body_bytes)
-        .on_upgrade(move |socket| session(socket, state, chat))
+        .on_upgrade(move |socket| session(socket, state, chat, source.map(|source| source.0)))
         .into_response())
 }
 
@@ -118,10 +124,35 @@ enum ServerFrame<'a> {
         name: &'a str,
         text: &'a str,
         at_ms: i64,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        attachments: Vec<FrameAttachment<'a>>,
     },
     Error {
         error: String,
     },
+}
+
+/// An attachment as the page gets it: only those with an http(s) URL.
+#[derive(Debug, Serialize, PartialEq)]
+struct FrameAttachment<'a> {
+    kind: AttachmentKind,
+    url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+}
+
+/// The attachments of a turn the page may show.
+fn frame_attachments(attachments: &[Attachment]) -> Vec<FrameAttachment<'_>> {
+    attachments
+        .iter()
+        .filter_map(|attachment| {
+            Some(FrameAttachment {
+                kind: attachment.kind,
+                url: attachment.http_url()?,
+                name: attachment.name.as_deref(),
+            })
+        })
+        .collect()
 }
 
 impl ServerFrame<'_> {
@@ -134,8 +165,9 @@ impl ServerFrame<'_> {
     }
 }
 
-/// One browser tab: history, then live turns, and its messages in.
-async fn session(socket: WebSocket, state: AppState, chat: String) {
+/// One browser tab: history, then live turns, and its messages in; each
+/// message is charged to `source`'s per-source limit like a request.
+async fn session(socket: WebSocket, state: AppState, chat: String, source: Option<Source>) {
     // Subscribe before reading the history, so no change falls in between.
     let mut notices = state.notices.subscribe();
     let (mut outgoing, mut incoming) = socket.split();
@@ -155,7 +187,11 @@ async fn session(socket: WebSocket, state: AppState, chat: String) {
             }
             frame = incoming.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    if let Err(error) = take_message(&state, &chat, text.as_str()).await {
+                    let taken = match source.map(|source| state.limits.check(source)) {
+                        Some(Err(refused)) => Err(refused),
+                        _ => take_message(&state, &chat, text.as_str()).await,
+                    };
+                    if let Err(error) = taken {
                         error.record("ws");
                         let frame = ServerFrame::Error { error: error.to_string() }.message();
                         if outgoing.send(frame).await.is_err() {
@@ -221,6 +257,7 @@ async fn send_new_turns(
                 name: &turn.speaker_name,
                 text: &turn.text,
                 at_ms: turn.at_ms,
+                attachments: frame_attachments(&turn.attachments),
             };
             outgoing.send(frame.message()).await.map_err(|_| ())?;
         }
@@ -253,6 +290,20 @@ async fn read_after(
 
 /// A frame from the page: checked, then added to `in` and the transcript.
 async fn take_message(state: &AppState, chat: &str, frame: &str) -> Result<(), IngestError> {
+    let submission = read_frame(chat, frame, state.settings.max_text_chars)?;
+    state.check_backlog()?;
+    state.inbox.admit_one(submission).await?;
+    Ok(())
+}
+
+/// What a frame from the page in `chat` adds, or why it is refused. Pure:
+/// the web chat's parser, reached by the fuzz targets (fuzz/) as well.
+#[doc(hidden)]
+pub fn read_frame(
+    chat: &str,
+    frame: &str,
+    max_text_chars: usize,
+) -> Result<Submission, IngestError> {
     let ClientFrame::Message { id, text, name } = crate::generic::parse_json(frame.as_bytes())?;
     if !is_client_id(&id) {
         return Err(IngestError::Invalid(
@@ -262,8 +313,7 @@ async fn take_message(state: &AppState, chat: &str, frame: &str) -> Result<(), I
     if text.trim().is_empty() {
         return Err(IngestError::Invalid("text must not be empty".into()));
     }
-    check_text(&text, state.settings.max_text_chars)?;
-    state.check_backlog()?;
+    check_text(&text, max_text_chars)?;
     let name = display_name(name.as_deref());
     let message = web_message(
         chat,
@@ -276,15 +326,11 @@ async fn take_message(state: &AppState, chat: &str, frame: &str) -> Result<(), I
             raw: Some(raw_event(frame.as_bytes())),
         },
     );
-    state
-        .inbox
-        .admit_one(Submission {
-            message,
-            event_id: Some(format!("{chat}:{id}")),
-            transcript: true,
-        })
-        .await?;
-    Ok(())
+    Ok(Submission {
+        message,
+        event_id: Some(format!("{chat}:{id}")),
+        transcript: true,
+    })
 }
 
 fn display_name(name: Option<&str>) -> String {
@@ -433,10 +479,36 @@ mod tests {
             name: "botline",
             text: "hi",
             at_ms: 3,
+            attachments: vec![],
         };
         assert_eq!(
             serde_json::to_string(&frame).unwrap(),
             r#"{"type":"turn","entry_id":"1-0","role":"bot","name":"botline","text":"hi","at_ms":3}"#
+        );
+        let attachments = [
+            Attachment::image("https://x.test/a.png", Some("map".into())),
+            Attachment::image("javascript:alert(1)", None),
+            Attachment {
+                kind: AttachmentKind::File,
+                url: Some("http://x.test/menu.pdf".into()),
+                file_id: None,
+                mime: None,
+                size: None,
+                name: None,
+            },
+        ];
+        let with = ServerFrame::Turn {
+            entry_id: "2-0",
+            role: Role::Bot,
+            name: "botline",
+            text: "",
+            at_ms: 4,
+            attachments: frame_attachments(&attachments),
+        };
+        assert_eq!(
+            serde_json::to_string(&with).unwrap(),
+            r#"{"type":"turn","entry_id":"2-0","role":"bot","name":"botline","text":"","at_ms":4,"attachments":[{"kind":"image","url":"https://x.test/a.png","name":"map"},{"kind":"file","url":"http://x.test/menu.pdf"}]}"#,
+            "only http(s) URLs reach the page"
         );
         let error = ServerFrame::Error { error: "no".into() };
         assert_eq!(

@@ -27,7 +27,11 @@ async fn start_dingtalk() -> Harness {
 
 /// `timestamp` and `sign` as DingTalk sends them, `ms_ago` old.
 fn signed(ms_ago: i64) -> Vec<(&'static str, String)> {
-    let timestamp = (botline_shared::now_ms() - ms_ago).to_string();
+    signed_at((botline_shared::now_ms() - ms_ago).to_string())
+}
+
+/// `timestamp` and its `sign`.
+fn signed_at(timestamp: String) -> Vec<(&'static str, String)> {
     let sign = dingtalk::sign(APP_SECRET, &timestamp);
     vec![("timestamp", timestamp), ("sign", sign)]
 }
@@ -147,6 +151,14 @@ async fn forged_stale_broken_unknown_and_oversized_requests_are_refused() {
         401,
         "more than an hour",
     );
+    // Signed timestamps at the ends of i64 (found by fuzz/: the skew overflowed).
+    for edge in [i64::MIN, i64::MAX] {
+        assert_refused(
+            post(&harness, &body, &signed_at(edge.to_string())).await,
+            401,
+            "more than an hour",
+        );
+    }
     assert_refused(post(&harness, &body, &[]).await, 401, "missing");
 
     let truncated = &body[..body.len() - 30];

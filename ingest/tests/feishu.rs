@@ -49,7 +49,11 @@ fn encrypt(key: &str, plaintext: &str) -> String {
 
 /// The headers Feishu signs a request with, `seconds_ago` old.
 fn signed(body: &str, seconds_ago: i64) -> Vec<(&'static str, String)> {
-    let timestamp = (now_secs() - seconds_ago).to_string();
+    signed_at(body, (now_secs() - seconds_ago).to_string())
+}
+
+/// The headers Feishu signs a request with, for this timestamp.
+fn signed_at(body: &str, timestamp: String) -> Vec<(&'static str, String)> {
     let nonce = "ZTM2ZDYwMTQ3ZDY4";
     let signature = hex::encode(Sha256::digest(
         format!("{timestamp}{nonce}{KEY}{body}").as_bytes(),
@@ -215,6 +219,14 @@ async fn forged_stale_broken_and_oversized_requests_are_refused() {
         "outside the accepted window",
     );
     assert_refused(post(&harness, &body, &[]).await, 401, "X-Lark-Signature");
+    // Signed timestamps at the ends of i64 (found by fuzz/: the age overflowed).
+    for edge in [i64::MIN, i64::MAX] {
+        assert_refused(
+            post(&harness, &body, &signed_at(&body, edge.to_string())).await,
+            401,
+            "outside the accepted window",
+        );
+    }
 
     let other_key = encrypt("another key", &plaintext);
     assert_refused(

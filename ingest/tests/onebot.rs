@@ -72,6 +72,19 @@ async fn a_private_string_message_lands_in_in_once() {
     assert_eq!(dedup, 1);
 }
 
+/// A `time` past what milliseconds hold saturates (found by fuzz/: the
+/// conversion overflowed).
+#[tokio::test]
+async fn a_time_past_what_milliseconds_hold_saturates() {
+    let harness = start_onebot().await;
+    let body =
+        fixture("onebot", "private_string.json").replace("1515204254", &i64::MAX.to_string());
+    assert_eq!(post(&harness, &body).await, (200, String::new()));
+    let messages = harness.inbound();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].platform_ts_ms, Some(i64::MAX));
+}
+
 #[tokio::test]
 async fn group_messages_in_either_format_become_unified_messages() {
     let harness = start_onebot().await;

@@ -155,6 +155,24 @@ async fn documented_events_become_unified_messages() {
     assert_eq!(file.name.as_deref(), Some("receipt.png"));
 }
 
+/// A `ts` past what milliseconds hold is still the message's id, with no
+/// time (found by fuzz/: the conversion overflowed).
+#[tokio::test]
+async fn a_ts_past_what_milliseconds_hold_is_read_without_a_time() {
+    let harness = start_slack().await;
+    let event =
+        fixture("app_mention.json").replace("1515449522.000016", "99999999999999999.000016");
+    let (status, _, body) = post(&harness, Signed::By(SECRET, 0), &event, &[]).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    let inbound = harness.inbound();
+    assert_eq!(inbound.len(), 1);
+    assert_eq!(
+        inbound[0].platform_message_id.as_deref(),
+        Some("99999999999999999.000016")
+    );
+    assert_eq!(inbound[0].platform_ts_ms, None);
+}
+
 #[tokio::test]
 async fn retries_and_the_second_event_of_one_message_add_nothing() {
     let harness = start_slack().await;
@@ -256,6 +274,13 @@ async fn bad_requests_are_refused_with_their_reason_and_add_nothing() {
             event.clone(),
             401,
             "not unix seconds",
+        ),
+        // Found by fuzz/: the skew overflowed, before any signature was checked.
+        (
+            Signed::Headers(Some(good.as_str()), Some("-9223372036854775808")),
+            event.clone(),
+            401,
+            "more than 300 s",
         ),
         (
             Signed::By(SECRET, 0),

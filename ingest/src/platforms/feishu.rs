@@ -165,7 +165,12 @@ impl Feishu {
         let age_ms = timestamp
             .trim()
             .parse::<i64>()
-            .map(|seconds| (request.received_at_ms - seconds.saturating_mul(1000)).abs())
+            .map(|seconds| {
+                request
+                    .received_at_ms
+                    .saturating_sub(seconds.saturating_mul(1000))
+                    .saturating_abs()
+            })
             .unwrap_or(i64::MAX);
         if age_ms > self.max_request_age_ms {
             return Err(unverified(
