@@ -13,7 +13,7 @@ pub mod onebot;
 pub mod prometheus;
 pub mod sink;
 
-use botline_shared::testing::{free_port, RedisServer};
+use botline_shared::testing::{free_port, wait_for, RedisServer};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -338,6 +338,19 @@ impl Drop for Pipeline {
 }
 
 /// A bearer token for the generic API, valid for an hour.
+/// Wait until `delivered` holds one receipt (a reply out, once).
+pub async fn one_receipt(redis: &RedisServer) {
+    let delivered = botline_shared::streams::Streams::default().delivered();
+    wait_for("the receipt", Duration::from_secs(60), || {
+        redis::cmd("XLEN")
+            .arg(&delivered)
+            .query::<usize>(&mut redis.connection())
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+}
+
 pub fn token() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

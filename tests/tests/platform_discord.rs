@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::{Json, Router};
 use botline_shared::testing::{wait_for, RedisServer};
-use botline_tests::Pipeline;
+use botline_tests::{one_receipt, Pipeline};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -143,15 +143,7 @@ async fn a_gateway_message_becomes_a_create_message_quoting_it() {
     assert!(body["allowed_mentions"]["users"] == json!(["42"]), "{body}");
 
     // Delivered once: the receipt is there and no second call came.
-    let delivered = botline_shared::streams::Streams::default().delivered();
-    wait_for("the receipt", Duration::from_secs(30), || {
-        redis::cmd("XLEN")
-            .arg(&delivered)
-            .query::<usize>(&mut redis.connection())
-            .unwrap_or(0)
-            == 1
-    })
-    .await;
+    one_receipt(&redis).await;
     assert_eq!(calls.lock().unwrap().len(), 1);
     assert_eq!(identified.lock().unwrap().len(), 1, "one session");
 }

@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use botline_shared::testing::{wait_for, RedisServer};
-use botline_tests::Pipeline;
+use botline_tests::{one_receipt, Pipeline};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -92,19 +92,6 @@ async fn post_update(pipeline: &Pipeline, secret: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
-}
-
-/// Wait until `delivered` holds one receipt.
-async fn one_receipt(redis: &RedisServer) {
-    let delivered = botline_shared::streams::Streams::default().delivered();
-    wait_for("the receipt", Duration::from_secs(60), || {
-        redis::cmd("XLEN")
-            .arg(&delivered)
-            .query::<usize>(&mut redis.connection())
-            .unwrap_or(0)
-            == 1
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,25 +3,46 @@
 //! a reply whose template names a picture shows it as an image.
 
 use botline_shared::testing::RedisServer;
-use botline_tests::browser::Browser;
+use botline_tests::browser::{Browser, Page};
 use botline_tests::Pipeline;
 use std::time::Duration;
+
+/// The pipeline with `overlay`, and the web chat open and connected in
+/// Chromium. Dropping it stops all.
+struct Chat {
+    page: Page,
+    _browser: Browser,
+    _pipeline: Pipeline,
+    _redis: RedisServer,
+}
+
+impl Chat {
+    async fn open(overlay: &str) -> Chat {
+        let redis = RedisServer::start();
+        let pipeline = Pipeline::start(&redis, overlay);
+        pipeline.wait_ready(Duration::from_secs(60)).await;
+        let browser = Browser::launch().await;
+        let mut page = browser.open(&format!("{}/", pipeline.base_url())).await;
+        page.wait_until(
+            "document.querySelector('#status').textContent === 'connected'",
+            Duration::from_secs(20),
+        )
+        .await;
+        Chat {
+            page,
+            _browser: browser,
+            _pipeline: pipeline,
+            _redis: redis,
+        }
+    }
+}
 
 const TURNS: &str = "JSON.stringify([...document.querySelectorAll('#messages .turn')].map(t => [t.classList.contains('bot') ? 'bot' : 'user', t.querySelector('.text').textContent]))";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn type_see_the_reply_reload_see_both() {
-    let redis = RedisServer::start();
-    let pipeline = Pipeline::start(&redis, "[runner]\nblock_ms = 200\n");
-    pipeline.wait_ready(Duration::from_secs(60)).await;
-    let browser = Browser::launch().await;
-    let mut page = browser.open(&format!("{}/", pipeline.base_url())).await;
-
-    page.wait_until(
-        "document.querySelector('#status').textContent === 'connected'",
-        Duration::from_secs(20),
-    )
-    .await;
+    let chat = Chat::open("[runner]\nblock_ms = 200\n").await;
+    let mut page = chat.page;
     page.eval("document.querySelector('#text').value = '你好, I am Ada'; document.querySelector('#send').click(); true").await;
     page.wait_until(
         "document.querySelectorAll('#messages .turn.bot').length === 1",
@@ -73,20 +94,12 @@ async fn a_reply_with_a_picture_shows_it_under_the_text() {
         axum::routing::get(|| async { ([("content-type", "image/png")], PIXEL) }),
     );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let redis = RedisServer::start();
-    let overlay = format!(
+    let chat = Chat::open(&format!(
         "[runner]\nblock_ms = 200\n[respond.templates.greeting]\nen = \"Hi <b>{{sender_name}}</b>\"\n\
          zh = \"你好\"\nimage = \"{picture}\"\n"
-    );
-    let pipeline = Pipeline::start(&redis, &overlay);
-    pipeline.wait_ready(Duration::from_secs(60)).await;
-    let browser = Browser::launch().await;
-    let mut page = browser.open(&format!("{}/", pipeline.base_url())).await;
-    page.wait_until(
-        "document.querySelector('#status').textContent === 'connected'",
-        Duration::from_secs(20),
-    )
+    ))
     .await;
+    let mut page = chat.page;
     page.eval("document.querySelector('#name').value = 'Ada'; document.querySelector('#name').dispatchEvent(new Event('change')); document.querySelector('#text').value = 'hello'; document.querySelector('#send').click(); true").await;
     // The picture is an <img> under the text, and the browser loaded it.
     page.wait_until(

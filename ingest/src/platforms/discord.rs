@@ -35,7 +35,7 @@
 //! pins, …) are ignored.
 
 use super::connection::{platform_settings, Connector, Ended, Held, Link, Supervision};
-use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
+use super::{Event, Hook, HookRequest, InboundPlatform, Read, Registration};
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
@@ -709,16 +709,7 @@ pub fn read_frame(text: &str, own_id: &str) -> Result<Option<Hook>, IngestError>
     if payload.op != 0 || payload.t.as_deref() != Some("MESSAGE_CREATE") {
         return Ok(None);
     }
-    Ok(Some(match read_dispatch(payload.d, own_id)? {
-        Read::Message(event) => Hook::Events {
-            events: vec![*event],
-            answer: Answer::ok(),
-        },
-        Read::Ignored(kind) => Hook::Ignored {
-            kind: kind.into(),
-            answer: Answer::ok(),
-        },
-    }))
+    Ok(Some(read_dispatch(payload.d, own_id)?.into_hook()))
 }
 
 /// A MESSAGE_CREATE's `d`, stamped now: the message, why it is ignored, or
@@ -807,11 +798,6 @@ struct Reference {
 struct Referenced {
     #[serde(default)]
     author: Option<User>,
-}
-
-enum Read {
-    Message(Box<Event>),
-    Ignored(&'static str),
 }
 
 fn read_message(message: DiscordMessage, own_id: &str, stamp: Stamp) -> Read {

@@ -225,6 +225,28 @@ pub enum Hook {
     Ignored { kind: String, answer: Answer },
 }
 
+/// What one platform event reads as: a message, or why it is not one.
+pub(crate) enum Read {
+    Message(Box<Event>),
+    Ignored(&'static str),
+}
+
+impl Read {
+    /// The hook for it, acknowledged with a plain 200 either way.
+    pub(crate) fn into_hook(self) -> Hook {
+        match self {
+            Read::Message(event) => Hook::Events {
+                events: vec![*event],
+                answer: Answer::ok(),
+            },
+            Read::Ignored(kind) => Hook::Ignored {
+                kind: kind.into(),
+                answer: Answer::ok(),
+            },
+        }
+    }
+}
+
 /// The HTTP answer a platform expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {

@@ -27,7 +27,7 @@
 mod socket;
 
 use super::connection::{platform_settings, Idle, Supervision};
-use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
+use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Read, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
 use crate::inbox::Inbox;
@@ -184,13 +184,7 @@ impl InboundPlatform for Slack {
         Ok(match envelope {
             Envelope::UrlVerification { challenge } => Hook::Answer(Answer::text(challenge)),
             Envelope::EventCallback { event } => {
-                match read_event(*event, &self.bot, request.stamp()) {
-                    Read::Message(event) => Hook::Events {
-                        events: vec![*event],
-                        answer: Answer::ok(),
-                    },
-                    Read::Ignored(kind) => ignored(kind),
-                }
+                read_event(*event, &self.bot, request.stamp()).into_hook()
             }
             Envelope::AppRateLimited => ignored("app_rate_limited"),
             Envelope::Other => ignored("other"),
@@ -331,11 +325,6 @@ struct File {
 }
 
 // ---- normalization (pure) ----
-
-enum Read {
-    Message(Box<Event>),
-    Ignored(&'static str),
-}
 
 fn read_event(event: InnerEvent, bot: &Bot, stamp: Stamp) -> Read {
     let mentioned_by_event = match event.kind.as_str() {

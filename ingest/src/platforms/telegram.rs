@@ -21,7 +21,7 @@
 //! `platform_data` (`name:<user id>`), so egress can link mentions by name.
 
 use super::connection::Lease;
-use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
+use super::{Event, Hook, HookRequest, InboundPlatform, Read, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
@@ -190,16 +190,7 @@ impl InboundPlatform for Telegram {
             ));
         }
         let update: Update = parse_json(&request.body)?;
-        Ok(match read_update(update, &self.bot, request.stamp()) {
-            Read::Message(event) => Hook::Events {
-                events: vec![*event],
-                answer: Answer::ok(),
-            },
-            Read::Ignored(kind) => Hook::Ignored {
-                kind: kind.into(),
-                answer: Answer::ok(),
-            },
-        })
+        Ok(read_update(update, &self.bot, request.stamp()).into_hook())
     }
 
     fn start(self: Arc<Self>, inbox: Inbox, _health: Health, shutdown: CancellationToken) {
@@ -350,11 +341,6 @@ struct File {
 }
 
 // ---- normalization (pure) ----
-
-enum Read {
-    Message(Box<Event>),
-    Ignored(&'static str),
-}
 
 fn read_update(update: Update, bot: &Bot, stamp: Stamp) -> Read {
     let Some(message) = update.message else {
