@@ -1,6 +1,7 @@
 //! Runs saved inputs through a target without AFL++: `replay <target>
 //! <file|dir>…`. A crash shows its panic message and backtrace and exits
-//! non-zero; otherwise it says how many inputs ran.
+//! non-zero; otherwise it says how many inputs ran. `replay list` lists
+//! the targets.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,10 @@ fn main() {
     let name = args.next().unwrap_or_default();
     let Some(target) = botline_fuzz::target(&name) else {
         for target in botline_fuzz::TARGETS {
-            eprintln!("{:<18} {}", target.name, target.input);
+            println!("{:<18} {}", target.name, target.input);
+        }
+        if name == "list" {
+            return;
         }
         eprintln!("usage: replay <target> <file|dir>…");
         std::process::exit(2);
