@@ -636,6 +636,16 @@ impl Timings {
     }
 }
 
+/// `path` under the platform's `api_base_url` in `[section]`, which must
+/// be an http(s) URL, or the binary stops naming that setting.
+pub fn endpoint(section: &str, api_base_url: &str, path: &str) -> Result<url::Url, Error> {
+    let base = api_base_url.trim_end_matches('/');
+    url::Url::parse(&format!("{base}{path}"))
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https"))
+        .ok_or_else(|| Error::config(format!("{section}.api_base_url"), "must be an http(s) URL"))
+}
+
 impl Supervision {
     /// An HTTP client for the platform's opening call, within `connect_timeout`.
     pub fn http_client(&self, section: &str) -> Result<reqwest::Client, Error> {

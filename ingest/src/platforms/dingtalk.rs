@@ -26,7 +26,7 @@
 
 mod stream;
 
-use super::connection::{platform_settings, Idle, Supervision};
+use super::connection::{endpoint, platform_settings, Idle, Supervision};
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
@@ -106,11 +106,11 @@ fn stream_settings(
             "must be the app's ClientID (AppKey) in stream mode",
         ));
     }
-    let base = settings.api_base_url.trim_end_matches('/');
-    let open_url = url::Url::parse(&format!("{base}/v1.0/gateway/connections/open"))
-        .ok()
-        .filter(|url| matches!(url.scheme(), "http" | "https"))
-        .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
+    let open_url = endpoint(
+        "ingest.platforms.dingtalk",
+        &settings.api_base_url,
+        "/v1.0/gateway/connections/open",
+    )?;
     let client = supervision.http_client("ingest.platforms.dingtalk")?;
     let idle = Idle::checked(
         "ingest.platforms.dingtalk",

@@ -26,7 +26,7 @@
 
 mod socket;
 
-use super::connection::{platform_settings, Idle, Supervision};
+use super::connection::{endpoint, platform_settings, Idle, Supervision};
 use super::{Answer, Event, Hook, HookRequest, InboundPlatform, Read, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, Stamp};
@@ -145,7 +145,6 @@ fn socket_settings(
     supervision: Supervision,
     env: &dyn Env,
 ) -> Result<socket::SocketSettings, Error> {
-    let setting = |name: &str| format!("ingest.platforms.slack.{name}");
     let app_token = secret_env(env, APP_TOKEN_ENV, 6)?;
     if !app_token.starts_with("xapp-") {
         return Err(Error::config(
@@ -153,11 +152,11 @@ fn socket_settings(
             "must be an app-level token (xapp-…) with connections:write",
         ));
     }
-    let base = settings.api_base_url.trim_end_matches('/');
-    let open_url = url::Url::parse(&format!("{base}/apps.connections.open"))
-        .ok()
-        .filter(|url| matches!(url.scheme(), "http" | "https"))
-        .ok_or_else(|| Error::config(setting("api_base_url"), "must be an http(s) URL"))?;
+    let open_url = endpoint(
+        "ingest.platforms.slack",
+        &settings.api_base_url,
+        "/apps.connections.open",
+    )?;
     let client = supervision.http_client("ingest.platforms.slack")?;
     let idle = Idle::checked(
         "ingest.platforms.slack",
