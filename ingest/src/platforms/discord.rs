@@ -38,7 +38,7 @@ use super::connection::{platform_settings, Connector, Ended, Held, Link, Supervi
 use super::{Event, Hook, HookRequest, InboundPlatform, Read, Registration};
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
-use crate::inbox::{Inbox, Submission};
+use crate::inbox::Inbox;
 use base64::Engine;
 use botline_shared::config::{secret_env, Env};
 use botline_shared::message::{
@@ -636,22 +636,7 @@ impl Gateway {
                 return Ok(());
             }
         };
-        match read {
-            Read::Message(event) => {
-                self.inbox
-                    .admit(&[Submission {
-                        message: event.message,
-                        event_id: Some(event.event_id),
-                        transcript: false,
-                    }])
-                    .await?;
-            }
-            Read::Ignored(kind) => {
-                metrics::counter!("botline_ingest_ignored_total", "platform" => PLATFORM.name, "kind" => kind)
-                    .increment(1);
-            }
-        }
-        Ok(())
+        read.admit(&self.inbox, PLATFORM.name).await
     }
 }
 

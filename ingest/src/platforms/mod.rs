@@ -232,6 +232,31 @@ pub(crate) enum Read {
 }
 
 impl Read {
+    /// For a connection's events: a message into `inbox` (a duplicate is
+    /// dropped there), an ignored event counted as `platform`'s.
+    pub(crate) async fn admit(
+        self,
+        inbox: &Inbox,
+        platform: &'static str,
+    ) -> Result<(), IngestError> {
+        match self {
+            Read::Message(event) => {
+                inbox
+                    .admit(&[Submission {
+                        message: event.message,
+                        event_id: Some(event.event_id),
+                        transcript: false,
+                    }])
+                    .await?;
+            }
+            Read::Ignored(kind) => {
+                metrics::counter!("botline_ingest_ignored_total", "platform" => platform, "kind" => kind)
+                    .increment(1);
+            }
+        }
+        Ok(())
+    }
+
     /// The hook for it, acknowledged with a plain 200 either way.
     pub(crate) fn into_hook(self) -> Hook {
         match self {

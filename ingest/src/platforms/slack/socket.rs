@@ -27,10 +27,10 @@
 //! it had not acknowledged coming again on the new one
 //! ([`crate::platforms::connection::Keepalive`]).
 
-use super::{read_event, Envelope, Read, Slack, PLATFORM};
+use super::{read_event, Envelope, Slack, PLATFORM};
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
-use crate::inbox::{Inbox, Submission};
+use crate::inbox::Inbox;
 use crate::platforms::connection::{
     incoming, open_unless, ClientSocket as Socket, Connector, Ended, Held, Idle, Incoming,
     Keepalive, Link, Supervision,
@@ -322,18 +322,9 @@ impl SocketMode {
             trace_id: ulid::Ulid::new().to_string(),
             raw: Some(raw),
         };
-        match read_event(*event, &self.slack.bot, stamp) {
-            Read::Message(event) => {
-                self.inbox
-                    .admit(&[Submission {
-                        message: event.message,
-                        event_id: Some(event.event_id),
-                        transcript: false,
-                    }])
-                    .await?;
-            }
-            Read::Ignored(kind) => count_ignored(kind),
-        }
+        read_event(*event, &self.slack.bot, stamp)
+            .admit(&self.inbox, PLATFORM.name)
+            .await?;
         Ok(())
     }
 }
