@@ -77,7 +77,16 @@ impl TokenCache {
                 .query_async::<Option<String>>(&mut *connection)
                 .await?
                 .is_some();
-            if locked || Instant::now() >= give_up {
+            if locked {
+                // Another replica may have stored the token and let the lock
+                // go between this one's GET and its SET NX: look once more.
+                if let Some(token) = connection.get::<_, Option<String>>(&key).await? {
+                    let _: () = connection.del(&lock).await?;
+                    return Ok(token);
+                }
+                break;
+            }
+            if Instant::now() >= give_up {
                 break;
             }
             tokio::time::sleep(POLL).await;

@@ -103,6 +103,15 @@ impl Gateway {
         assert!(current.send(command).is_ok(), "the connection listens");
     }
 
+    /// Count this MESSAGE_CREATE as sent on the session while no connection
+    /// carries it: a RESUME replays it.
+    fn miss(&self, message: Value) {
+        let mut state = self.state();
+        state.seq += 1;
+        let seq = state.seq;
+        state.history.push((seq, message));
+    }
+
     fn established(&self) -> usize {
         self.state().established
     }
@@ -241,10 +250,7 @@ impl Gateway {
                             }
                         }
                         Command::DropMissing(message) => {
-                            let mut state = self.state();
-                            state.seq += 1;
-                            let seq = state.seq;
-                            state.history.push((seq, message));
+                            self.miss(message);
                             return; // the socket drops without a close frame
                         }
                         Command::Reconnect => {
@@ -551,7 +557,7 @@ async fn one_replica_connects_and_another_takes_over_when_it_dies_or_stops() {
     // The holder dies without a word: its lease expires, the other takes
     // over and resumes the same session; what was missed is replayed.
     doomed.shutdown_background();
-    gateway.command(Command::DropMissing(message(3002, "while nobody listened")));
+    gateway.miss(message(3002, "while nobody listened"));
     gateway.wait_established(2).await;
     assert_resumed(&gateway.openings()[1], "session-1", 2);
     expect_texts(&redis, &key, &["one", "while nobody listened"]).await;
