@@ -92,6 +92,43 @@ pub trait ReplyBackend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Draft>, BackendError>>;
 }
 
+/// A backend that writes its answer from the conversation (the LLM, the
+/// local model): it reads the chat's context, its text passes the output
+/// audit, and Markdown images in it are sent as pictures, not as text.
+pub trait Generator: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    fn generate<'a>(
+        &'a self,
+        request: &'a ReplyRequest<'a>,
+    ) -> BoxFuture<'a, Result<String, BackendError>>;
+}
+
+impl<G: Generator> ReplyBackend for G {
+    fn name(&self) -> &'static str {
+        Generator::name(self)
+    }
+
+    fn wants_context(&self) -> bool {
+        true
+    }
+
+    fn generates(&self) -> bool {
+        true
+    }
+
+    fn reply<'a>(
+        &'a self,
+        request: &'a ReplyRequest<'a>,
+    ) -> BoxFuture<'a, Result<Option<Draft>, BackendError>> {
+        Box::pin(async move {
+            self.generate(request)
+                .await
+                .map(|text| Some(crate::markdown::take_images(&text)))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

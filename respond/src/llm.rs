@@ -8,7 +8,7 @@
 //! Markdown images in an answer (`![alt](https://…)`) leave its text and
 //! become the reply's attachments ([`crate::markdown`]).
 
-use crate::backend::{BackendError, Draft, ReplyBackend, ReplyRequest};
+use crate::backend::{BackendError, Generator, ReplyRequest};
 use botline_shared::config::Env;
 use botline_shared::message::{ChatKind, Role, Turn};
 use botline_shared::Error;
@@ -422,29 +422,16 @@ fn turn_message(turn: &Turn, group: bool) -> PromptMessage {
     PromptMessage { role, content }
 }
 
-impl ReplyBackend for LlmBackend {
+impl Generator for LlmBackend {
     fn name(&self) -> &'static str {
         "llm"
     }
 
-    fn wants_context(&self) -> bool {
-        true
-    }
-
-    fn generates(&self) -> bool {
-        true
-    }
-
-    fn reply<'a>(
+    fn generate<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,
-    ) -> BoxFuture<'a, Result<Option<Draft>, BackendError>> {
-        // Markdown images in the answer are sent as pictures, not as text.
-        Box::pin(async move {
-            self.call(request)
-                .await
-                .map(|text| Some(crate::markdown::take_images(&text)))
-        })
+    ) -> BoxFuture<'a, Result<String, BackendError>> {
+        Box::pin(self.call(request))
     }
 }
 

@@ -9,7 +9,7 @@
 //! next backend or the fallback answers. Nothing is downloaded:
 //! `scripts/fetch-llm` puts the model in `models/smollm2/`.
 
-use crate::backend::{BackendError, Draft, ReplyBackend, ReplyRequest};
+use crate::backend::{BackendError, Generator, ReplyRequest};
 use crate::llm::{self, PromptMessage};
 use botline_shared::Error;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -582,29 +582,16 @@ fn count_error(reason: &'static str) {
     metrics::counter!("botline_respond_backend_errors_total", "backend" => "local", "reason" => reason).increment(1);
 }
 
-impl ReplyBackend for LocalBackend {
+impl Generator for LocalBackend {
     fn name(&self) -> &'static str {
         "local"
     }
 
-    fn wants_context(&self) -> bool {
-        true
-    }
-
-    fn generates(&self) -> bool {
-        true
-    }
-
-    fn reply<'a>(
+    fn generate<'a>(
         &'a self,
         request: &'a ReplyRequest<'a>,
-    ) -> BoxFuture<'a, Result<Option<Draft>, BackendError>> {
-        // As for the LLM: Markdown images become attachments.
-        Box::pin(async move {
-            self.answer(request)
-                .await
-                .map(|text| Some(crate::markdown::take_images(&text)))
-        })
+    ) -> BoxFuture<'a, Result<String, BackendError>> {
+        Box::pin(self.answer(request))
     }
 }
 
