@@ -11,6 +11,7 @@ pub mod browser;
 pub mod llm;
 pub mod onebot;
 pub mod prometheus;
+pub mod redis_start;
 pub mod sink;
 
 use botline_shared::testing::{free_port, wait_for, RedisServer};

@@ -5,10 +5,16 @@
 //! period longer than the shutdown deadline and scrape annotations; every
 //! ScaledObject scales an existing Deployment on a stream and group botline
 //! really uses; and `kubectl kustomize` builds it when kubectl is installed.
+//! Redis: its ConfigMap is compose/redis's ACL and start script byte for
+//! byte, it starts from them (on the local redis-server) with its
+//! StatefulSet's flags and probe, every stage logs in as `botline` with the
+//! Secret's password, and KEDA too, through a TriggerAuthentication, as a
+//! user that may run every command the scaler sends.
 
 use botline_shared::config::{RunnerSettings, Settings};
 use botline_shared::message::Priority;
 use botline_shared::streams::{group, Streams};
+use botline_tests::redis_start::ScriptedRedis;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -213,7 +219,8 @@ fn every_deployment_has_probes_resources_grace_and_scrape_annotations() {
         }
         // Secrets come from the Secret, never written in the manifest.
         for var in container["env"].as_array().unwrap() {
-            if var["name"].as_str().unwrap().ends_with("_SECRET") {
+            let var_name = var["name"].as_str().unwrap();
+            if var_name.ends_with("_SECRET") || var_name.ends_with("_PASSWORD") {
                 assert_eq!(
                     var["valueFrom"]["secretKeyRef"]["name"], "botline-secrets",
                     "{stage}: {var}"
@@ -353,14 +360,336 @@ fn disruption_budgets_services_redis_config_and_secret_hold_together() {
             .is_string()
     );
 
-    let config = of_kind(&objects, "ConfigMap");
-    let toml = config[0]["data"]["botline.toml"].as_str().unwrap();
+    let config = named(&objects, "ConfigMap", "botline-config");
+    let toml = config["data"]["botline.toml"].as_str().unwrap();
     Settings::from_overlay(Some(toml)).expect("the ConfigMap's botline.toml is a valid overlay");
     for secret in of_kind(&objects, "Secret") {
         for (key, value) in secret["stringData"].as_object().unwrap() {
-            assert_eq!(value, "", "{key}: the placeholder must hold no real secret");
+            if key == "BOTLINE_REDIS_USERNAME" {
+                // No secret: the ACL's user, which KEDA takes from a Secret only.
+                assert_eq!(value, "botline", "{key}");
+            } else {
+                assert_eq!(value, "", "{key}: the placeholder must hold no real secret");
+            }
         }
     }
+}
+
+/// The one object of `kind` named `wanted`.
+fn named<'a>(objects: &'a [Value], kind: &str, wanted: &str) -> &'a Value {
+    let found: Vec<&Value> = of_kind(objects, kind)
+        .into_iter()
+        .filter(|object| name(object) == wanted)
+        .collect();
+    assert_eq!(found.len(), 1, "{kind} {wanted}: {} of them", found.len());
+    found[0]
+}
+
+/// The keys the Secret `secret` defines.
+fn secret_keys(objects: &[Value], secret: &str) -> BTreeSet<String> {
+    named(objects, "Secret", secret)["stringData"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// The `$(NAME)`s a value refers to (Kubernetes' dependent variables).
+fn references(value: &str) -> Vec<&str> {
+    value
+        .split("$(")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(')').map(|(name, _)| name))
+        .collect()
+}
+
+/// Each stage's BOTLINE_REDIS_URL logs in as `botline` with
+/// `$(BOTLINE_REDIS_PASSWORD)`, defined earlier in the same env list (else
+/// Kubernetes leaves the text as it is) from a key the Secret defines; so is
+/// every other `$(…)` in an env value; Redis gets its password from the
+/// same key.
+#[test]
+fn every_stage_logs_in_to_redis_as_botline_with_the_secrets_password() {
+    let objects = objects();
+    let keys = secret_keys(&objects, "botline-secrets");
+    let from_the_secret = |var: &Value, key: &str| {
+        let reference = &var["valueFrom"]["secretKeyRef"];
+        assert_eq!(reference["name"], "botline-secrets", "{var}");
+        assert_eq!(reference["key"], key, "{var}");
+        assert!(keys.contains(key), "the Secret has no {key}");
+        assert!(
+            reference.get("optional").is_none_or(|o| o == false),
+            "{var}: without it nothing logs in"
+        );
+    };
+    let deployments = of_kind(&objects, "Deployment");
+    assert_eq!(deployments.len(), 4);
+    for deployment in deployments {
+        let stage = name(deployment);
+        let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap();
+        let position = |wanted: &str| {
+            env.iter()
+                .position(|var| var["name"] == wanted)
+                .unwrap_or_else(|| panic!("{stage}: no {wanted}"))
+        };
+        let url_at = position("BOTLINE_REDIS_URL");
+        assert_eq!(
+            env[url_at]["value"], "redis://botline:$(BOTLINE_REDIS_PASSWORD)@redis:6379/",
+            "{stage}"
+        );
+        let password_at = position("BOTLINE_REDIS_PASSWORD");
+        from_the_secret(&env[password_at], "BOTLINE_REDIS_PASSWORD");
+        for (at, var) in env.iter().enumerate() {
+            for reference in references(var["value"].as_str().unwrap_or_default()) {
+                let defined_at = position(reference);
+                assert!(
+                    defined_at < at,
+                    "{stage}: {} refers to {reference}, defined after it",
+                    var["name"]
+                );
+            }
+        }
+    }
+    let redis = named(&objects, "StatefulSet", "redis");
+    let env = redis["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let password = env
+        .iter()
+        .find(|var| var["name"] == "BOTLINE_REDIS_PASSWORD")
+        .expect("redis gets BOTLINE_REDIS_PASSWORD");
+    from_the_secret(password, "BOTLINE_REDIS_PASSWORD");
+    assert_eq!(
+        references("a $(ONE) b $(TWO)"),
+        ["ONE", "TWO"],
+        "the references are found"
+    );
+}
+
+/// Every ScaledObject trigger logs in through a TriggerAuthentication whose
+/// `username` and `password` are keys the Secret defines: the user the
+/// stages log in as, and the password Redis is given.
+#[test]
+fn every_scaled_object_logs_in_through_a_trigger_authentication_of_the_secret() {
+    let objects = objects();
+    let authentications = of_kind(&objects, "TriggerAuthentication");
+    assert!(!authentications.is_empty(), "no TriggerAuthentication");
+    let mut triggers = 0;
+    for scaled in of_kind(&objects, "ScaledObject") {
+        for trigger in scaled["spec"]["triggers"].as_array().unwrap() {
+            triggers += 1;
+            let reference = &trigger["authenticationRef"];
+            let wanted = reference["name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: a trigger without authenticationRef", name(scaled)));
+            // A ClusterTriggerAuthentication would be outside the base.
+            assert!(
+                reference
+                    .get("kind")
+                    .is_none_or(|kind| kind == "TriggerAuthentication"),
+                "{reference}"
+            );
+            let authentication = named(&objects, "TriggerAuthentication", wanted);
+            let mut parameters = BTreeSet::new();
+            for target in authentication["spec"]["secretTargetRef"]
+                .as_array()
+                .unwrap()
+            {
+                let secret = target["name"].as_str().unwrap();
+                let key = target["key"].as_str().unwrap();
+                assert!(
+                    secret_keys(&objects, secret).contains(key),
+                    "{wanted}: Secret {secret} has no {key}"
+                );
+                let expected_key = match target["parameter"].as_str().unwrap() {
+                    "username" => "BOTLINE_REDIS_USERNAME",
+                    "password" => "BOTLINE_REDIS_PASSWORD",
+                    other => panic!("{wanted}: parameter {other}"),
+                };
+                assert_eq!(key, expected_key, "{wanted}");
+                parameters.insert(target["parameter"].as_str().unwrap());
+            }
+            assert_eq!(
+                parameters,
+                BTreeSet::from(["password", "username"]),
+                "{wanted}: KEDA's redis-streams login"
+            );
+        }
+    }
+    assert_eq!(triggers, 6, "triggers");
+    let secret = named(&objects, "Secret", "botline-secrets");
+    assert_eq!(
+        secret["stringData"]["BOTLINE_REDIS_USERNAME"], "botline",
+        "the user of every stage's BOTLINE_REDIS_URL and of the ACL"
+    );
+}
+
+fn compose_redis_file(file: &str) -> String {
+    let path = root().join("..").join("redis").join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// kustomize reads no file outside the base, so the base holds copies.
+#[test]
+fn the_redis_configmap_is_compose_redis_byte_for_byte() {
+    let objects = objects();
+    let config = named(&objects, "ConfigMap", "redis-start");
+    let data = config["data"].as_object().unwrap();
+    assert_eq!(data.len(), 2, "{:?}", data.keys());
+    for file in ["start.sh", "botline-acl.conf"] {
+        let copy = data[file].as_str().unwrap();
+        assert!(
+            copy == compose_redis_file(file),
+            "compose/kubernetes/base/redis-start.yaml's {file} differs from compose/redis/{file}: copy it there"
+        );
+    }
+}
+
+/// The files of a ConfigMap, written into a folder removed on drop.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(data: &serde_json::Map<String, Value>) -> Self {
+        let dir = std::env::temp_dir().join(format!("botline-configmap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in data {
+            std::fs::write(dir.join(file), text.as_str().unwrap()).unwrap();
+        }
+        Mounted(dir)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Redis as the StatefulSet runs it (its command from the ConfigMap it
+/// mounts, its flags, the passwords from its env) on the local
+/// redis-server: the readiness probe passes only with the right password,
+/// and the Secret's user may run every command KEDA's redis-streams scaler
+/// sends for each trigger (PING, INFO, XINFO GROUPS, XLEN; XPENDING with
+/// pendingEntriesCount), with no refusal in Redis's ACL LOG.
+#[test]
+fn redis_starts_from_its_configmap_and_lets_the_keda_scaler_read_the_lag() {
+    const PASSWORD: &str = "k8s-test-password-0c5e";
+    const ADMIN_PASSWORD: &str = "k8s-test-admin-91ab";
+    let objects = objects();
+    let redis = named(&objects, "StatefulSet", "redis");
+    let pod = &redis["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let strings = |value: &Value| -> Vec<String> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let command = strings(&container["command"]);
+    assert_eq!(command[0], "sh", "{command:?}");
+    let (mount_path, script) = command[1].rsplit_once('/').unwrap();
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|mount| mount["mountPath"] == mount_path)
+        .unwrap_or_else(|| panic!("nothing mounted at {mount_path}"));
+    assert_eq!(mount["readOnly"], true);
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|volume| volume["name"] == mount["name"])
+        .unwrap();
+    let config_name = volume["configMap"]["name"].as_str().unwrap();
+    let config = named(&objects, "ConfigMap", config_name);
+    let mounted = Mounted::new(config["data"].as_object().unwrap());
+    let env = [
+        ("BOTLINE_REDIS_PASSWORD", PASSWORD),
+        ("BOTLINE_REDIS_ADMIN_PASSWORD", ADMIN_PASSWORD),
+    ];
+    // The pod's /data is not here: the test's own --dir stands in for it
+    // (Redis changes into a --dir as it reads it, so it cannot stay).
+    let args = strings(&container["args"]);
+    let dir_at = args.iter().position(|arg| arg == "--dir").expect("--dir");
+    let flags: Vec<String> = args
+        .iter()
+        .enumerate()
+        .filter(|(at, _)| *at != dir_at && *at != dir_at + 1)
+        .map(|(_, arg)| arg.clone())
+        .collect();
+    let server = ScriptedRedis::start(&mounted.0.join(script), &flags, &env);
+
+    let probe = strings(&container["readinessProbe"]["exec"]["command"]);
+    assert_eq!(probe[..2], ["sh", "-c"], "{probe:?}");
+    assert!(
+        server.check_passes(&probe[2], &env),
+        "readiness probe {probe:?}"
+    );
+    assert!(
+        !server.check_passes(&probe[2], &[("BOTLINE_REDIS_PASSWORD", "wrong")]),
+        "the readiness probe passes with a wrong password: {probe:?}"
+    );
+
+    // The wrong password's refusal is in the ACL LOG: start it afresh.
+    let mut admin = server.connect(Some(("admin", ADMIN_PASSWORD))).unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("LOG")
+        .arg("RESET")
+        .query(&mut admin)
+        .unwrap();
+
+    let user = named(&objects, "Secret", "botline-secrets")["stringData"]["BOTLINE_REDIS_USERNAME"]
+        .as_str()
+        .unwrap();
+    let mut keda = server.connect(Some((user, PASSWORD))).unwrap();
+    for scaled in of_kind(&objects, "ScaledObject") {
+        for trigger in scaled["spec"]["triggers"].as_array().unwrap() {
+            let stream = trigger["metadata"]["stream"].as_str().unwrap();
+            let group = trigger["metadata"]["consumerGroup"].as_str().unwrap();
+            // Before the stage made its group: XINFO GROUPS on no stream,
+            // then XLEN (what KEDA reads while the group is missing).
+            let _ = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query::<redis::Value>(&mut keda);
+            let _: u64 = redis::cmd("XLEN").arg(stream).query(&mut keda).unwrap();
+            // As the stage does (the runner's XGROUP CREATE … MKSTREAM).
+            let _: () = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query(&mut keda)
+                .unwrap();
+            let _: String = redis::cmd("PING").query(&mut keda).unwrap();
+            let info: String = redis::cmd("INFO").query(&mut keda).unwrap();
+            assert!(
+                info.contains("redis_version:7"),
+                "KEDA needs Redis 7 for the lag"
+            );
+            let groups: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query(&mut keda)
+                .unwrap();
+            assert!(format!("{groups:?}").contains("lag"), "{groups:?}");
+            let _: u64 = redis::cmd("XLEN").arg(stream).query(&mut keda).unwrap();
+            let _: redis::Value = redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(group)
+                .query(&mut keda)
+                .unwrap();
+        }
+    }
+    let refused: Vec<redis::Value> = redis::cmd("ACL").arg("LOG").query(&mut admin).unwrap();
+    assert!(refused.is_empty(), "commands the ACL refused: {refused:?}");
 }
 
 #[test]

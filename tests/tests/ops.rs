@@ -1,4 +1,5 @@
-//! What operators run, proven: the compose file (Debian's docker-compose),
+//! What operators run, proven: the compose file (Debian's docker-compose)
+//! and its Redis, started by its start script with the botline ACL,
 //! the alert rules (promtool's unit tests, then a real Prometheus firing the
 //! lag alert while a stage is stopped and resolving it once the stage is
 //! back), and that the rules and the Grafana dashboard only use metric names
@@ -7,9 +8,11 @@
 use botline_shared::streams::Streams;
 use botline_shared::testing::{add_entry, wait_for, RedisServer};
 use botline_tests::prometheus::{compose_dir, rules_with_for, run_tool, Alert, Prometheus};
+use botline_tests::redis_start::ScriptedRedis;
 use botline_tests::sink::{Answer, Sink};
 use botline_tests::{ApiClient, Pipeline, WEBHOOK_SECRET};
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -100,21 +103,39 @@ fn compose_prometheus_config_is_valid() {
     }
 }
 
+/// The variables of the shell that interpolate the compose file: the tests
+/// see its defaults unless they set one.
+const COMPOSE_VARIABLES: [&str; 2] = ["BOTLINE_REDIS_PASSWORD", "BOTLINE_REDIS_ADMIN_PASSWORD"];
+
 /// `docker-compose config` (Debian's docker-compose 1.29) as JSON: its YAML
 /// read by the python3-yaml that docker-compose itself depends on.
 fn compose_config() -> serde_json::Value {
+    compose_config_with(&[])
+}
+
+/// [`compose_config`] with `variables` set in docker-compose's environment.
+fn compose_config_with(variables: &[(&str, &str)]) -> serde_json::Value {
     let dir = compose_dir();
-    let quiet = run_tool(
-        "docker-compose",
-        &["-f", "docker-compose.yml", "config", "-q"],
-        &dir,
+    let docker_compose = |args: &[&str]| {
+        let mut command = std::process::Command::new("docker-compose");
+        for name in COMPOSE_VARIABLES {
+            command.env_remove(name);
+        }
+        command
+            .args(["-f", "docker-compose.yml"])
+            .args(args)
+            .envs(variables.iter().copied())
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|error| {
+                panic!("running docker-compose: {error} (scripts/test installs it: scripts/install compose)")
+            })
+    };
+    assert_success(
+        "docker-compose config -q",
+        &docker_compose(&["config", "-q"]),
     );
-    assert_success("docker-compose config -q", &quiet);
-    let config = run_tool(
-        "docker-compose",
-        &["-f", "docker-compose.yml", "config"],
-        &dir,
-    );
+    let config = docker_compose(&["config"]);
     assert_success("docker-compose config", &config);
     let mut python = std::process::Command::new("python3")
         .args([
@@ -157,6 +178,10 @@ fn compose_file_is_valid_and_every_stage_can_be_scaled() {
             "{name} has a fixed container name: it could not be scaled"
         );
     }
+    let redis_password = services["redis"]["environment"]["BOTLINE_REDIS_PASSWORD"]
+        .as_str()
+        .expect("redis gets BOTLINE_REDIS_PASSWORD");
+    assert!(!redis_password.is_empty(), "a local default password");
     let shutdown_deadline_s = 10; // runner.shutdown_deadline_ms in shared/defaults.toml
     for stage in botline_tests::STAGES {
         let service = &services[stage];
@@ -170,8 +195,10 @@ fn compose_file_is_valid_and_every_stage_can_be_scaled() {
             serde_json::json!([format!("botline-{stage}")]),
             "{stage}"
         );
+        // As the ACL user `botline`, with the password Redis is given.
         assert_eq!(
-            service["environment"]["BOTLINE_REDIS_URL"], "redis://redis:6379",
+            service["environment"]["BOTLINE_REDIS_URL"],
+            format!("redis://botline:{redis_password}@redis:6379/"),
             "{stage}"
         );
         let grace = seconds(
@@ -215,6 +242,42 @@ fn compose_file_is_valid_and_every_stage_can_be_scaled() {
         services["redis"]["volumes"].to_string().contains(":/data"),
         "redis keeps its data in a volume"
     );
+    assert!(
+        services["redis"].get("ports").is_none(),
+        "redis publishes no host port"
+    );
+    // The health check logs in as the stages do, and fails on a refusal
+    // (redis-cli itself exits 0 on NOAUTH):
+    // compose_redis_starts_with_the_acl_and_only_the_logins_it_defines runs it.
+    let health = &services["redis"]["healthcheck"]["test"];
+    assert_eq!(health[0], "CMD-SHELL", "redis health check: {health}");
+    let health = health[1].as_str().unwrap();
+    for part in ["--user botline", "$$BOTLINE_REDIS_PASSWORD", "PONG"] {
+        assert!(
+            health.contains(part),
+            "redis health check {health} lacks {part}"
+        );
+    }
+
+    // The passwords come from the shell (or .env) when set there.
+    let config = compose_config_with(&[
+        ("BOTLINE_REDIS_PASSWORD", "from-the-shell-3f9a"),
+        ("BOTLINE_REDIS_ADMIN_PASSWORD", "admin-from-the-shell-77c1"),
+    ]);
+    let services = config["services"].as_object().expect("services");
+    let redis_env = &services["redis"]["environment"];
+    assert_eq!(redis_env["BOTLINE_REDIS_PASSWORD"], "from-the-shell-3f9a");
+    assert_eq!(
+        redis_env["BOTLINE_REDIS_ADMIN_PASSWORD"],
+        "admin-from-the-shell-77c1"
+    );
+    for stage in botline_tests::STAGES {
+        assert_eq!(
+            services[stage]["environment"]["BOTLINE_REDIS_URL"],
+            "redis://botline:from-the-shell-3f9a@redis:6379/",
+            "{stage}"
+        );
+    }
     for mounted in ["prometheus/alerts.yml", "prometheus/prometheus.yml"] {
         assert!(
             services["prometheus"]["volumes"]
@@ -228,6 +291,215 @@ fn compose_file_is_valid_and_every_stage_can_be_scaled() {
             .to_string()
             .contains("grafana/dashboards"),
         "grafana gets the dashboard"
+    );
+}
+
+/// The compose file's redis service, to run on this machine: the host path
+/// of its start script (from the read-only mount its command names), the
+/// flags its command gives the script, and its environment.
+struct ComposeRedis {
+    script: PathBuf,
+    flags: Vec<String>,
+    password: String,
+    admin_password: String,
+    health_check: String,
+    /// A stage's BOTLINE_REDIS_URL.
+    stage_url: String,
+}
+
+fn compose_redis() -> ComposeRedis {
+    let config = compose_config();
+    let redis = &config["services"]["redis"];
+    let command: Vec<String> = redis["command"]
+        .as_array()
+        .expect("redis command")
+        .iter()
+        .map(|arg| arg.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(command[0], "sh", "redis command {command:?}");
+    let (mount_target, script_name) = command[1].rsplit_once('/').expect("a script path");
+    let mount = redis["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|volume| volume.as_str().unwrap())
+        .find(|volume| volume.ends_with(&format!(":{mount_target}:ro")))
+        .unwrap_or_else(|| panic!("redis mounts no folder at {mount_target}, read-only"));
+    let source = Path::new(mount.split(':').next().unwrap());
+    assert_eq!(
+        source.canonicalize().unwrap(),
+        compose_dir().join("redis").canonicalize().unwrap(),
+        "the script comes from compose/redis"
+    );
+    let text = |value: &serde_json::Value| value.as_str().expect("a string").to_string();
+    ComposeRedis {
+        script: source.join(script_name),
+        flags: command[2..].to_vec(),
+        password: text(&redis["environment"]["BOTLINE_REDIS_PASSWORD"]),
+        admin_password: text(&redis["environment"]["BOTLINE_REDIS_ADMIN_PASSWORD"]),
+        // What the container's shell runs: `$$` is compose's escaped `$`.
+        health_check: text(&redis["healthcheck"]["test"][1]).replace("$$", "$"),
+        stage_url: text(&config["services"]["classify"]["environment"]["BOTLINE_REDIS_URL"]),
+    }
+}
+
+/// Whether logging in was refused (a wrong password, or no such user).
+fn login_refused(result: &redis::RedisResult<redis::Connection>) -> bool {
+    matches!(result, Err(error) if error.kind() == redis::ErrorKind::AuthenticationFailed
+        || error.code() == Some("WRONGPASS"))
+}
+
+fn refused_code<T: std::fmt::Debug>(what: &str, result: redis::RedisResult<T>) -> String {
+    let error = result.expect_err(what);
+    error
+        .code()
+        .unwrap_or_else(|| panic!("{what}: {error}"))
+        .to_string()
+}
+
+/// compose/redis/start.sh with the compose file's command, environment and
+/// health check, on the local redis-server: the default user is off,
+/// `botline` (as the stages' URL logs in) may use the pipeline's streams
+/// and nothing beyond, `admin` may do anything; the flags reach Redis; the
+/// health check passes only with the right password; the rendered ACL holds
+/// no password.
+#[test]
+fn compose_redis_starts_with_the_acl_and_only_the_logins_it_defines() {
+    let compose = compose_redis();
+    let env = [
+        ("BOTLINE_REDIS_PASSWORD", compose.password.as_str()),
+        (
+            "BOTLINE_REDIS_ADMIN_PASSWORD",
+            compose.admin_password.as_str(),
+        ),
+    ];
+    let redis = ScriptedRedis::start(&compose.script, &compose.flags, &env);
+
+    let mut anonymous = redis.connect(None).unwrap();
+    let code = refused_code(
+        "PING without logging in",
+        redis::cmd("PING").query::<String>(&mut anonymous),
+    );
+    assert_eq!(code, "NOAUTH");
+    let wrong = redis.connect(Some(("botline", "not-the-password")));
+    assert!(
+        login_refused(&wrong),
+        "a wrong password: {:?}",
+        wrong.map(|_| ())
+    );
+
+    // The stages' URL, pointed at this server.
+    let url = compose
+        .stage_url
+        .replace("@redis:6379/", &format!("@127.0.0.1:{}/", redis.port()));
+    assert_ne!(url, compose.stage_url, "{url}");
+    let mut botline = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let pong: String = redis::cmd("PING").query(&mut botline).unwrap();
+    assert_eq!(pong, "PONG");
+    let inbound = Streams::default().inbound();
+    let _: String = redis::cmd("XADD")
+        .arg(&inbound)
+        .arg("*")
+        .arg("v")
+        .arg("1")
+        .query(&mut botline)
+        .unwrap();
+    for (what, command) in [
+        ("FLUSHALL", redis::cmd("FLUSHALL")),
+        (
+            "CONFIG GET",
+            redis::cmd("CONFIG").arg("GET").arg("*").clone(),
+        ),
+        (
+            "a key outside {botline}:",
+            redis::cmd("SET").arg("other").arg("1").clone(),
+        ),
+    ] {
+        let code = refused_code(what, command.query::<redis::Value>(&mut botline));
+        assert_eq!(code, "NOPERM", "{what}");
+    }
+
+    let mut admin = redis
+        .connect(Some(("admin", &compose.admin_password)))
+        .unwrap();
+    let config: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(
+        config,
+        ["maxmemory-policy", "noeviction"],
+        "the flags reach Redis"
+    );
+    let config: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(config, ["appendonly", "yes"]);
+    let length: u64 = redis::cmd("XLEN").arg(&inbound).query(&mut admin).unwrap();
+    assert_eq!(length, 1, "admin sees botline's stream");
+    let info: String = redis::cmd("INFO").arg("server").query(&mut admin).unwrap();
+    assert!(info.contains("redis_version"), "{info}");
+
+    assert!(
+        redis.check_passes(&compose.health_check, &env),
+        "the health check {} fails on a healthy Redis",
+        compose.health_check
+    );
+    assert!(
+        !redis.check_passes(
+            &compose.health_check,
+            &[("BOTLINE_REDIS_PASSWORD", "not-the-password")]
+        ),
+        "the health check {} passes with a wrong password",
+        compose.health_check
+    );
+
+    let rendered = redis.rendered_acl();
+    assert!(rendered.contains("user botline on #"), "{rendered}");
+    assert!(
+        !rendered.contains(&compose.password) && !rendered.contains(&compose.admin_password),
+        "the rendered ACL holds a password"
+    );
+}
+
+/// The start script refuses a password it cannot make work (empty, or one
+/// BOTLINE_REDIS_URL would need percent-encoded), naming the variable; an
+/// empty admin password makes no `admin` user.
+#[test]
+fn compose_redis_start_script_refuses_an_unusable_password() {
+    let compose = compose_redis();
+    for password in ["", "has@and/in-it", "with space"] {
+        let refused = ScriptedRedis::try_start(
+            &compose.script,
+            &compose.flags,
+            &[("BOTLINE_REDIS_PASSWORD", password)],
+        );
+        match refused {
+            Ok(redis) => panic!("started with password {password:?}: {}", redis.output()),
+            Err(said) => assert!(
+                said.contains("BOTLINE_REDIS_PASSWORD"),
+                "{password:?}: the refusal names the variable: {said}"
+            ),
+        }
+    }
+
+    let redis = ScriptedRedis::start(
+        &compose.script,
+        &compose.flags,
+        &[
+            ("BOTLINE_REDIS_PASSWORD", compose.password.as_str()),
+            ("BOTLINE_REDIS_ADMIN_PASSWORD", ""),
+        ],
+    );
+    assert!(redis.connect(Some(("botline", &compose.password))).is_ok());
+    let admin = redis.connect(Some(("admin", &compose.admin_password)));
+    assert!(
+        login_refused(&admin),
+        "no admin user: {:?}",
+        admin.map(|_| ())
     );
 }
 
