@@ -270,9 +270,11 @@ fn post_ok(lark: &Lark, content: &Value) -> bool {
     })
 }
 
+/// The pictures are served on loopback, hence `image_private_hosts`.
 fn overlay(url: &str, extra: &str) -> String {
     format!(
-        "[egress.platforms.feishu]\nenabled = true\napp_id = \"{APP_ID}\"\nbase_url = \"{url}\"\n{extra}"
+        "[egress.platforms.feishu]\nenabled = true\napp_id = \"{APP_ID}\"\nbase_url = \"{url}\"\n\
+         image_private_hosts = true\n{extra}"
     )
 }
 

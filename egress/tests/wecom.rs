@@ -198,7 +198,8 @@ fn send(state: &State, received: &Received) -> Answer {
 fn settings(url: &str, extra: &str) -> String {
     format!(
         "[egress.platforms.wecom]\nenabled = true\napi_base_url = \"{url}\"\n\
-         corp_id = \"{CORP_ID}\"\nagent_id = {AGENT_ID}\nthrottled_retry_ms = 300\n{extra}"
+         corp_id = \"{CORP_ID}\"\nagent_id = {AGENT_ID}\nthrottled_retry_ms = 300\n\
+         image_private_hosts = true\n{extra}"
     )
 }
 

@@ -82,6 +82,7 @@ struct Settings {
     per_app_per_second: u32,
     per_app_per_minute: u32,
     image_max_bytes: u64,
+    image_private_hosts: bool,
 }
 
 fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
@@ -120,6 +121,7 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             std::time::Duration::from_millis(settings.timeout_ms),
             settings.image_max_bytes,
             ImageFormat::ALL,
+            settings.image_private_hosts,
         )?,
         app_secret: secret_env(kit.env, APP_SECRET_ENV, 1)?,
         token_name: format!("{NAME}:{}", settings.app_id),

@@ -5,7 +5,12 @@
 //! itself, fetched from its URL within the platform's size limit and
 //! checked to be an image of a kind the platform takes ([`Fetcher`]).
 //!
-//! Only http(s) URLs are used. An attachment without one (a platform's own
+//! Only http(s) URLs are used, and pictures are fetched only from public
+//! addresses unless `image_private_hosts` is on: a reply's image URL may
+//! come from an LLM, and must not make egress reach into its own network
+//! (cloud metadata at 169.254.169.254, Redis, admin pages). The address is
+//! checked after the name is resolved and on every redirect. An attachment
+//! without an http(s) URL (a platform's own
 //! file id, which means nothing on another platform) cannot be sent: it is
 //! logged and counted in `botline_egress_attachments_skipped_total`, never
 //! passed over in silence.
@@ -14,6 +19,8 @@ use super::{Attempt, Verdict};
 use botline_shared::message::{AttachmentKind, Reply};
 use botline_shared::Error;
 use reqwest::StatusCode;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::warn;
 
@@ -194,6 +201,9 @@ pub struct Fetcher {
     platform: &'static str,
     /// The kinds of picture it takes.
     formats: &'static [ImageFormat],
+    /// Whether pictures may come from loopback, private and link-local
+    /// addresses.
+    private_hosts: bool,
 }
 
 impl Fetcher {
@@ -202,11 +212,25 @@ impl Fetcher {
         timeout: Duration,
         max_bytes: u64,
         formats: &'static [ImageFormat],
+        private_hosts: bool,
     ) -> Result<Fetcher, Error> {
-        let client = reqwest::Client::builder()
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else if let Some(inside) = inside(attempt.url()).filter(|_| !private_hosts) {
+                attempt.error(inside)
+            } else {
+                attempt.follow()
+            }
+        });
+        let mut client = reqwest::Client::builder()
             .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-            .user_agent(concat!("botline-egress/", env!("CARGO_PKG_VERSION")))
+            .redirect(redirects)
+            .user_agent(concat!("botline-egress/", env!("CARGO_PKG_VERSION")));
+        if !private_hosts {
+            client = client.dns_resolver(Arc::new(PublicOnly));
+        }
+        let client = client
             .build()
             .map_err(|error| Error::config(format!("egress.platforms.{platform}"), error))?;
         Ok(Fetcher {
@@ -215,6 +239,7 @@ impl Fetcher {
             max_bytes,
             platform,
             formats,
+            private_hosts,
         })
     }
 
@@ -240,8 +265,20 @@ impl Fetcher {
             .ok()
             .filter(|parsed| matches!(parsed.scheme(), "http" | "https"))
             .ok_or_else(|| permanent("not an http(s) URL".into()))?;
+        let refuse_inside = |inside: &Inside| {
+            permanent(format!(
+                "{inside}; pictures are fetched from public addresses only, unless \
+                 egress.platforms.{}.image_private_hosts = true",
+                self.platform
+            ))
+        };
+        if let Some(inside) = inside(&parsed).filter(|_| !self.private_hosts) {
+            return Err(refuse_inside(&inside));
+        }
         let mut response = self.client.get(parsed).send().await.map_err(|error| {
-            if error.is_timeout() {
+            if let Some(inside) = cause::<Inside>(&error) {
+                refuse_inside(inside)
+            } else if error.is_timeout() {
                 retry(format!("fetching it timed out after {:?}", self.timeout))
             } else if error.is_redirect() {
                 permanent(format!("more than {MAX_REDIRECTS} redirects"))
@@ -301,6 +338,87 @@ impl Fetcher {
             ))),
         }
     }
+}
+
+/// A host that is, or resolves only to, an address inside the network.
+#[derive(Debug, thiserror::Error)]
+#[error("{host} is a loopback, private or link-local address")]
+struct Inside {
+    host: String,
+}
+
+/// Whether anyone on the internet could reach `ip`: not loopback, private
+/// (RFC 1918, RFC 4193), link-local, shared (RFC 6598), "this network",
+/// unspecified, broadcast, documentation or multicast.
+fn public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => public(IpAddr::V4(v4)),
+            None => {
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || v6.is_unique_local()
+                    || v6.is_unicast_link_local())
+            }
+        },
+    }
+}
+
+/// The URL's host if it is an IP address that is not public (names are
+/// checked once resolved, by [`PublicOnly`]).
+fn inside(url: &reqwest::Url) -> Option<Inside> {
+    let host = url.host_str()?;
+    let ip: IpAddr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()?;
+    (!public(ip)).then(|| Inside {
+        host: ip.to_string(),
+    })
+}
+
+/// Resolves names as the system does and keeps only their public
+/// addresses; a name with none is refused.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let public: Vec<SocketAddr> = found.filter(|address| public(address.ip())).collect();
+            if public.is_empty() {
+                return Err(Box::new(Inside { host }) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The first `E` among the causes of `error`.
+fn cause<E: std::error::Error + 'static>(error: &reqwest::Error) -> Option<&E> {
+    let mut source = std::error::Error::source(error);
+    while let Some(error) = source {
+        if let Some(found) = error.downcast_ref::<E>() {
+            return Some(found);
+        }
+        source = error.source();
+    }
+    None
 }
 
 /// A URL as reasons show it: without its query and fragment, which may
@@ -422,7 +540,7 @@ mod tests {
     /// What fetching from a server answering `response` comes to.
     async fn fetched(response: &[u8], formats: &'static [ImageFormat]) -> String {
         let url = serve(response.to_vec()).await;
-        let fetcher = Fetcher::new("p", Duration::from_secs(5), 1000, formats).unwrap();
+        let fetcher = Fetcher::new("p", Duration::from_secs(5), 1000, formats, true).unwrap();
         let shown = |reason: String| reason.replace(&url, "URL");
         match fetcher.fetch(&format!("{url}/a.png?token=x")).await {
             Ok(picture) => format!("{:?} {} bytes", picture.format, picture.bytes.len()),
@@ -492,12 +610,96 @@ mod tests {
         for (response, formats, expected) in cases {
             assert_eq!(fetched(&response, formats).await, expected);
         }
-        let fetcher = Fetcher::new("p", Duration::from_secs(5), 1000, ImageFormat::ALL).unwrap();
+        let fetcher =
+            Fetcher::new("p", Duration::from_secs(5), 1000, ImageFormat::ALL, true).unwrap();
         let refused = fetcher.fetch("http://127.0.0.1:1/a.png").await.unwrap_err();
         assert!(
             matches!(&refused.verdict, Verdict::RetryAfter { reason, .. } if reason.starts_with("image http://127.0.0.1:1/a.png: could not be fetched")),
             "{refused:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn pictures_come_from_public_addresses_only_unless_allowed() {
+        let png = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n\x89PNG\r\n\x1a\n".to_vec();
+        let url = serve(png.clone()).await;
+        let port = url.rsplit(':').next().unwrap().to_string();
+        let guarded = Fetcher::new(
+            "feishu",
+            Duration::from_secs(5),
+            1000,
+            ImageFormat::ALL,
+            false,
+        )
+        .unwrap();
+        // By address, by a name that resolves to it, and IPv4 inside IPv6.
+        for (url, host) in [
+            (url.clone(), "127.0.0.1"),
+            (format!("http://localhost:{port}"), "localhost"),
+            (
+                format!("http://[::ffff:127.0.0.1]:{port}"),
+                "::ffff:127.0.0.1",
+            ),
+        ] {
+            let refused = guarded.fetch(&format!("{url}/a.png")).await.unwrap_err();
+            let Verdict::Permanent(reason) = &refused.verdict else {
+                panic!("{url}: {refused:?}");
+            };
+            assert!(
+                reason.contains(&format!(
+                    "{host} is a loopback, private or link-local address"
+                )) && reason.contains("egress.platforms.feishu.image_private_hosts = true"),
+                "{url}: {reason}"
+            );
+        }
+        let allowed = Fetcher::new(
+            "feishu",
+            Duration::from_secs(5),
+            1000,
+            ImageFormat::ALL,
+            true,
+        )
+        .unwrap();
+        let url = serve(png).await;
+        assert_eq!(
+            allowed.fetch(&format!("{url}/a.png")).await.unwrap().format,
+            ImageFormat::Png
+        );
+    }
+
+    #[test]
+    fn only_addresses_anyone_could_reach_are_public() {
+        for inside in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "192.0.2.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!public(inside.parse().unwrap()), "{inside}");
+        }
+        for outside in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "100.128.0.1",
+            "2001:4860:4860::8888",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(public(outside.parse().unwrap()), "{outside}");
+        }
     }
 
     #[test]

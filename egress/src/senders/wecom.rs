@@ -85,6 +85,7 @@ struct WeComSettings {
     throttled_retry_ms: u64,
     duplicate_check_secs: u64,
     image_max_bytes: u64,
+    image_private_hosts: bool,
 }
 
 pub struct WeComSender {
@@ -166,6 +167,7 @@ fn build(table: &toml::Value, kit: &Kit) -> Result<Arc<dyn Sender>, Error> {
             Duration::from_millis(settings.timeout_ms),
             settings.image_max_bytes,
             IMAGE_FORMATS,
+            settings.image_private_hosts,
         )?,
         parts: kit.parts.clone(),
         token_url,
