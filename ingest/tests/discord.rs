@@ -12,11 +12,11 @@ mod common;
 
 use botline_shared::message::{ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
+use common::connections::{expect_texts, WAIT};
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,6 @@ const BOT: &str = "123456789";
 /// GUILDS | GUILD_MESSAGES | DIRECT_MESSAGES | MESSAGE_CONTENT.
 const INTENTS: u64 = 1 | (1 << 9) | (1 << 12) | (1 << 15);
 const HEARTBEAT_MS: u64 = 250;
-const WAIT: Duration = Duration::from_secs(30);
 
 /// What the test tells the connection of the moment to do.
 enum Command {
@@ -81,11 +80,7 @@ impl Gateway {
             state: Arc::default(),
         };
         let serving = gateway.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serving.clone().connection(stream));
-            }
-        });
+        accept_each(listener, move |stream| serving.clone().connection(stream));
         gateway
     }
 
@@ -121,11 +116,19 @@ impl Gateway {
     }
 
     async fn wait_established(&self, count: usize) {
-        wait_for(WAIT, &format!("{count} established connections"), || {
-            let established = self.established();
-            async move { established >= count }
+        wait_until(WAIT, &format!("{count} established connections"), || {
+            self.established() >= count
         })
         .await;
+    }
+
+    /// Tell the connection of the moment `command`, after which connection
+    /// `count` resumes session-1 from where it was.
+    async fn resumed_after(&self, command: Command, count: usize) {
+        let seq = self.state().seq;
+        self.command(command);
+        self.wait_established(count).await;
+        assert_resumed(&self.openings()[count - 1], "session-1", seq);
     }
 
     async fn connection(self, stream: tokio::net::TcpStream) {
@@ -141,7 +144,7 @@ impl Gateway {
         self.state().live -= 1;
     }
 
-    async fn serve(&self, socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) {
+    async fn serve(&self, socket: &mut ServerSocket) {
         let send = |payload: Value| Frame::text(payload.to_string());
         if socket
             .send(send(
@@ -275,16 +278,8 @@ impl Gateway {
 }
 
 /// The next JSON payload, or `None` once the connection is over.
-async fn read(
-    socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-) -> Option<Value> {
-    loop {
-        match socket.next().await? {
-            Ok(Frame::Text(text)) => return serde_json::from_str(&text).ok(),
-            Ok(Frame::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
+async fn read(socket: &mut ServerSocket) -> Option<Value> {
+    read_json(socket, || {}).await
 }
 
 /// A MESSAGE_CREATE in a guild channel, from someone who is not the bot.
@@ -307,23 +302,6 @@ fn settings(gateway: &Gateway) -> String {
     )
 }
 
-fn texts(redis: &RedisServer, key: &str) -> Vec<String> {
-    read_stream::<UnifiedMessage>(redis, key)
-        .into_iter()
-        .map(|message| message.text)
-        .collect()
-}
-
-/// Wait until `in` holds `expected` (or more), then check it holds exactly that.
-async fn expect_texts(redis: &RedisServer, key: &str, expected: &[&str]) {
-    wait_for(WAIT, &format!("{expected:?} in `in`"), || {
-        let count = texts(redis, key).len();
-        async move { count >= expected.len() }
-    })
-    .await;
-    assert_eq!(texts(redis, key), expected, "nothing lost, nothing doubled");
-}
-
 fn assert_resumed(opening: &Value, session: &str, seq: u64) {
     assert_eq!(opening["op"], 6, "{opening}");
     assert_eq!(opening["d"]["session_id"], session, "{opening}");
@@ -344,7 +322,9 @@ async fn messages_flow_through_drops_resumes_reconnects_and_a_zombie() {
     assert_eq!(gateway.openings()[0]["op"], 2);
     gateway.command(Command::Dispatch(message(1001, "first <@123456789>")));
     gateway.command(Command::Dispatch(message(1002, "second")));
-    expect_texts(redis, &key, &["first @123456789", "second"]).await;
+    // What `in` holds, growing with each step.
+    let mut expected = vec!["first @123456789", "second"];
+    expect_texts(redis, &key, &expected).await;
     let first = &read_stream::<UnifiedMessage>(redis, &key)[0];
     assert_eq!(first.platform, "discord");
     assert_eq!(first.bot, BOT);
@@ -354,9 +334,8 @@ async fn messages_flow_through_drops_resumes_reconnects_and_a_zombie() {
     assert_eq!(first.platform_message_id.as_deref(), Some("1001"));
 
     // Heartbeats carry the last sequence number and are acknowledged.
-    wait_for(WAIT, "a heartbeat with seq 3", || {
-        let seen = gateway.state().heartbeats.contains(&json!(3));
-        async move { seen }
+    wait_until(WAIT, "a heartbeat with seq 3", || {
+        gateway.state().heartbeats.contains(&json!(3))
     })
     .await;
 
@@ -364,62 +343,31 @@ async fn messages_flow_through_drops_resumes_reconnects_and_a_zombie() {
     gateway.command(Command::DropMissing(message(1003, "missed")));
     gateway.wait_established(2).await;
     assert_resumed(&gateway.openings()[1], "session-1", 3);
-    expect_texts(redis, &key, &["first @123456789", "second", "missed"]).await;
+    expected.push("missed");
+    expect_texts(redis, &key, &expected).await;
 
     // A message Discord sends twice (a replay across a resume) is added once.
     gateway.command(Command::Dispatch(message(1003, "missed")));
     gateway.command(Command::Dispatch(message(1004, "after resume")));
-    expect_texts(
-        redis,
-        &key,
-        &["first @123456789", "second", "missed", "after resume"],
-    )
-    .await;
+    expected.push("after resume");
+    expect_texts(redis, &key, &expected).await;
 
     // op 7: reconnect and resume.
-    let seq = gateway.state().seq;
-    gateway.command(Command::Reconnect);
-    gateway.wait_established(3).await;
-    assert_resumed(&gateway.openings()[2], "session-1", seq);
+    gateway.resumed_after(Command::Reconnect, 3).await;
     gateway.command(Command::Dispatch(message(1005, "after op 7")));
 
     // op 9, resumable: resume.
-    expect_texts(
-        redis,
-        &key,
-        &[
-            "first @123456789",
-            "second",
-            "missed",
-            "after resume",
-            "after op 7",
-        ],
-    )
-    .await;
-    let seq = gateway.state().seq;
-    gateway.command(Command::InvalidSession(true));
-    gateway.wait_established(4).await;
-    assert_resumed(&gateway.openings()[3], "session-1", seq);
+    expected.push("after op 7");
+    expect_texts(redis, &key, &expected).await;
+    gateway
+        .resumed_after(Command::InvalidSession(true), 4)
+        .await;
 
     // A zombie: heartbeats no longer acknowledged; closed and resumed.
     gateway.command(Command::Dispatch(message(1006, "before zombie")));
-    expect_texts(
-        redis,
-        &key,
-        &[
-            "first @123456789",
-            "second",
-            "missed",
-            "after resume",
-            "after op 7",
-            "before zombie",
-        ],
-    )
-    .await;
-    let seq = gateway.state().seq;
-    gateway.command(Command::StopAcking);
-    gateway.wait_established(5).await;
-    assert_resumed(&gateway.openings()[4], "session-1", seq);
+    expected.push("before zombie");
+    expect_texts(redis, &key, &expected).await;
+    gateway.resumed_after(Command::StopAcking, 5).await;
 
     // op 9, not resumable: a new session, identified anew.
     gateway.command(Command::InvalidSession(false));
@@ -428,20 +376,8 @@ async fn messages_flow_through_drops_resumes_reconnects_and_a_zombie() {
     assert_eq!(opening["op"], 2, "{opening}");
     assert_eq!(gateway.state().session, "session-2");
     gateway.command(Command::Dispatch(message(1007, "new session")));
-    expect_texts(
-        redis,
-        &key,
-        &[
-            "first @123456789",
-            "second",
-            "missed",
-            "after resume",
-            "after op 7",
-            "before zombie",
-            "new session",
-        ],
-    )
-    .await;
+    expected.push("new session");
+    expect_texts(redis, &key, &expected).await;
 
     let state = gateway.state();
     assert!(state.faults.is_empty(), "{:?}", state.faults);
@@ -504,54 +440,28 @@ fn an_enabled_discord_needs_its_token_and_known_intents() {
 
 // ---- one connection across replicas ----
 
-/// An ingest replica on `redis` with Discord enabled, served on `runtime`'s
-/// threads until `shutdown` (or until the runtime is dropped: a death).
-fn start_replica(
-    runtime: &tokio::runtime::Handle,
-    redis: &RedisServer,
-    gateway: &Gateway,
-    shutdown: &CancellationToken,
-) -> String {
-    let ingest = configured_ingest(
-        &redis.url(),
-        Some(&settings(gateway)),
-        &[("BOTLINE_DISCORD_BOT_TOKEN", TOKEN)],
-        None,
-    )
-    .unwrap();
-    let key = ingest.streams.inbound();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let shutdown = shutdown.clone();
-    runtime.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        botline_ingest::run(listener, ingest, shutdown).await
-    });
-    key
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_connects_and_another_takes_over_when_it_dies_or_stops() {
     let gateway = Gateway::start().await;
     let redis = RedisServer::start();
+    let replicas = Replicas::new(
+        &redis,
+        settings(&gateway),
+        &[("BOTLINE_DISCORD_BOT_TOKEN", TOKEN)],
+    );
     // The first replica runs on a runtime of its own, so it can die.
-    let doomed = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let never = CancellationToken::new();
-    let key = start_replica(doomed.handle(), &redis, &gateway, &never);
+    let (doomed, key) = replicas.start_doomed();
     gateway.wait_established(1).await;
     let second_shutdown = CancellationToken::new();
-    start_replica(
-        &tokio::runtime::Handle::current(),
-        &redis,
-        &gateway,
-        &second_shutdown,
-    );
+    replicas.start(&second_shutdown);
     gateway.command(Command::Dispatch(message(3001, "one")));
     expect_texts(&redis, &key, &["one"]).await;
+    // Its heartbeat carries seq 2 only once the holder has kept the session
+    // past "one" in Redis: dying before that, it would be resumed from 1.
+    wait_until(WAIT, "a heartbeat with seq 2", || {
+        gateway.state().heartbeats.contains(&json!(2))
+    })
+    .await;
     assert_eq!(gateway.established(), 1, "the second replica stands by");
 
     // The holder dies without a word: its lease expires, the other takes
@@ -565,12 +475,7 @@ async fn one_replica_connects_and_another_takes_over_when_it_dies_or_stops() {
     // A third replica stands by; the second stops cleanly, gives the lease
     // up, and the third takes over, resuming.
     let third_shutdown = CancellationToken::new();
-    start_replica(
-        &tokio::runtime::Handle::current(),
-        &redis,
-        &gateway,
-        &third_shutdown,
-    );
+    replicas.start(&third_shutdown);
     gateway.command(Command::Dispatch(message(3003, "two")));
     expect_texts(&redis, &key, &["one", "while nobody listened", "two"]).await;
     let seq = gateway.state().seq;

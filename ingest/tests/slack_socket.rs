@@ -18,245 +18,61 @@ use axum::routing::post;
 use axum::Json;
 use botline_shared::message::{ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
+use common::connections::{expect_texts, texts, Command, Protocol, StandIn, WAIT};
 use common::*;
-use futures_util::SinkExt;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_util::sync::CancellationToken;
 
 const APP_TOKEN: &str = "xapp-1-A0123-456-socket-mode-test";
 const BOT: &str = "UBOT";
-const WAIT: Duration = Duration::from_secs(30);
 
-/// What the test tells the connection of the moment to do.
-enum Command {
-    /// Send this envelope.
-    Send(Value),
-    /// Send `disconnect` with this reason, then this envelope on the same
-    /// socket (Slack may still deliver until it closes it).
-    DisconnectThenSend(&'static str, Value),
-    /// Drop the TCP connection without a close frame.
-    Drop,
-    /// Send this envelope, then fall silent: the TCP connection stays open
-    /// but nothing more is read (so no pong either) or sent on it.
-    SendThenSilence(Value),
-}
+/// Slack's side of Socket Mode: `hello` first, envelopes acknowledged by
+/// their `envelope_id` alone.
+struct SocketMode;
+
+type Slack = StandIn<SocketMode>;
 
 #[derive(Default)]
-struct State {
+struct Opens {
     /// The `Authorization` header of each `apps.connections.open`.
     opens: Vec<String>,
-    /// Sockets accepted, open now, most ever open at once, and how many
-    /// were accepted while another was still open (a refresh's overlap).
-    accepted: usize,
-    live: usize,
-    most_live: usize,
-    overlapped: usize,
-    /// The newest connection: its number and its commands.
-    current: Option<(usize, mpsc::UnboundedSender<Command>)>,
-    /// Envelopes sent and not acknowledged, by id.
-    unacked: BTreeMap<String, Value>,
-    /// Envelope ids acknowledged, in order.
-    acks: Vec<String>,
-    /// Unacknowledged envelopes of a closed connection, for the next one.
-    redeliver: Vec<Value>,
-    /// Where the messages must be before their envelope is acknowledged.
-    inbound: Option<(String, String)>,
-    faults: Vec<String>,
-    /// WebSocket pings received from ingest.
-    pings: usize,
-    /// Silent sockets, kept open.
-    silent: Vec<ServerSocket>,
 }
 
-#[derive(Clone)]
-struct Slack {
-    /// `http://…/api`: the Web API's base.
-    api_base: String,
-    socket_url: String,
-    state: Arc<Mutex<State>>,
-}
+impl Protocol for SocketMode {
+    type Api = Opens;
 
-impl Slack {
-    async fn start() -> Slack {
-        let sockets = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let slack = Slack {
-            api_base: format!("http://{}/api", api.local_addr().unwrap()),
-            socket_url: format!("ws://{}/link", sockets.local_addr().unwrap()),
-            state: Arc::default(),
-        };
-        let router = axum::Router::new()
-            .route("/api/apps.connections.open", post(open))
-            .with_state(slack.clone());
-        tokio::spawn(async move { axum::serve(api, router).await });
-        let serving = slack.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = sockets.accept().await {
-                tokio::spawn(serving.clone().connection(stream));
-            }
-        });
-        slack
+    fn api() -> axum::Router<Slack> {
+        axum::Router::new().route("/api/apps.connections.open", post(open))
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap()
-    }
-
-    /// Check, at each ack, that the message is in `key` on `redis` already.
-    fn check_inbound(&self, redis: &RedisServer, key: &str) {
-        self.state().inbound = Some((redis.url(), key.to_string()));
-    }
-
-    fn command(&self, command: Command) {
-        let (_, current) = self.state().current.clone().expect("a connection");
-        assert!(current.send(command).is_ok(), "the connection listens");
-    }
-
-    async fn wait_accepted(&self, count: usize) {
-        wait_for(WAIT, &format!("{count} connections"), || {
-            let accepted = self.state().accepted;
-            async move { accepted >= count }
-        })
-        .await;
-    }
-
-    /// Wait until every envelope sent has been acknowledged.
-    async fn wait_all_acked(&self, ids: &[&str]) {
-        wait_for(WAIT, &format!("acks of {ids:?}"), || {
-            let state = self.state();
-            let done = state.unacked.is_empty()
-                && ids.iter().all(|id| state.acks.iter().any(|ack| ack == id));
-            async move { done }
-        })
-        .await;
-    }
-
-    async fn connection(self, stream: tokio::net::TcpStream) {
-        let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
-            return;
-        };
-        let (commands, mut orders) = mpsc::unbounded_channel();
-        let (number, redeliver) = {
-            let mut state = self.state();
-            state.accepted += 1;
-            if state.live > 0 {
-                state.overlapped += 1;
-            }
-            state.live += 1;
-            state.most_live = state.most_live.max(state.live);
-            let number = state.accepted;
-            state.current = Some((number, commands));
-            (number, std::mem::take(&mut state.redeliver))
-        };
-        let hello = json!({"type": "hello", "num_connections": 1,
+    fn greeting() -> Option<Value> {
+        Some(json!({"type": "hello", "num_connections": 1,
             "debug_info": {"host": "applink-test", "approximate_connection_time": 18060},
-            "connection_info": {"app_id": "A0123"}});
-        let mut mine: BTreeSet<String> = BTreeSet::new();
-        let mut ok = socket.send(Frame::text(hello.to_string())).await.is_ok();
-        for envelope in redeliver {
-            ok = ok && self.send(&mut socket, &mut mine, envelope).await;
-        }
-        let mut silent = false;
-        while ok {
-            tokio::select! {
-                order = orders.recv() => match order {
-                    Some(Command::Send(envelope)) => {
-                        ok = self.send(&mut socket, &mut mine, envelope).await;
-                    }
-                    Some(Command::DisconnectThenSend(reason, envelope)) => {
-                        let disconnect = json!({"type": "disconnect", "reason": reason,
-                            "debug_info": {"host": "applink-test"}});
-                        ok = socket.send(Frame::text(disconnect.to_string())).await.is_ok()
-                            && self.send(&mut socket, &mut mine, envelope).await;
-                    }
-                    Some(Command::SendThenSilence(envelope)) => {
-                        silent = self.send(&mut socket, &mut mine, envelope).await;
-                        break;
-                    }
-                    Some(Command::Drop) | None => break,
-                },
-                frame = read_json(&mut socket, || self.state().pings += 1) => match frame {
-                    Some(frame) => self.acknowledged(frame),
-                    None => break,
-                },
-            }
-        }
-        let mut state = self.state();
-        if silent {
-            state.silent.push(socket);
-        } else {
-            drop(socket);
-        }
-        // What this connection left unacknowledged goes out again.
-        state.live -= 1;
-        let left: Vec<Value> = mine
-            .iter()
-            .filter_map(|id| state.unacked.get(id).cloned())
-            .collect();
-        match state.current.clone() {
-            Some((current, commands)) if current != number => {
-                for envelope in left {
-                    let _ = commands.send(Command::Send(envelope));
-                }
-            }
-            _ => {
-                state.current = None;
-                state.redeliver.extend(left);
-            }
-        }
+            "connection_info": {"app_id": "A0123"}}))
     }
 
-    async fn send(
-        &self,
-        socket: &mut ServerSocket,
-        mine: &mut BTreeSet<String>,
-        envelope: Value,
-    ) -> bool {
-        let id = envelope["envelope_id"].as_str().unwrap().to_string();
-        mine.insert(id.clone());
-        self.state().unacked.insert(id, envelope.clone());
-        socket.send(Frame::text(envelope.to_string())).await.is_ok()
+    fn disconnect(reason: &str) -> Value {
+        json!({"type": "disconnect", "reason": reason, "debug_info": {"host": "applink-test"}})
     }
 
-    fn acknowledged(&self, frame: Value) {
-        let mut state = self.state();
-        let Some(id) = frame["envelope_id"].as_str() else {
-            state.faults.push(format!("not an ack: {frame}"));
-            return;
-        };
-        if frame.as_object().map(|fields| fields.len()) != Some(1) {
-            state
-                .faults
-                .push(format!("an ack with more than its id: {frame}"));
-        }
-        let Some(envelope) = state.unacked.remove(id) else {
-            state
-                .faults
-                .push(format!("ack of {id}, not sent or acked already"));
-            return;
-        };
-        state.acks.push(id.to_string());
-        if let (Some(ts), Some((url, key))) = (
-            envelope["payload"]["event"]["ts"].as_str(),
-            state.inbound.clone(),
-        ) {
-            let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
-            let messages: Vec<UnifiedMessage> =
-                botline_shared::testing::read_stream(&mut redis, &key);
-            if !messages
-                .iter()
-                .any(|message| message.platform_message_id.as_deref() == Some(ts))
-            {
-                state
-                    .faults
-                    .push(format!("{id} acknowledged before its message was in `in`"));
-            }
-        }
+    fn frame_id(envelope: &Value) -> String {
+        envelope["envelope_id"].as_str().unwrap().to_string()
+    }
+
+    fn answer_id(ack: &Value) -> Option<String> {
+        ack["envelope_id"].as_str().map(str::to_string)
+    }
+
+    fn check_answer(_envelope: &Value, ack: &Value) -> Option<String> {
+        (ack.as_object().map(|fields| fields.len()) != Some(1))
+            .then(|| format!("an ack with more than its id: {ack}"))
+    }
+
+    fn message_id(envelope: &Value) -> Option<String> {
+        envelope["payload"]["event"]["ts"]
+            .as_str()
+            .map(str::to_string)
     }
 }
 
@@ -268,13 +84,13 @@ async fn open(AxumState(slack): AxumState<Slack>, headers: HeaderMap) -> Json<Va
         .unwrap_or_default()
         .to_string();
     let mut state = slack.state();
-    state.opens.push(authorization.clone());
+    state.api.opens.push(authorization.clone());
     if authorization != format!("Bearer {APP_TOKEN}") {
         state.faults.push(format!("opened with {authorization:?}"));
         return Json(json!({"ok": false, "error": "invalid_auth"}));
     }
-    let n = state.opens.len();
-    Json(json!({"ok": true, "url": format!("{}?ticket={n}", slack.socket_url)}))
+    let n = state.api.opens.len();
+    Json(json!({"ok": true, "url": format!("{}/link?ticket={n}", slack.socket_base)}))
 }
 
 /// An `events_api` envelope carrying a channel message.
@@ -294,7 +110,7 @@ fn envelope(id: &str, ts: &str, text: &str) -> Value {
 fn settings(slack: &Slack) -> String {
     format!(
         "[ingest.platforms.slack]\nenabled = true\nmode = \"socket\"\nbot_user_id = \"{BOT}\"\n\
-         api_base_url = \"{}\"\nlease_ttl_ms = 1500\nstandby_poll_ms = 100\n\
+         api_base_url = \"{}/api\"\nlease_ttl_ms = 1500\nstandby_poll_ms = 100\n\
          connect_timeout_ms = 5000\nreconnect_base_ms = 20\nreconnect_cap_ms = 200\n",
         slack.api_base
     )
@@ -302,23 +118,6 @@ fn settings(slack: &Slack) -> String {
 
 /// The socket found dead after a second of silence, pinged after 300 ms.
 const IDLE: &str = "idle_timeout_ms = 1000\nping_interval_ms = 300\n";
-
-fn texts(redis: &RedisServer, key: &str) -> Vec<String> {
-    read_stream::<UnifiedMessage>(redis, key)
-        .into_iter()
-        .map(|message| message.text)
-        .collect()
-}
-
-/// Wait until `in` holds `expected` (or more), then check it holds exactly that.
-async fn expect_texts(redis: &RedisServer, key: &str, expected: &[&str]) {
-    wait_for(WAIT, &format!("{expected:?} in `in`"), || {
-        let count = texts(redis, key).len();
-        async move { count >= expected.len() }
-    })
-    .await;
-    assert_eq!(texts(redis, key), expected, "nothing lost, nothing doubled");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_flow_are_acknowledged_and_survive_a_refresh_and_a_drop() {
@@ -341,8 +140,10 @@ async fn envelopes_flow_are_acknowledged_and_survive_a_refresh_and_a_drop() {
         json!({"envelope_id": "slash-1", "type": "slash_commands",
         "accepts_response_payload": true, "payload": {"command": "/weather", "text": "today"}}),
     ));
-    expect_texts(redis, &key, &["first @UBOT", "second"]).await;
-    slack.wait_all_acked(&["e1", "e2", "slash-1"]).await;
+    // What `in` holds, growing with each step.
+    let mut expected = vec!["first @UBOT", "second"];
+    expect_texts(redis, &key, &expected).await;
+    slack.wait_all_answered(&["e1", "e2", "slash-1"]).await;
     let first = &read_stream::<UnifiedMessage>(redis, &key)[0];
     assert_eq!(first.platform, "slack");
     assert_eq!(first.bot, BOT);
@@ -367,18 +168,10 @@ async fn envelopes_flow_are_acknowledged_and_survive_a_refresh_and_a_drop() {
         "1700000004.000400",
         "after refresh",
     )));
-    expect_texts(
-        redis,
-        &key,
-        &["first @UBOT", "second", "during refresh", "after refresh"],
-    )
-    .await;
-    slack.wait_all_acked(&["e3", "e4"]).await;
-    wait_for(WAIT, "the old socket closed", || {
-        let live = slack.state().live;
-        async move { live == 1 }
-    })
-    .await;
+    expected.extend(["during refresh", "after refresh"]);
+    expect_texts(redis, &key, &expected).await;
+    slack.wait_all_answered(&["e3", "e4"]).await;
+    wait_until(WAIT, "the old socket closed", || slack.state().live == 1).await;
     assert_eq!(
         slack.state().overlapped,
         1,
@@ -399,24 +192,14 @@ async fn envelopes_flow_are_acknowledged_and_survive_a_refresh_and_a_drop() {
         "1700000005.000500",
         "after a drop",
     )));
-    expect_texts(
-        redis,
-        &key,
-        &[
-            "first @UBOT",
-            "second",
-            "during refresh",
-            "after refresh",
-            "after a drop",
-        ],
-    )
-    .await;
-    slack.wait_all_acked(&["e5", "e5-again"]).await;
+    expected.push("after a drop");
+    expect_texts(redis, &key, &expected).await;
+    slack.wait_all_answered(&["e5", "e5-again"]).await;
 
     let state = slack.state();
     assert!(state.faults.is_empty(), "{:?}", state.faults);
     assert_eq!(
-        state.opens.len(),
+        state.api.opens.len(),
         3,
         "apps.connections.open once per socket"
     );
@@ -449,55 +232,23 @@ async fn in_socket_mode_the_webhook_is_off_and_the_app_token_is_required() {
     assert_eq!(refused(&[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)]), "");
 }
 
-/// An ingest replica on `redis` with Slack in socket mode, served on
-/// `runtime`'s threads until `shutdown` (or until the runtime is dropped).
-fn start_replica(
-    runtime: &tokio::runtime::Handle,
-    redis: &RedisServer,
-    slack: &Slack,
-    shutdown: &CancellationToken,
-) -> String {
-    let ingest = configured_ingest(
-        &redis.url(),
-        Some(&settings(slack)),
-        &[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)],
-        None,
-    )
-    .unwrap();
-    let key = ingest.streams.inbound();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let shutdown = shutdown.clone();
-    runtime.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        botline_ingest::run(listener, ingest, shutdown).await
-    });
-    key
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_open_one_connection_and_the_other_takes_over() {
     let slack = Slack::start().await;
     let redis = RedisServer::start();
+    let replicas = Replicas::new(
+        &redis,
+        settings(&slack),
+        &[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)],
+    );
     // The first replica runs on a runtime of its own, so it can die.
-    let doomed = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let never = CancellationToken::new();
-    let key = start_replica(doomed.handle(), &redis, &slack, &never);
+    let (doomed, key) = replicas.start_doomed();
     slack.wait_accepted(1).await;
     let second_shutdown = CancellationToken::new();
-    start_replica(
-        &tokio::runtime::Handle::current(),
-        &redis,
-        &slack,
-        &second_shutdown,
-    );
+    replicas.start(&second_shutdown);
     slack.command(Command::Send(envelope("r1", "1700000101.000100", "one")));
     expect_texts(&redis, &key, &["one"]).await;
-    slack.wait_all_acked(&["r1"]).await;
+    slack.wait_all_answered(&["r1"]).await;
     assert_eq!(slack.state().accepted, 1, "the second replica stands by");
 
     // The holder dies without a word, an envelope unacknowledged: its
@@ -509,12 +260,12 @@ async fn two_replicas_open_one_connection_and_the_other_takes_over() {
     slack.wait_accepted(2).await;
     slack.command(Command::Send(envelope("r2", "1700000102.000200", "two")));
     expect_texts(&redis, &key, &["one", "two"]).await;
-    slack.wait_all_acked(&["r2"]).await;
+    slack.wait_all_answered(&["r2"]).await;
 
     let state = slack.state();
     assert!(state.faults.is_empty(), "{:?}", state.faults);
     assert_eq!(state.most_live, 1, "never two connections at once");
-    assert_eq!(state.opens.len(), 2);
+    assert_eq!(state.api.opens.len(), 2);
     drop(state);
     second_shutdown.cancel();
 }
@@ -534,15 +285,11 @@ async fn a_quiet_socket_is_kept_and_a_silent_one_is_replaced_within_the_idle_tim
     slack.wait_accepted(1).await;
     slack.command(Command::Send(envelope("e1", "1700000201.000100", "one")));
     expect_texts(redis, &key, &["one"]).await;
-    slack.wait_all_acked(&["e1"]).await;
+    slack.wait_all_answered(&["e1"]).await;
 
     // Quiet, but answering: ingest's pings (every 300 ms) get their pongs,
     // and the socket outlives its idle time several times over.
-    wait_for(WAIT, "ten pings", || {
-        let pings = slack.state().pings;
-        async move { pings >= 10 }
-    })
-    .await;
+    wait_until(WAIT, "ten pings", || slack.state().pings >= 10).await;
     assert_eq!(slack.state().accepted, 1, "a quiet socket is kept");
 
     // Silent: an envelope, then nothing at all, the TCP connection open.
@@ -567,13 +314,13 @@ async fn a_quiet_socket_is_kept_and_a_silent_one_is_replaced_within_the_idle_tim
         &["one", "just before the silence", "after the silence"],
     )
     .await;
-    slack.wait_all_acked(&["e2", "e3"]).await;
+    slack.wait_all_answered(&["e2", "e3"]).await;
 
     let state = slack.state();
     assert!(state.faults.is_empty(), "{:?}", state.faults);
     assert_eq!(state.accepted, 2);
     assert_eq!(
-        state.opens.len(),
+        state.api.opens.len(),
         2,
         "apps.connections.open once per socket"
     );

@@ -24,7 +24,9 @@
 //!   `idle_timeout_ms`, the connection is dead (a NAT that dropped it, a
 //!   half-open TCP connection that would otherwise wait forever) and ends
 //!   as a failure, so [`supervise`] opens the next one after its backoff,
-//!   the lease kept.
+//!   the lease kept. [`Keepalive::next_text`] reads such a socket for its
+//!   connector, turning its end into an [`Ended`]; [`connect_socket`] and
+//!   [`close_socket`] open and close any socket we open within their time.
 //! - [`supervise`]: the loop tying them together: take the lease (or stand
 //!   by), renew it in the background, run the platform's connection again
 //!   and again (with backoff) while the lease is ours, and give the lease
@@ -51,6 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -422,6 +425,33 @@ pub enum Incoming {
 pub type ClientSocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// How long a closing socket may take to deliver what it still has.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The WebSocket at `url`, opened within `timeout`; an error names `peer`
+/// (`the slack socket`, a host).
+pub async fn connect_socket(
+    url: &str,
+    timeout: Duration,
+    peer: &str,
+) -> Result<ClientSocket, String> {
+    match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(url)).await {
+        Ok(Ok((socket, _))) => Ok(socket),
+        Ok(Err(error)) => Err(format!("could not connect to {peer}: {error}")),
+        Err(_) => Err(format!("no connection to {peer} within {timeout:?}")),
+    }
+}
+
+/// Close `socket` (with `frame`, if any), letting the peer's close frame
+/// arrive, within [`CLOSE_WAIT`].
+pub async fn close_socket(socket: &mut ClientSocket, frame: Option<CloseFrame>) {
+    let closing = async {
+        let _ = socket.close(frame).await;
+        while let Some(Ok(_)) = socket.next().await {}
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
+}
+
 /// What one read from a socket to `peer` (`slack`) came to.
 pub fn incoming(frame: Option<Result<Message, tungstenite::Error>>, peer: &str) -> Incoming {
     match frame {
@@ -441,6 +471,16 @@ pub fn incoming(frame: Option<Result<Message, tungstenite::Error>>, peer: &str) 
     }
 }
 
+/// When a connection the peer closed had been up, so that the next one
+/// opens at once rather than after a backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpWhen {
+    /// Once its link is up (Slack: its `hello` came).
+    LinkUp,
+    /// Once any frame came on it, ping and pong included (DingTalk Stream).
+    Heard,
+}
+
 /// One client socket's silence, watched as [`Idle`] says.
 #[derive(Debug)]
 pub struct Keepalive {
@@ -450,6 +490,8 @@ pub struct Keepalive {
     liveness: Liveness,
     /// When we last pinged, if we did since the peer was last heard.
     pinged: Option<Instant>,
+    /// Whether a frame (ping and pong included) came on this socket.
+    heard_frame: bool,
 }
 
 impl Keepalive {
@@ -460,6 +502,7 @@ impl Keepalive {
             peer,
             liveness: Liveness::new(Some(idle.timeout), now),
             pinged: None,
+            heard_frame: false,
         }
     }
 
@@ -526,6 +569,47 @@ impl Keepalive {
                     }
                     None => {}
                 },
+            }
+        }
+    }
+
+    /// The next text from `socket`, each frame an event on `link`; or how
+    /// the connection ended: told to stop (the socket closed), silent too
+    /// long (dropped: a peer that cannot be heard cannot answer a close),
+    /// or closed by the peer ([`Ended::Again`] if it had been up as
+    /// `up_when` says, else a failure).
+    pub async fn next_text(
+        &mut self,
+        socket: &mut ClientSocket,
+        link: &Link,
+        stop: &CancellationToken,
+        up_when: UpWhen,
+    ) -> Result<String, Ended> {
+        loop {
+            let text = match self.next(socket, stop).await {
+                Incoming::Text(text) => Some(text),
+                Incoming::Control => None,
+                Incoming::Stopped => {
+                    close_socket(socket, None).await;
+                    return Err(Ended::Stopped);
+                }
+                Incoming::Silent(reason) => return Err(Ended::Failed(reason)),
+                Incoming::Over(reason) => {
+                    let up = match up_when {
+                        UpWhen::LinkUp => link.is_up(),
+                        UpWhen::Heard => self.heard_frame,
+                    };
+                    if !up {
+                        return Err(Ended::Failed(reason));
+                    }
+                    info!(message = "socket closed", peer = self.peer, %reason);
+                    return Err(Ended::Again);
+                }
+            };
+            self.heard_frame = true;
+            link.event();
+            if let Some(text) = text {
+                return Ok(text);
             }
         }
     }

@@ -34,7 +34,10 @@
 //! attachments by URL. The bot's own messages and system messages (joins,
 //! pins, …) are ignored.
 
-use super::connection::{platform_settings, Connector, Ended, Held, Link, Supervision};
+use super::connection::{
+    close_socket, connect_socket, open_unless, platform_settings, ClientSocket as Socket,
+    Connector, Ended, Held, Link, Supervision,
+};
 use super::{Event, Hook, HookRequest, InboundPlatform, Read, Registration};
 use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
@@ -272,9 +275,6 @@ struct Payload {
     t: Option<String>,
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Why a connection ends.
 enum Close {
     /// Close keeping the session (code 4900), then `ended`.
@@ -299,17 +299,11 @@ impl Gateway {
             Some(session) => self.resume_url(&session.resume_url),
             None => self.discord.gateway_url.clone(),
         };
-        let connecting = tokio::time::timeout(
-            self.discord.supervision.connect_timeout,
-            tokio_tungstenite::connect_async(url.as_str()),
-        );
-        let mut socket = tokio::select! {
-            connected = connecting => match connected {
-                Ok(Ok((socket, _))) => socket,
-                Ok(Err(error)) => return Ended::Failed(format!("could not connect to {}: {error}", host(&url))),
-                Err(_) => return Ended::Failed(format!("no connection to {} within {:?}", host(&url), self.discord.supervision.connect_timeout)),
-            },
-            _ = stop.cancelled() => return Ended::Stopped,
+        let (timeout, host) = (self.discord.supervision.connect_timeout, host(&url));
+        let connecting = connect_socket(url.as_str(), timeout, &host);
+        let mut socket = match open_unless(connecting, stop).await {
+            Ok(socket) => socket,
+            Err(ended) => return ended,
         };
         let close = self.session(&mut socket, link, stop, resume).await;
         let (code, ended) = match close {
@@ -322,12 +316,7 @@ impl Gateway {
                 code: CloseCode::from(code),
                 reason: "".into(),
             };
-            let closing = async {
-                let _ = socket.close(Some(frame)).await;
-                // Let the server's close frame arrive, briefly.
-                while let Some(Ok(_)) = socket.next().await {}
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+            close_socket(&mut socket, Some(frame)).await;
         }
         if ended == Ended::Stopped {
             // Another replica (or this one, later) reads it from Redis.

@@ -1,6 +1,8 @@
 //! A running ingest against its own redis-server, on a free port.
 #![allow(dead_code)]
 
+pub mod connections;
+
 use botline_ingest::config::Schedule;
 use botline_ingest::Ingest;
 use botline_shared::codec;
@@ -102,6 +104,69 @@ async fn serve(redis: RedisServer, ingest: Ingest) -> Harness {
     }
 }
 
+/// Ingest replicas on one Redis with the same settings, as a deployment
+/// runs them: each serves on a free port, and the one holding a platform
+/// connection's lease keeps it up.
+pub struct Replicas {
+    url: String,
+    overlay: String,
+    env: Vec<(String, String)>,
+}
+
+impl Replicas {
+    /// Replicas on `redis` with the behaviour `overlay` and the environment
+    /// `env` (the platform's secrets).
+    pub fn new(redis: &RedisServer, overlay: String, env: &[(&str, &str)]) -> Replicas {
+        Replicas {
+            url: redis.url(),
+            overlay,
+            env: env
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+        }
+    }
+
+    /// One on the test's runtime, until `shutdown`; the key of `in`.
+    pub fn start(&self, shutdown: &CancellationToken) -> String {
+        self.start_on(&tokio::runtime::Handle::current(), shutdown)
+    }
+
+    /// One on a runtime of its own, which it dies with:
+    /// `shutdown_background()` on that runtime is a death without a word
+    /// (no lease given up, no socket closed). The runtime, and the key of
+    /// `in`.
+    pub fn start_doomed(&self) -> (tokio::runtime::Runtime, String) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let key = self.start_on(runtime.handle(), &CancellationToken::new());
+        (runtime, key)
+    }
+
+    /// One served on `runtime`'s threads until `shutdown` (or until the
+    /// runtime is dropped); the key of `in`.
+    fn start_on(&self, runtime: &tokio::runtime::Handle, shutdown: &CancellationToken) -> String {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        let ingest = configured_ingest(&self.url, Some(&self.overlay), &env, None).unwrap();
+        let key = ingest.streams.inbound();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let shutdown = shutdown.clone();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            botline_ingest::run(listener, ingest, shutdown).await
+        });
+        key
+    }
+}
+
 pub fn schedules(toml_entries: &str) -> Vec<Schedule> {
     botline_ingest::config::IngestSettings::from_toml(toml_entries)
         .unwrap()
@@ -166,6 +231,16 @@ where
     panic!("timed out waiting for {what}");
 }
 
+/// Wait for `condition` (a quick look, which must not block) to hold,
+/// polling, up to `within`.
+pub async fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    wait_for(within, what, || {
+        let held = condition();
+        async move { held }
+    })
+    .await;
+}
+
 /// POST `body` (JSON) to `/hooks/<platform>` with `headers`: the status and
 /// the JSON answer (`null` if none).
 pub async fn post_hook(
@@ -198,6 +273,20 @@ pub fn assert_refused(answer: (u16, serde_json::Value), status: u16, error: &str
 
 /// A WebSocket a platform's stand-in accepted.
 pub type ServerSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Accept connections on `listener` (a stand-in's), each served by `serve`
+/// in a task of its own.
+pub fn accept_each<Serve, Served>(listener: tokio::net::TcpListener, serve: Serve)
+where
+    Serve: Fn(tokio::net::TcpStream) -> Served + Send + 'static,
+    Served: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(stream));
+        }
+    });
+}
 
 /// The next JSON frame the client sent on a stand-in's socket, or `None`
 /// once the connection is over; `pinged` is called at each WebSocket ping

@@ -34,16 +34,15 @@ use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
 use crate::platforms::connection::{
-    open_unless, ClientSocket as Socket, Connector, Ended, Held, Idle, Incoming, Keepalive, Link,
-    Supervision,
+    close_socket, connect_socket, open_unless, ClientSocket as Socket, Connector, Ended, Held,
+    Idle, Keepalive, Link, Supervision, UpWhen,
 };
 use botline_shared::telemetry::Health;
 use futures_util::future::BoxFuture;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
@@ -51,8 +50,6 @@ use tracing::{info, warn};
 
 /// The robot message callback's topic.
 pub const ROBOT_TOPIC: &str = "/v1.0/im/bot/messages/get";
-/// How long a closing socket may take.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Stream mode's settings, from `[ingest.platforms.dingtalk]` and the environment.
 pub(super) struct StreamSettings {
@@ -133,32 +130,17 @@ impl StreamMode {
             Err(ended) => return ended,
         };
         link.up();
-        // Whether DingTalk sent anything on this connection: one that ends
-        // before that is a failure, and the next waits a backoff.
-        let mut received = false;
         let mut keepalive = Keepalive::new(self.settings().idle, NAME, Instant::now());
         loop {
-            let text = match keepalive.next(&mut socket, stop).await {
-                Incoming::Text(text) => text,
-                Incoming::Control => {
-                    received = true;
-                    link.event();
-                    continue;
-                }
-                Incoming::Stopped => {
-                    close(socket).await;
-                    return Ended::Stopped;
-                }
-                // Dropped: a peer that cannot be heard cannot answer a close.
-                Incoming::Silent(reason) => return Ended::Failed(reason),
-                Incoming::Over(reason) if received => {
-                    info!(message = "dingtalk stream closed", %reason);
-                    return Ended::Again;
-                }
-                Incoming::Over(reason) => return Ended::Failed(reason),
+            // A connection that ends before DingTalk sent anything on it is
+            // a failure, and the next waits a backoff.
+            let text = match keepalive
+                .next_text(&mut socket, link, stop, UpWhen::Heard)
+                .await
+            {
+                Ok(text) => text,
+                Err(ended) => return ended,
             };
-            received = true;
-            link.event();
             let frame: Frame = match serde_json::from_str(&text) {
                 Ok(frame) => frame,
                 Err(error) => {
@@ -175,14 +157,14 @@ impl StreamMode {
                 })),
                 ("SYSTEM", "disconnect") => {
                     info!(message = "dingtalk asks for a new stream connection");
-                    close(socket).await;
+                    close_socket(&mut socket, None).await;
                     return Ended::Again;
                 }
                 ("SYSTEM", _) => None,
                 ("CALLBACK", ROBOT_TOPIC) => {
                     if let Err(error) = self.admit(&frame.data).await {
                         error.record("dingtalk_stream");
-                        close(socket).await;
+                        close_socket(&mut socket, None).await;
                         // Not acknowledged: DingTalk sends it again.
                         return Ended::Failed(format!("could not add a message: {error}"));
                     }
@@ -244,18 +226,12 @@ impl StreamMode {
             .ok_or_else(|| "the stream endpoint is not a ws(s):// URL".to_string())?;
         url.query_pairs_mut()
             .append_pair("ticket", &registered.ticket);
-        let connecting = tokio::time::timeout(
+        connect_socket(
+            url.as_str(),
             settings.supervision.connect_timeout,
-            tokio_tungstenite::connect_async(url.as_str()),
-        );
-        match connecting.await {
-            Ok(Ok((socket, _))) => Ok(socket),
-            Ok(Err(error)) => Err(format!("could not connect to the dingtalk stream: {error}")),
-            Err(_) => Err(format!(
-                "no dingtalk stream within {:?}",
-                settings.supervision.connect_timeout
-            )),
-        }
+            "the dingtalk stream",
+        )
+        .await
     }
 
     /// A robot callback's `data` into `in`, or counted as ignored.
@@ -307,13 +283,4 @@ fn ack(frame: &Frame, data: Value) -> Value {
 fn count_ignored(kind: &'static str) {
     metrics::counter!("botline_ingest_ignored_total", "platform" => NAME, "kind" => kind)
         .increment(1);
-}
-
-/// Close the socket, letting DingTalk's close frame arrive, briefly.
-async fn close(mut socket: Socket) {
-    let closing = async {
-        let _ = socket.close(None).await;
-        while let Some(Ok(_)) = socket.next().await {}
-    };
-    let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
 }

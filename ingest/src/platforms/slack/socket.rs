@@ -32,22 +32,18 @@ use crate::error::IngestError;
 use crate::generic::{raw_event, Stamp};
 use crate::inbox::Inbox;
 use crate::platforms::connection::{
-    incoming, open_unless, ClientSocket as Socket, Connector, Ended, Held, Idle, Incoming,
-    Keepalive, Link, Supervision,
+    close_socket, connect_socket, incoming, open_unless, ClientSocket as Socket, Connector, Ended,
+    Held, Idle, Incoming, Keepalive, Link, Supervision, UpWhen, CLOSE_WAIT,
 };
 use botline_shared::telemetry::Health;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// How long a closing socket may take to deliver what it still has.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Socket Mode's settings, from `[ingest.platforms.slack]` and the environment.
 pub(super) struct SocketSettings {
@@ -139,35 +135,21 @@ impl SocketMode {
         let idle = self.settings().idle;
         let mut keepalive = Keepalive::new(idle, PLATFORM.name, Instant::now());
         loop {
-            let text = match keepalive.next(&mut socket, stop).await {
-                Incoming::Text(text) => text,
-                Incoming::Control => {
-                    link.event();
-                    continue;
-                }
-                Incoming::Stopped => {
-                    close(socket).await;
-                    return Ended::Stopped;
-                }
-                // Dropped: a peer that cannot be heard cannot answer a close.
-                Incoming::Silent(reason) => return Ended::Failed(reason),
-                Incoming::Over(reason) => {
-                    return if link.is_up() {
-                        info!(message = "slack socket closed", %reason);
-                        Ended::Again
-                    } else {
-                        Ended::Failed(reason)
-                    };
-                }
+            // Up once Slack said `hello`.
+            let text = match keepalive
+                .next_text(&mut socket, link, stop, UpWhen::LinkUp)
+                .await
+            {
+                Ok(text) => text,
+                Err(ended) => return ended,
             };
-            link.event();
             let Some(message) = read_message(&text) else {
                 continue;
             };
             match self.handle(&mut socket, message, link, true).await {
                 Next::Continue => {}
                 Next::Fail(reason) => {
-                    close(socket).await;
+                    close_socket(&mut socket, None).await;
                     return Ended::Failed(reason);
                 }
                 Next::Disconnect => {
@@ -175,7 +157,7 @@ impl SocketMode {
                     let next = tokio::select! {
                         opened = self.open() => opened,
                         _ = stop.cancelled() => {
-                            close(socket).await;
+                            close_socket(&mut socket, None).await;
                             return Ended::Stopped;
                         }
                     };
@@ -187,7 +169,7 @@ impl SocketMode {
                         }
                         Err(reason) => {
                             warn!(message = "could not open the next slack socket", %reason);
-                            close(socket).await;
+                            close_socket(&mut socket, None).await;
                             return Ended::Again;
                         }
                     }
@@ -225,18 +207,12 @@ impl SocketMode {
                 ))
             }
         };
-        let connecting = tokio::time::timeout(
+        connect_socket(
+            &url,
             settings.supervision.connect_timeout,
-            tokio_tungstenite::connect_async(url.as_str()),
-        );
-        match connecting.await {
-            Ok(Ok((socket, _))) => Ok(socket),
-            Ok(Err(error)) => Err(format!("could not connect to the slack socket: {error}")),
-            Err(_) => Err(format!(
-                "no slack socket within {:?}",
-                settings.supervision.connect_timeout
-            )),
-        }
+            "the slack socket",
+        )
+        .await
     }
 
     /// Close `old` (Slack asked for a new connection, which is open now),
@@ -332,15 +308,6 @@ impl SocketMode {
 fn count_ignored(kind: &str) {
     metrics::counter!("botline_ingest_ignored_total", "platform" => PLATFORM.name, "kind" => kind.to_string())
         .increment(1);
-}
-
-/// Close the socket, letting Slack's close frame arrive, briefly.
-async fn close(mut socket: Socket) {
-    let closing = async {
-        let _ = socket.close(None).await;
-        while let Some(Ok(_)) = socket.next().await {}
-    };
-    let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
 }
 
 /// A message Slack sent, or `None` (logged) when it cannot be read.
