@@ -9,12 +9,15 @@
 //! reported on the other. `--modes precise,fast,cascade`. `--sweep` prints
 //! accuracy over a grid of the static and cascade thresholds instead.
 //! `--errors` prints each message a mode gets wrong. The keyword rules
-//! (`intent_model = "keywords"`) are scored first, for comparison.
+//! (`intent_model = "keywords"`) are scored first, for comparison. In
+//! `cascade` mode the set is also judged as if a backlog stood behind every
+//! batch (`behind`: `cascade_backlog_share`).
 
 use botline_shared::config::Settings;
 use classify::cascade::{Decider, Mode};
 use classify::embedding::EmbeddingIntents;
-use classify::rules::IntentModel;
+use classify::model::ModelError;
+use classify::rules::{IntentModel, Understanding};
 use classify::{cascade_model, keyword_model, load_encoder, model_path_from_env, ClassifySettings};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -154,6 +157,36 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The whole set in runner-sized batches, repeated for at least a second:
+/// the last round's verdicts and messages per second.
+fn timed(
+    texts: &[&str],
+    decide: impl Fn(&[&str]) -> Result<Vec<(Understanding, Decider)>, ModelError>,
+) -> anyhow::Result<(Vec<(Understanding, Decider)>, f64)> {
+    let started = Instant::now();
+    let (mut decided, mut rounds) = (Vec::new(), 0);
+    while rounds == 0 || started.elapsed().as_secs_f64() < 1.0 {
+        decided = texts
+            .chunks(BATCH)
+            .map(&decide)
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
+        rounds += 1;
+    }
+    Ok((
+        decided,
+        (rounds * texts.len()) as f64 / started.elapsed().as_secs_f64(),
+    ))
+}
+
+fn transformer_share(decided: &[(Understanding, Decider)]) -> f64 {
+    let transformer = decided
+        .iter()
+        .filter(|(_, path)| *path == Decider::Transformer)
+        .count();
+    100.0 * transformer as f64 / decided.len().max(1) as f64
+}
+
 fn evaluate(
     settings: &ClassifySettings,
     mode: Mode,
@@ -172,19 +205,7 @@ fn evaluate(
         started.elapsed().as_secs_f64()
     );
     let texts: Vec<&str> = set.iter().map(|l| l.text.as_str()).collect();
-    // Throughput: the whole set in runner-sized batches, repeated for at
-    // least a second.
-    let started = Instant::now();
-    let (mut decided, mut rounds) = (Vec::new(), 0);
-    while rounds == 0 || started.elapsed().as_secs_f64() < 1.0 {
-        decided = texts
-            .chunks(BATCH)
-            .map(|batch| model.decide(batch))
-            .collect::<Result<Vec<_>, _>>()?
-            .concat();
-        rounds += 1;
-    }
-    let throughput = (rounds * texts.len()) as f64 / started.elapsed().as_secs_f64();
+    let (decided, throughput) = timed(&texts, |batch| model.decide(batch))?;
     let mut latencies = texts
         .iter()
         .map(|text| {
@@ -199,23 +220,29 @@ fn evaluate(
         .iter()
         .map(|(u, _)| u.intent.name.as_str())
         .collect();
-    let mode = format!("{mode:?}").to_lowercase();
-    report(&mode, set, &guesses);
-    let transformer = decided
-        .iter()
-        .filter(|(_, p)| *p == Decider::Transformer)
-        .count();
+    let name = format!("{mode:?}").to_lowercase();
+    report(&name, set, &guesses);
     println!(
-        "{mode:8} speed  {throughput:9.0} messages/s in batches of {BATCH}; one at a time p50 {:.3} ms, p99 {:.3} ms; transformer for {:.1}% of messages",
+        "{name:8} speed  {throughput:9.0} messages/s in batches of {BATCH}; one at a time p50 {:.3} ms, p99 {:.3} ms; transformer for {:.1}% of messages",
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
-        100.0 * transformer as f64 / decided.len().max(1) as f64
+        transformer_share(&decided)
     );
+    if mode == Mode::Cascade {
+        // Every batch as if a backlog stood behind it (cascade_backlog_share).
+        let (behind, throughput) = timed(&texts, |batch| model.decide_behind(batch))?;
+        let guesses: Vec<&str> = behind.iter().map(|(u, _)| u.intent.name.as_str()).collect();
+        report("behind", set, &guesses);
+        println!(
+            "behind   speed  {throughput:9.0} messages/s in batches of {BATCH} behind a backlog; transformer for {:.1}% of messages",
+            transformer_share(&behind)
+        );
+    }
     if errors {
         for (l, (u, path)) in set.iter().zip(&decided) {
             if u.intent.name != l.intent {
                 println!(
-                    "  {mode} wrong: {:?} expected {}, got {} {:.3} ({path:?})",
+                    "  {name} wrong: {:?} expected {}, got {} {:.3} ({path:?})",
                     l.text, l.intent, u.intent.name, u.intent.confidence
                 );
             }

@@ -57,6 +57,9 @@ pub enum Decider {
     Cache,
     Static,
     Transformer,
+    /// The static verdict, not sure, kept because a backlog left the
+    /// transformer no time for it (`cascade_backlog_share`).
+    StaticBehind,
 }
 
 impl Decider {
@@ -65,6 +68,7 @@ impl Decider {
             Decider::Cache => "cache",
             Decider::Static => "static",
             Decider::Transformer => "transformer",
+            Decider::StaticBehind => "static_behind",
         }
     }
 }
@@ -72,6 +76,9 @@ impl Decider {
 pub struct Cascade {
     paths: Paths,
     cache: TextCache,
+    /// Behind a backlog, the transformer sees at most this share of a
+    /// batch (the least sure first); 1: all the unsure, as always.
+    backlog_share: f32,
 }
 
 impl Cascade {
@@ -80,11 +87,40 @@ impl Cascade {
         Cascade {
             paths,
             cache: TextCache::new(cache_size),
+            backlog_share: 1.0,
         }
+    }
+
+    /// Behind a backlog ([`Cascade::decide_behind`]), send the transformer
+    /// at most `share` of a batch (rounded up).
+    pub fn with_backlog_share(mut self, share: f32) -> Self {
+        self.backlog_share = share;
+        self
     }
 
     /// Each text's understanding and the path that decided it, in order.
     pub fn decide(&self, texts: &[&str]) -> Result<Vec<(Understanding, Decider)>, ModelError> {
+        self.decide_with(texts, texts.len())
+    }
+
+    /// [`Cascade::decide`] with more waiting behind `texts`: in `cascade`
+    /// mode only the least sure `backlog_share` of them go to the
+    /// transformer, the others keep their static verdict
+    /// ([`Decider::StaticBehind`]), so the stage catches up.
+    pub fn decide_behind(
+        &self,
+        texts: &[&str],
+    ) -> Result<Vec<(Understanding, Decider)>, ModelError> {
+        let most = (self.backlog_share.clamp(0.0, 1.0) * texts.len() as f32).ceil() as usize;
+        self.decide_with(texts, most)
+    }
+
+    /// At most `most` texts go to the transformer in `cascade` mode.
+    fn decide_with(
+        &self,
+        texts: &[&str],
+        most: usize,
+    ) -> Result<Vec<(Understanding, Decider)>, ModelError> {
         let keys: Vec<Option<String>> = texts.iter().map(|text| cache::key(text)).collect();
         let mut decided: Vec<Option<(Understanding, Decider)>> = keys
             .iter()
@@ -96,15 +132,26 @@ impl Cascade {
         let open: Vec<usize> = (0..texts.len()).filter(|&i| decided[i].is_none()).collect();
         let open = match &self.paths {
             Paths::Precise(_) => open,
-            Paths::Fast(fast) => run(fast, Decider::Static, texts, open, &mut decided, |_| true)?,
-            Paths::Cascade { fast, sure, .. } => run(
-                fast,
-                Decider::Static,
-                texts,
-                open,
-                &mut decided,
-                |verdict| sure.accepts(verdict),
-            )?,
+            Paths::Fast(fast) => {
+                run(fast, Decider::Static, texts, open, &mut decided, |_| true)?;
+                Vec::new()
+            }
+            Paths::Cascade { fast, sure, .. } => {
+                let mut unsure = run(
+                    fast,
+                    Decider::Static,
+                    texts,
+                    open,
+                    &mut decided,
+                    |verdict| sure.accepts(verdict),
+                )?;
+                // The least sure first; those beyond `most` stay static.
+                unsure.sort_by(|(_, a), (_, b)| a.score.total_cmp(&b.score));
+                for (i, verdict) in unsure.drain(most.min(unsure.len())..) {
+                    decided[i] = Some((verdict.understanding, Decider::StaticBehind));
+                }
+                unsure.into_iter().map(|(i, _)| i).collect()
+            }
         };
         match &self.paths {
             Paths::Precise(precise) | Paths::Cascade { precise, .. } => {
@@ -121,11 +168,18 @@ impl Cascade {
         }
         let decided: Vec<(Understanding, Decider)> = decided.into_iter().flatten().collect();
         for (key, (understanding, decider)) in keys.into_iter().zip(&decided) {
-            if let (Some(key), false) = (key, *decider == Decider::Cache) {
+            // A verdict kept only for want of time is not remembered.
+            let fresh = matches!(decider, Decider::Static | Decider::Transformer);
+            if let (Some(key), true) = (key, fresh) {
                 self.cache.put(key, understanding.clone());
             }
         }
-        for decider in [Decider::Cache, Decider::Static, Decider::Transformer] {
+        for decider in [
+            Decider::Cache,
+            Decider::Static,
+            Decider::Transformer,
+            Decider::StaticBehind,
+        ] {
             let count = decided.iter().filter(|(_, d)| *d == decider).count();
             if count > 0 {
                 metrics::counter!("botline_classify_path_total", "path" => decider.as_str())
@@ -137,7 +191,8 @@ impl Cascade {
 }
 
 /// Judges the texts at `open` with `intents`; those whose verdict `accept`s
-/// are decided by `decider`, the others are returned for the next path.
+/// are decided by `decider`, the others are returned with their verdicts
+/// for the next path.
 fn run(
     intents: &EmbeddingIntents,
     decider: Decider,
@@ -145,9 +200,9 @@ fn run(
     open: Vec<usize>,
     decided: &mut [Option<(Understanding, Decider)>],
     accept: impl Fn(&Verdict) -> bool,
-) -> Result<Vec<usize>, ModelError> {
+) -> Result<Vec<(usize, Verdict)>, ModelError> {
     if open.is_empty() {
-        return Ok(open);
+        return Ok(Vec::new());
     }
     let started = Instant::now();
     let batch: Vec<&str> = open.iter().map(|&i| texts[i]).collect();
@@ -159,20 +214,30 @@ fn run(
         if accept(&verdict) {
             decided[i] = Some((verdict.understanding, decider));
         } else {
-            rest.push(i);
+            rest.push((i, verdict));
         }
     }
     Ok(rest)
 }
 
+/// The understandings alone, errors as text.
+fn understood(
+    decided: Result<Vec<(Understanding, Decider)>, ModelError>,
+) -> Result<Vec<Understanding>, String> {
+    Ok(decided
+        .map_err(|error| error.to_string())?
+        .into_iter()
+        .map(|(understanding, _)| understanding)
+        .collect())
+}
+
 impl IntentModel for Cascade {
     fn understand(&self, texts: &[&str]) -> Result<Vec<Understanding>, String> {
-        Ok(self
-            .decide(texts)
-            .map_err(|error| error.to_string())?
-            .into_iter()
-            .map(|(understanding, _)| understanding)
-            .collect())
+        understood(self.decide(texts))
+    }
+
+    fn understand_behind(&self, texts: &[&str]) -> Result<Vec<Understanding>, String> {
+        understood(self.decide_behind(texts))
     }
 }
 
@@ -305,6 +370,79 @@ mod tests {
             [("north", Decider::Cache), ("east", Decider::Cache)]
         );
         assert!(fast.asked().is_empty() && precise.asked().is_empty());
+    }
+
+    #[test]
+    fn behind_a_backlog_the_transformer_sees_only_the_least_sure_share() {
+        let fast = Table::new(&[
+            ("e", [1.0, 0.0]),
+            ("n", [0.0, 1.0]),
+            ("sure east", [1.0, 0.05]),
+            // All unsure of east: "least" the least (0.71), "less" next.
+            ("least", [1.0, 0.99]),
+            ("less", [1.0, 0.9]),
+            ("unsure", [1.0, 0.8]),
+        ]);
+        let precise = Table::new(&[
+            ("e", [1.0, 0.0]),
+            ("n", [0.0, 1.0]),
+            ("least", [0.1, 1.0]),
+            ("less", [0.1, 1.0]),
+            ("unsure", [0.1, 1.0]),
+        ]);
+        let cascade = Cascade::new(
+            Paths::Cascade {
+                fast: intents(fast.clone()),
+                precise: intents(precise.clone()),
+                sure: sure(),
+            },
+            10,
+        )
+        .with_backlog_share(0.4);
+        precise.asked();
+        let texts = ["unsure", "sure east", "least", "less", "unsure"];
+        // 40% of 5: two, the least sure.
+        let decided = cascade.decide_behind(&texts).unwrap();
+        assert_eq!(
+            names(&decided),
+            [
+                ("east", Decider::StaticBehind),
+                ("east", Decider::Static),
+                ("north", Decider::Transformer),
+                ("north", Decider::Transformer),
+                ("east", Decider::StaticBehind),
+            ]
+        );
+        assert_eq!(precise.asked(), ["least", "less"]);
+        // Verdicts kept for want of time are not cached: without a backlog
+        // the transformer has them.
+        let decided = cascade.decide(&["unsure", "least"]).unwrap();
+        assert_eq!(
+            names(&decided),
+            [("north", Decider::Transformer), ("north", Decider::Cache)]
+        );
+        assert_eq!(precise.asked(), ["unsure"]);
+        // A share of 1 is the cascade as always; of 0, the static path alone.
+        let all = Cascade::new(
+            Paths::Cascade {
+                fast: intents(fast.clone()),
+                precise: intents(precise.clone()),
+                sure: sure(),
+            },
+            0,
+        );
+        assert!(all
+            .decide_behind(&texts)
+            .unwrap()
+            .iter()
+            .all(|(_, decider)| *decider != Decider::StaticBehind));
+        let none = all.with_backlog_share(0.0);
+        precise.asked();
+        assert_eq!(
+            none.decide_behind(&texts).unwrap()[2].1,
+            Decider::StaticBehind
+        );
+        assert!(precise.asked().is_empty());
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct ClassifySettings {
     pub cascade_min_score: f32,
     /// …and at least this much above the next intent's.
     pub cascade_min_margin: f32,
+    /// When a read comes back full (a backlog), the transformer sees at
+    /// most this share of it, the least sure first; 1: all the unsure.
+    pub cascade_backlog_share: f32,
     /// Entries of the exact-text cache in front of the model; 0 turns it off.
     pub intent_cache_size: usize,
     /// Questions and answers; the closest one (embedding model only) is
@@ -272,6 +275,12 @@ pub fn cascade_model(settings: &ClassifySettings, model_path: &Path) -> Result<C
                     ));
                 }
             }
+            if !(0.0..=1.0).contains(&settings.cascade_backlog_share) {
+                return Err(Error::config(
+                    "classify.cascade_backlog_share",
+                    "a share of a batch, 0 to 1",
+                ));
+            }
             Paths::Cascade {
                 fast: static_intents(settings, model_path, &encoder)?,
                 precise: transformer_intents(settings, Arc::new(encoder))?,
@@ -282,7 +291,8 @@ pub fn cascade_model(settings: &ClassifySettings, model_path: &Path) -> Result<C
             }
         }
     };
-    Ok(Cascade::new(paths, settings.intent_cache_size))
+    Ok(Cascade::new(paths, settings.intent_cache_size)
+        .with_backlog_share(settings.cascade_backlog_share))
 }
 
 /// The intent model the settings choose.
@@ -317,6 +327,8 @@ pub struct ClassifyStage {
     classifier: Classifier,
     model: Arc<dyn IntentModel>,
     streams: Streams,
+    /// `runner.batch_size`: a read this long means more is waiting.
+    full_read: usize,
 }
 
 impl ClassifyStage {
@@ -324,11 +336,13 @@ impl ClassifyStage {
         settings: &ClassifySettings,
         model: Arc<dyn IntentModel>,
         streams: Streams,
+        full_read: usize,
     ) -> Result<Self, Error> {
         Ok(ClassifyStage {
             classifier: Classifier::new(settings)?,
             model,
             streams,
+            full_read,
         })
     }
 }
@@ -350,10 +364,14 @@ impl Stage for ClassifyStage {
     async fn handle(&self, batch: Vec<Envelope<UnifiedMessage>>) -> Vec<Outcome> {
         let texts: Vec<String> = batch.iter().map(|e| e.record.text.clone()).collect();
         let model = self.model.clone();
+        let behind = batch.len() >= self.full_read;
         let started = Instant::now();
         let intents = tokio::task::spawn_blocking(move || {
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-            model.understand(&texts)
+            match behind {
+                true => model.understand_behind(&texts),
+                false => model.understand(&texts),
+            }
         })
         .await;
         metrics::histogram!("botline_classify_model_seconds")
@@ -428,6 +446,11 @@ pub async fn run_with_model(
     );
     metrics::gauge!("botline_classify_model_load_seconds").set(seconds);
     plumbing.health.set("intent_model", true);
-    let stage = ClassifyStage::new(&classify, model, plumbing.streams.clone())?;
+    let stage = ClassifyStage::new(
+        &classify,
+        model,
+        plumbing.streams.clone(),
+        plumbing.runner.batch_size,
+    )?;
     runner::run(stage, plumbing, shutdown).await
 }

@@ -51,6 +51,13 @@ pub trait IntentModel: Send + Sync + 'static {
     /// An error (inference failed) leaves the batch to be read again.
     fn understand(&self, texts: &[&str]) -> Result<Vec<Understanding>, String>;
 
+    /// [`IntentModel::understand`] for a read that came back full, so
+    /// more is waiting: a model may do less costly work then (the
+    /// cascade's `cascade_backlog_share`).
+    fn understand_behind(&self, texts: &[&str]) -> Result<Vec<Understanding>, String> {
+        self.understand(texts)
+    }
+
     /// The intent of each text; on an error, `unknown` with no confidence.
     fn classify(&self, texts: &[&str]) -> Vec<Intent> {
         match self.understand(texts) {

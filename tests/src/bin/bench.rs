@@ -7,7 +7,8 @@
 //!
 //! Classify runs the shipped intent model (the sentence encoder in cascade
 //! mode; `--keywords` for the keyword rules) on texts from
-//! classify/eval/messages.tsv, each made unique.
+//! classify/eval/messages.tsv, each made unique. `--scale classify=2`
+//! starts that many replicas of a stage (one of each by default).
 //!
 //! Replies go to the web chat platform (delivered inside Redis), so what is
 //! measured is botline, not an HTTP receiver; `--platform webhook` sends
@@ -36,6 +37,8 @@ struct Options {
     llm_delay: Option<Duration>,
     llm_in_flight: usize,
     keywords: bool,
+    /// Replicas per stage beyond the first (`--scale classify=2`).
+    scale: Vec<(&'static str, usize)>,
 }
 
 fn options() -> Result<Options, String> {
@@ -51,6 +54,7 @@ fn options() -> Result<Options, String> {
         llm_delay: None,
         llm_in_flight: 16,
         keywords: false,
+        scale: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -64,6 +68,19 @@ fn options() -> Result<Options, String> {
             "--timeout-secs" => options.timeout = Duration::from_secs(value()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?),
             "--redis-stats" => options.redis_stats = true,
             "--keywords" => options.keywords = true,
+            "--scale" => {
+                let scale = value()?;
+                let (stage, count) = scale.split_once('=').ok_or_else(|| format!("--scale {scale}: not STAGE=N"))?;
+                let stage = botline_tests::STAGES
+                    .iter()
+                    .find(|known| **known == stage)
+                    .ok_or_else(|| format!("--scale {scale}: the stages are {}", botline_tests::STAGES.join(", ")))?;
+                let count: usize = count.parse().map_err(|e| format!("--scale {scale}: {e}"))?;
+                if count == 0 {
+                    return Err(format!("--scale {scale}: at least 1"));
+                }
+                options.scale.push((stage, count));
+            }
             "--llm-delay-ms" => {
                 options.llm_delay = Some(Duration::from_millis(value()?.parse().map_err(|e| format!("--llm-delay-ms: {e}"))?))
             }
@@ -73,7 +90,7 @@ fn options() -> Result<Options, String> {
                 options.config = Some(std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?);
             }
             "--help" | "-h" => {
-                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats] [--keywords] [--config FILE.toml] [--llm-delay-ms MS [--llm-in-flight N]]".into())
+                return Err("usage: scripts/bench [--messages N] [--via stream|http] [--rate MSGS_PER_S] [--chats N] [--platform web|webhook] [--timeout-secs S] [--redis-stats] [--keywords] [--scale STAGE=N]… [--config FILE.toml] [--llm-delay-ms MS [--llm-in-flight N]]".into())
             }
             other => return Err(format!("unknown option {other}; see --help")),
         }
@@ -151,7 +168,12 @@ async fn main() {
     if let Some(config) = &options.config {
         overlay.push_str(config);
     }
-    let pipeline = Pipeline::start(&redis, &overlay);
+    let mut pipeline = Pipeline::start(&redis, &overlay);
+    for (stage, count) in &options.scale {
+        for _ in 1..*count {
+            pipeline.add(stage);
+        }
+    }
     pipeline.wait_ready(Duration::from_secs(60)).await;
     let streams = Streams::default();
     let client = redis.client();
