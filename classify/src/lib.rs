@@ -259,6 +259,12 @@ pub fn embedding_model(
 /// exact-text cache. Slow (seconds; minutes when the static vectors must be
 /// distilled): call it off the async threads.
 pub fn cascade_model(settings: &ClassifySettings, model_path: &Path) -> Result<Cascade, Error> {
+    if !(0.0..=1.0).contains(&settings.cascade_backlog_share) {
+        return Err(Error::config(
+            "classify.cascade_backlog_share",
+            "a share of a batch, 0 to 1",
+        ));
+    }
     let encoder = load_encoder(settings, model_path)?;
     let paths = match settings.embedding_mode {
         Mode::Precise => Paths::Precise(transformer_intents(settings, Arc::new(encoder))?),
@@ -274,12 +280,6 @@ pub fn cascade_model(settings: &ClassifySettings, model_path: &Path) -> Result<C
                         "a cosine similarity (difference), -2 to 2",
                     ));
                 }
-            }
-            if !(0.0..=1.0).contains(&settings.cascade_backlog_share) {
-                return Err(Error::config(
-                    "classify.cascade_backlog_share",
-                    "a share of a batch, 0 to 1",
-                ));
             }
             Paths::Cascade {
                 fast: static_intents(settings, model_path, &encoder)?,

@@ -106,4 +106,8 @@ fn bad_model_settings_stop_start_naming_the_setting() {
         "cascade_min_margin = \"wide\"",
         "classify.cascade_min_margin",
     );
+    check(
+        "cascade_backlog_share = 1.5",
+        "classify.cascade_backlog_share",
+    );
 }
