@@ -1002,6 +1002,13 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// How many keys Redis holds (DBSIZE).
+fn key_count(redis: &RedisServer) -> u64 {
+    redis::cmd("DBSIZE")
+        .query(&mut redis.connection())
+        .unwrap_or(0)
+}
+
 fn sample(redis: &RedisServer, pipeline: &Pipeline) -> Vec<(String, u64)> {
     let mut sample = vec![("redis-server".to_string(), rss_kib(redis.pid()))];
     for (index, process) in pipeline.processes.iter().enumerate() {
@@ -1026,12 +1033,14 @@ async fn soak(options: Options) -> i32 {
     let started = Instant::now();
     let mut samples: Vec<(Duration, Vec<(String, u64)>)> =
         vec![(Duration::ZERO, sample(&redis, &pipeline))];
+    let mut keys = vec![key_count(&redis)];
     let load = Load::start(&pipeline.base_url(), options.rate, options.chats);
     let mut windows = 1;
     loop {
         let next = (window * windows as u32).min(total);
         tokio::time::sleep_until((started + next).into()).await;
         samples.push((started.elapsed(), sample(&redis, &pipeline)));
+        keys.push(key_count(&redis));
         eprintln!(
             "{:.1} min: {} delivered",
             started.elapsed().as_secs_f64() / 60.0,
@@ -1092,23 +1101,22 @@ async fn soak(options: Options) -> i32 {
             .collect::<Vec<_>>()
             .join(" | ")
     );
-    // Levelled off: the last window grew by at most half the first window's
-    // growth (or under 2 MiB); it needs at least two windows to tell.
-    let growth = |i: usize| totals[i] as i64 - totals[i - 1] as i64;
-    let (first_growth, last_growth) = (growth(1), growth(totals.len() - 1));
-    println!();
+    // The stage processes levelled off: the last window grew by at most half
+    // the first window's growth (or under 2 MiB); it needs at least two
+    // windows to tell. Redis is judged apart: besides `retention_ms` of
+    // streams it keeps a dedup key (ingest) and a sent key (egress) per
+    // message for dedup_ttl_ms and sent_ttl_ms (24 h), so it grows until
+    // the first of them expire.
     let stages: Vec<u64> = samples
         .iter()
         .map(|(_, s)| s.iter().skip(1).map(|(_, kib)| kib).sum())
         .collect();
+    let growth = |values: &[u64], i: usize| values[i] as i64 - values[i - 1] as i64;
+    let (first_growth, last_growth) = (growth(&stages, 1), growth(&stages, stages.len() - 1));
+    let levelled = (stages.len() >= 3).then(|| last_growth <= (first_growth / 2).max(2048));
+    println!();
     println!(
-        "stage processes only (Redis holds `retention_ms` of streams): first window {:+.1} MiB, last window {:+.1} MiB",
-        (stages[1] as f64 - stages[0] as f64) / 1024.0,
-        (stages[stages.len() - 1] as f64 - stages[stages.len() - 2] as f64) / 1024.0,
-    );
-    let levelled = (totals.len() >= 3).then(|| last_growth <= (first_growth / 2).max(2048));
-    println!(
-        "memory: first window {:+.1} MiB, last window {:+.1} MiB → {}",
+        "stage processes: first window {:+.1} MiB, last window {:+.1} MiB → {}",
         first_growth as f64 / 1024.0,
         last_growth as f64 / 1024.0,
         match levelled {
@@ -1116,6 +1124,20 @@ async fn soak(options: Options) -> i32 {
             Some(false) => "STILL GROWING",
             None => "too few windows to tell",
         }
+    );
+    let redis_rss: Vec<u64> = samples.iter().map(|(_, s)| s[0].1).collect();
+    let redis_growth = growth(&redis_rss, redis_rss.len() - 1);
+    let key_growth = keys[keys.len() - 1] as i64 - keys[keys.len() - 2] as i64;
+    let windows_a_day = 86_400.0 / window.as_secs_f64().max(1.0);
+    println!(
+        "redis-server: last window {:+.1} MiB and {key_growth:+} keys ({:.0} bytes a key): \
+         once the streams are at their 10 minutes of retention, what grows is the dedup and sent keys, which live 24 h: \
+         at this rate it levels off after a day at about {:.1} GiB",
+        redis_growth as f64 / 1024.0,
+        redis_growth as f64 * 1024.0 / key_growth.max(1) as f64,
+        (redis_rss[redis_rss.len() - 1] as f64 + redis_growth as f64 * (windows_a_day - samples.len() as f64 + 1.0))
+            / 1024.0
+            / 1024.0,
     );
     let all: Vec<u128> = {
         let mut all: Vec<u128> = rows.iter().flat_map(|r| r.latencies_ms.clone()).collect();
@@ -1138,9 +1160,11 @@ async fn soak(options: Options) -> i32 {
             "p99_ms": percentile(&all, 0.99),
             "rss_start_mib": totals[0] as f64 / 1024.0,
             "rss_end_mib": totals[totals.len() - 1] as f64 / 1024.0,
-            "first_window_growth_mib": first_growth as f64 / 1024.0,
-            "last_window_growth_mib": last_growth as f64 / 1024.0,
-            "levelled_off": levelled,
+            "stages_first_window_growth_mib": first_growth as f64 / 1024.0,
+            "stages_last_window_growth_mib": last_growth as f64 / 1024.0,
+            "stages_levelled_off": levelled,
+            "redis_last_window_growth_mib": redis_growth as f64 / 1024.0,
+            "redis_last_window_keys": key_growth,
         })
     );
     drop(pipeline);
