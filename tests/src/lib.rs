@@ -181,6 +181,24 @@ pub struct Pipeline {
     extra_env: Vec<(String, String)>,
 }
 
+/// The settings `file` laid over `base` (both TOML): tables merged key by
+/// key, the file's values winning; `--config` of the bench and of chaos.
+pub fn laid_over(base: &str, file: &str) -> Result<String, String> {
+    fn merge(base: &mut toml::Table, over: toml::Table) {
+        for (key, value) in over {
+            match (base.get_mut(&key), value) {
+                (Some(toml::Value::Table(base)), toml::Value::Table(over)) => merge(base, over),
+                (_, value) => {
+                    base.insert(key, value);
+                }
+            }
+        }
+    }
+    let mut merged: toml::Table = base.parse().map_err(|e| format!("{e}"))?;
+    merge(&mut merged, file.parse().map_err(|e| format!("{e}"))?);
+    Ok(merged.to_string())
+}
+
 /// `overlay` with `[classify] intent_model = "keywords"` when it names no
 /// intent model.
 fn keyword_intents_unless_chosen(overlay: &str) -> String {
@@ -442,4 +460,25 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_config_file_is_laid_over_table_by_table() {
+        let merged = super::laid_over(
+            "[streams]\nretention_ms = 1\ndead_max_len = 2\n[classify]\nintent_model = \"embedding\"\n",
+            "[streams]\nretention_ms = 3\n[egress]\nsent_ttl_ms = 4\n",
+        )
+        .unwrap();
+        let merged: toml::Table = merged.parse().unwrap();
+        assert_eq!(merged["streams"]["retention_ms"].as_integer(), Some(3));
+        assert_eq!(merged["streams"]["dead_max_len"].as_integer(), Some(2));
+        assert_eq!(
+            merged["classify"]["intent_model"].as_str(),
+            Some("embedding")
+        );
+        assert_eq!(merged["egress"]["sent_ttl_ms"].as_integer(), Some(4));
+        assert!(super::laid_over("", "[streams\n").is_err());
+    }
 }

@@ -166,16 +166,13 @@ async fn main() {
         ));
     }
     if let Some(config) = &options.config {
-        // The file's settings win over the bench's own, table by table.
-        let mut merged: toml::Table = overlay.parse().expect("the bench's overlay is TOML");
-        match config.parse::<toml::Table>() {
-            Ok(config) => merge(&mut merged, config),
+        overlay = match botline_tests::laid_over(&overlay, config) {
+            Ok(overlay) => overlay,
             Err(error) => {
                 eprintln!("--config: {error}");
                 std::process::exit(2);
             }
-        }
-        overlay = merged.to_string();
+        };
     }
     let mut pipeline = Pipeline::start(&redis, &overlay);
     for (stage, count) in &options.scale {
@@ -410,17 +407,5 @@ fn print_redis_stats(connection: &mut redis::Connection) {
             usec / 1000,
             *usec as f64 / (*calls).max(1) as f64
         );
-    }
-}
-
-/// `over` laid on `base`: tables merged key by key, other values replaced.
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(base)), toml::Value::Table(over)) => merge(base, over),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
     }
 }

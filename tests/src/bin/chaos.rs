@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: scripts/chaos [--rate MSGS_PER_S] [--phase-secs S] [--settle-secs S] [--kills N] [--freeze-secs S] [--chats N] [--drain-secs S]
-       scripts/soak [--rate MSGS_PER_S] [--minutes N] [--window-minutes N] [--chats N] [--drain-secs S]";
+       scripts/soak [--rate MSGS_PER_S] [--minutes N] [--window-minutes N] [--chats N] [--drain-secs S] [--config FILE.toml]";
 
 struct Options {
     soak: bool,
@@ -58,6 +58,8 @@ struct Options {
     /// Soak: total time, and the window of the memory samples and latency.
     minutes: f64,
     window_minutes: f64,
+    /// Settings laid over the pipeline's (`--config FILE`).
+    config: Option<String>,
 }
 
 fn options() -> Result<Options, String> {
@@ -72,16 +74,20 @@ fn options() -> Result<Options, String> {
         drain: Duration::from_secs(300),
         minutes: 60.0,
         window_minutes: 10.0,
+        config: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let mut take = || -> Result<f64, String> {
-            args.next()
-                .ok_or_else(|| format!("{flag} needs a value"))?
-                .parse::<f64>()
-                .map_err(|e| format!("{flag}: {e}"))
-        };
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        let number = |value: String| value.parse::<f64>().map_err(|e| format!("{flag}: {e}"));
+        let mut take = || number(value()?);
         match flag.as_str() {
+            "--config" => {
+                let path = args.next().ok_or("--config needs a value")?;
+                options.config = Some(
+                    std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?,
+                );
+            }
             "--soak" => options.soak = true,
             "--rate" => options.rate = take()?,
             "--chats" => options.chats = take()? as usize,
@@ -257,7 +263,9 @@ async fn send(
 
 /// redis-server with AOF, the sink, the four stages and a second classify,
 /// respond and egress. `streams_extra` goes into the `[streams]` table.
-async fn start(streams_extra: &str) -> (RedisServer, Sink, Pipeline) {
+/// The pipeline with `streams_extra` in its `[streams]`, and `config` (the
+/// `--config` file) laid over it all.
+async fn start(streams_extra: &str, config: Option<&str>) -> (RedisServer, Sink, Pipeline) {
     let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
     let sink = Sink::start(WEBHOOK_SECRET).await;
     let overlay = format!(
@@ -266,6 +274,11 @@ async fn start(streams_extra: &str) -> (RedisServer, Sink, Pipeline) {
          [egress.webhook]\nurl = \"{}\"\ntimeout_ms = 2000\n",
         sink.url
     );
+    let overlay = match config {
+        Some(config) => botline_tests::laid_over(&overlay, config)
+            .unwrap_or_else(|error| panic!("--config: {error}")),
+        None => overlay,
+    };
     let mut pipeline = Pipeline::start(&redis, &overlay);
     for stage in ["classify", "respond", "egress"] {
         pipeline.add(stage);
@@ -760,7 +773,7 @@ fn ms(duration: Option<Duration>) -> String {
 // ---------------------------------------------------------------- chaos
 
 async fn chaos(options: Options) -> i32 {
-    let (mut redis, sink, mut pipeline) = start("").await;
+    let (mut redis, sink, mut pipeline) = start("", options.config.as_deref()).await;
     let streams = Streams::default();
     eprintln!(
         "pipeline ready (logs in {}); load {}/s over {} chats; {} faults × ({:?} + {:?} settle)",
@@ -1019,7 +1032,7 @@ fn sample(redis: &RedisServer, pipeline: &Pipeline) -> Vec<(String, u64)> {
 
 async fn soak(options: Options) -> i32 {
     // Streams kept 10 minutes, so Redis's own memory can level off within the hour.
-    let (redis, sink, pipeline) = start("retention_ms = 600000\n").await;
+    let (redis, sink, pipeline) = start("retention_ms = 600000\n", options.config.as_deref()).await;
     let streams = Streams::default();
     let total = Duration::from_secs_f64(options.minutes * 60.0);
     let window = Duration::from_secs_f64(options.window_minutes * 60.0);
