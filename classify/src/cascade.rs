@@ -329,6 +329,18 @@ mod tests {
         (fast, precise)
     }
 
+    /// The cascade of the two tables with [`sure`] and `cache_size`.
+    fn cascade_of(fast: Arc<Table>, precise: Arc<Table>, cache_size: usize) -> Cascade {
+        Cascade::new(
+            Paths::Cascade {
+                fast: intents(fast),
+                precise: intents(precise),
+                sure: sure(),
+            },
+            cache_size,
+        )
+    }
+
     fn sure() -> Sureness {
         Sureness {
             min_score: 0.8,
@@ -346,14 +358,7 @@ mod tests {
     #[test]
     fn the_transformer_sees_only_what_the_static_path_is_unsure_of() {
         let (fast, precise) = tables();
-        let cascade = Cascade::new(
-            Paths::Cascade {
-                fast: intents(fast.clone()),
-                precise: intents(precise.clone()),
-                sure: sure(),
-            },
-            10,
-        );
+        let cascade = cascade_of(fast.clone(), precise.clone(), 10);
         fast.asked();
         precise.asked();
         let decided = cascade.decide(&["sure east", "unsure"]).unwrap();
@@ -390,15 +395,7 @@ mod tests {
             ("less", [0.1, 1.0]),
             ("unsure", [0.1, 1.0]),
         ]);
-        let cascade = Cascade::new(
-            Paths::Cascade {
-                fast: intents(fast.clone()),
-                precise: intents(precise.clone()),
-                sure: sure(),
-            },
-            10,
-        )
-        .with_backlog_share(0.4);
+        let cascade = cascade_of(fast.clone(), precise.clone(), 10).with_backlog_share(0.4);
         precise.asked();
         let texts = ["unsure", "sure east", "least", "less", "unsure"];
         // 40% of 5: two, the least sure.
@@ -423,14 +420,7 @@ mod tests {
         );
         assert_eq!(precise.asked(), ["unsure"]);
         // A share of 1 is the cascade as always; of 0, the static path alone.
-        let all = Cascade::new(
-            Paths::Cascade {
-                fast: intents(fast.clone()),
-                precise: intents(precise.clone()),
-                sure: sure(),
-            },
-            0,
-        );
+        let all = cascade_of(fast.clone(), precise.clone(), 0);
         assert!(all
             .decide_behind(&texts)
             .unwrap()
@@ -493,14 +483,7 @@ mod tests {
     #[test]
     fn a_model_error_is_reported_and_nothing_is_cached() {
         let (fast, precise) = tables();
-        let cascade = Cascade::new(
-            Paths::Cascade {
-                fast: intents(fast),
-                precise: intents(precise),
-                sure: sure(),
-            },
-            10,
-        );
+        let cascade = cascade_of(fast, precise, 10);
         let error = cascade
             .understand(&["sure east", "no such text"])
             .unwrap_err();
