@@ -3,7 +3,7 @@
 //! `cargo run --release -p botline-classify --example encode -- embed [MODEL_DIR] < lines`
 //!   prints each line's embedding as a JSON array, one per line.
 //! `cargo run --release -p botline-classify --example encode -- bench [MODEL_DIR]`
-//!   prints sentences per second in batches of 32 and single-sentence latency.
+//!   prints sentences per second in batches of 4 to 256 and single-sentence latency.
 
 use classify::model::{threads, Embedder, Encoder};
 use std::io::BufRead;
@@ -52,19 +52,21 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             encoder.embed(&SENTENCES)?;
-            let batch: Vec<&str> = SENTENCES.iter().cycle().take(32).copied().collect();
-            let rounds = 8;
-            let started = Instant::now();
-            for _ in 0..rounds {
-                encoder.embed(&batch)?;
+            // Small batches are what the cascade sends on; large ones what
+            // `precise` mode and the distillation run.
+            for size in [4, 16, 64, 256] {
+                let batch: Vec<&str> = SENTENCES.iter().cycle().take(size).copied().collect();
+                let rounds = (512 / size).max(2);
+                let started = Instant::now();
+                for _ in 0..rounds {
+                    encoder.embed(&batch)?;
+                }
+                let seconds = started.elapsed().as_secs_f64();
+                println!(
+                    "batched: {:.1} sentences/s ({rounds} batches of {size})",
+                    (rounds * size) as f64 / seconds,
+                );
             }
-            let seconds = started.elapsed().as_secs_f64();
-            println!(
-                "batched: {:.1} sentences/s ({} batches of {})",
-                (rounds * batch.len()) as f64 / seconds,
-                rounds,
-                batch.len()
-            );
             let mut latencies: Vec<f64> = Vec::new();
             for _ in 0..5 {
                 for sentence in SENTENCES {

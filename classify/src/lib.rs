@@ -10,6 +10,7 @@
 //! distilled from it ([`token_vectors`]) decide what they can, and the
 //! transformer sees only the rest.
 
+pub mod bert;
 pub mod cache;
 pub mod cascade;
 pub mod embedding;

@@ -1,26 +1,22 @@
 //! The sentence encoder: a BERT-family model directory (`config.json`,
-//! `tokenizer.json`, `model.safetensors`) run with candle's `BertModel` on
-//! the CPU, mean-pooled over the real tokens and L2-normalized, so the dot
-//! product of two embeddings is their cosine similarity. Nothing is
+//! `tokenizer.json`, `model.safetensors`) loaded by candle and run by
+//! [`Bert`] on the CPU, mean-pooled over the tokens and L2-normalized, so
+//! the dot product of two embeddings is their cosine similarity. Nothing is
 //! downloaded: `scripts/fetch-model` puts models in `models/<name>/`.
 //!
-//! A batch is tokenized, sorted by length and cut into chunks, each padded
-//! only to its own longest text, so short chat messages cost short passes.
-//! candle spreads each pass over every core (`RAYON_NUM_THREADS` caps it).
+//! A batch is tokenized and packed without padding into passes; each pass
+//! is spread over every core (`RAYON_NUM_THREADS` caps it).
 
-use candle_core::{DType, Device, Tensor};
+use crate::bert::Bert;
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams};
 
 /// The files a model directory must hold.
 pub const MODEL_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
-
-/// Texts per forward pass. Chunks of similar lengths (the batch is sorted)
-/// waste little on padding; bounding them bounds the activations' memory.
-const CHUNK: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -54,11 +50,10 @@ pub trait Embedder: Send + Sync + 'static {
 }
 
 pub struct Encoder {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     prefix: String,
     dimension: usize,
-    device: Device,
 }
 
 impl Encoder {
@@ -94,7 +89,7 @@ impl Encoder {
             path: weights.clone(),
             reason: error.to_string(),
         })?;
-        let model = BertModel::load(vb, &config.bert).map_err(|error| ModelError::Unreadable {
+        let model = Bert::load(vb, &config.bert).map_err(|error| ModelError::Unreadable {
             path: weights,
             reason: error.to_string(),
         })?;
@@ -107,7 +102,7 @@ impl Encoder {
 
     /// An encoder from parts already in memory (tests build tiny models).
     pub fn new(
-        model: BertModel,
+        model: Bert,
         mut tokenizer: Tokenizer,
         config: &BertConfig,
         prefix: String,
@@ -122,7 +117,6 @@ impl Encoder {
             }))
             .map_err(|error| ModelError::Tokenizer(error.to_string()))?;
         Ok(Encoder {
-            device: model.device.clone(),
             model,
             tokenizer,
             prefix,
@@ -165,26 +159,9 @@ impl Encoder {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Embeddings of token id sequences (special tokens included) of
-    /// similar lengths, padded to the longest.
+    /// Embeddings of token id sequences (special tokens included).
     pub fn embed_ids(&self, ids: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let longest = ids.iter().map(|ids| ids.len()).max().unwrap_or(0).max(1);
-        // Padding is masked out of attention and pooling, so its id is moot.
-        let pad = 0u32;
-        let mut flat_ids = Vec::with_capacity(ids.len() * longest);
-        let mut flat_mask = Vec::with_capacity(ids.len() * longest);
-        for one in ids {
-            flat_ids.extend_from_slice(one);
-            flat_ids.extend(std::iter::repeat_n(pad, longest - one.len()));
-            flat_mask.extend(std::iter::repeat_n(1u32, one.len()));
-            flat_mask.extend(std::iter::repeat_n(0u32, longest - one.len()));
-        }
-        let shape = (ids.len(), longest);
-        let input_ids = Tensor::from_vec(flat_ids, shape, &self.device)?;
-        let mask = Tensor::from_vec(flat_mask, shape, &self.device)?;
-        let token_types = input_ids.zeros_like()?;
-        let hidden = self.model.forward(&input_ids, &token_types, Some(&mask))?;
-        Ok(mean_pool_normalized(&hidden, &mask)?.to_vec2::<f32>()?)
+        Ok(self.model.sentence_embeddings(ids)?)
     }
 }
 
@@ -194,32 +171,13 @@ impl Embedder for Encoder {
             .iter()
             .map(|text| self.token_ids(text))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| ids[i].len());
-        let mut embeddings = vec![Vec::new(); texts.len()];
-        for chunk in order.chunks(CHUNK) {
-            let chunk_ids: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-            for (&i, embedding) in chunk.iter().zip(self.embed_ids(&chunk_ids)?) {
-                embeddings[i] = embedding;
-            }
-        }
-        Ok(embeddings)
+        let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        self.embed_ids(&ids)
     }
 
     fn dimension(&self) -> usize {
         self.dimension
     }
-}
-
-/// `hidden` `[batch, tokens, dim]` averaged over the tokens whose `mask`
-/// `[batch, tokens]` is 1, then scaled to unit length: `[batch, dim]`.
-pub fn mean_pool_normalized(hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
-    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-    let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
-    let mean = summed.broadcast_div(&counts)?;
-    let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-    mean.broadcast_div(&norm)
 }
 
 /// The cosine similarity of two unit vectors.
@@ -235,7 +193,8 @@ pub fn threads() -> usize {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use candle_nn::VarMap;
+    use crate::bert::tests::{tiny_config, tiny_weights};
+    use crate::bert::TOKENS_PER_PASS;
     use std::str::FromStr;
 
     /// A two-layer BERT with random weights and a word-level tokenizer over
@@ -266,43 +225,15 @@ pub(crate) mod tests {
             }}"#
         );
         let tokenizer = Tokenizer::from_str(&json).unwrap();
-        let config = BertConfig {
-            vocab_size: words.len(),
-            hidden_size: 8,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
-            intermediate_size: 16,
-            max_position_embeddings: 32,
-            ..BertConfig::default()
-        };
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let model = BertModel::load(vb, &config).unwrap();
+        let config = tiny_config(words.len());
+        let (weights, _) = tiny_weights(&config);
+        let vb = VarBuilder::from_varmap(&weights, DType::F32, &Device::Cpu);
+        let model = Bert::load(vb, &config).unwrap();
         Encoder::new(model, tokenizer, &config, "please ".into(), 12).unwrap()
     }
 
     fn close(a: &[f32], b: &[f32]) -> bool {
         a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
-    }
-
-    #[test]
-    fn mean_pooling_skips_padding_and_normalizes() {
-        let hidden = Tensor::new(
-            &[
-                [[1f32, 2.], [3., 4.], [100., -100.]],
-                [[0., 5.], [7., 7.], [7., 7.]],
-            ],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mask = Tensor::new(&[[1u32, 1, 0], [1, 0, 0]], &Device::Cpu).unwrap();
-        let pooled = mean_pool_normalized(&hidden, &mask)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let norm = 13f32.sqrt();
-        assert!(close(&pooled[0], &[2. / norm, 3. / norm]), "{pooled:?}");
-        assert!(close(&pooled[1], &[0., 1.]), "{pooled:?}");
     }
 
     #[test]
@@ -341,10 +272,10 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn many_texts_span_several_chunks() {
+    fn many_texts_span_several_passes() {
         let encoder = tiny_encoder();
         let words = ["hello", "world", "refund", "order", "a", "b"];
-        let texts: Vec<String> = (0..CHUNK * 2 + 5)
+        let texts: Vec<String> = (0..TOKENS_PER_PASS / 4 + 5)
             .map(|n| {
                 (0..n % 9 + 1)
                     .map(|i| words[(n + i) % words.len()])
