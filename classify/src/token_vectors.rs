@@ -14,6 +14,7 @@
 
 use crate::model::{Embedder, Encoder, ModelError, MODEL_FILES};
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,13 +28,16 @@ pub const FILE: &str = "static.safetensors";
 /// Part of the fingerprint: changing how vectors are made makes old files stale.
 const RECIPE: &str = "botline static token vectors 1: framed token, mean pool, centre, SIF 1e-3 by Zipf rank; ASCII, CJK, punctuation, emoji";
 
-/// Tokens per forward pass while distilling: one matrix product of a useful
-/// size (all sequences have the same length, so nothing is padded).
+/// Framed tokens handed to the encoder at a time while distilling, between
+/// progress reports.
 const DISTILL_CHUNK: usize = 256;
 
 /// Smooth-inverse-frequency weight `a / (a + p)`, `p` the token's Zipf
 /// probability from its rank.
 const SIF: f32 = 1e-3;
+
+/// Texts from which a batch is spread over the cores.
+const PARALLEL_FROM: usize = 16;
 
 /// Marks a token id that has no vector.
 const NONE: u32 = u32::MAX;
@@ -281,8 +285,14 @@ impl TokenVectors {
 /// A message's vector: its tokens' vectors summed and normalized; all zeros
 /// (similar to nothing) when none of its tokens has one.
 impl Embedder for TokenVectors {
+    /// A batch is spread over the cores; a few texts stay on this thread,
+    /// where handing them out would cost more than it saves.
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
-        texts.iter().map(|text| self.embed_one(text)).collect()
+        if texts.len() < PARALLEL_FROM {
+            texts.iter().map(|text| self.embed_one(text)).collect()
+        } else {
+            texts.par_iter().map(|text| self.embed_one(text)).collect()
+        }
     }
 
     fn dimension(&self) -> usize {
