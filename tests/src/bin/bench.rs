@@ -1,6 +1,6 @@
 //! `scripts/bench`: the whole pipeline on this machine. Starts a
 //! redis-server and the four release binaries, pushes N unique messages
-//! (straight into `in`, or through the HTTP API; as fast as it can, or
+//! (straight into `in` as ingest adds them, or through the HTTP API; as fast as it can, or
 //! paced with `--rate`), waits for every delivery receipt, and prints a
 //! table, then one JSON line:
 //! `{"messages":N,"lost":L,"duplicated":D,"throughput_msgs_per_s":T,"p50_ms":…,"p99_ms":…,"via":"stream|http"}`.
@@ -14,7 +14,7 @@
 //! measured is botline, not an HTTP receiver; `--platform webhook` sends
 //! them to a local signed-webhook sink instead.
 
-use botline_shared::codec;
+use botline_ingest::inbox::{Inbox, Submission};
 use botline_shared::message::Receipt;
 use botline_shared::streams::Streams;
 use botline_shared::testing::{read_stream, sample_message, RedisServer};
@@ -191,28 +191,36 @@ async fn main() {
     let started = Instant::now();
     match options.via.as_str() {
         "stream" => {
-            let mut connection = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("redis");
+            // Added as ingest adds them (its script: `in` and the chat's
+            // order set), without HTTP in front.
+            let inbox = Inbox {
+                pool: deadpool_redis::Config::from_url(redis.url())
+                    .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+                    .expect("redis pool"),
+                streams: streams.clone(),
+                dedup_ttl_ms: 0,
+                transcript_max_len: 0,
+                transcript_ttl_ms: 0,
+                retry_after_secs: 1,
+            };
             let chunk = if options.rate.is_some() { 1 } else { 500 };
             for first in (0..options.messages).step_by(chunk) {
                 pace(started, first, options.rate).await;
-                let mut pipe = redis::pipe();
-                for n in first..(first + chunk).min(options.messages) {
-                    let mut message = sample_message(n, &text(n));
-                    message.id = format!("bench-{n}");
-                    message.platform = options.platform.clone();
-                    message.chat.id = format!("chat-{}", n % options.chats);
-                    message.received_at_ms = botline_shared::now_ms();
-                    let mut cmd = redis::cmd("XADD");
-                    cmd.arg(streams.inbound()).arg("*");
-                    for (name, value) in codec::encode(&message) {
-                        cmd.arg(name).arg(value);
-                    }
-                    pipe.add_command(cmd).ignore();
-                }
-                let _: () = pipe.query_async(&mut connection).await.expect("XADD");
+                let submissions: Vec<Submission> = (first..(first + chunk).min(options.messages))
+                    .map(|n| {
+                        let mut message = sample_message(n, &text(n));
+                        message.id = format!("bench-{n}");
+                        message.platform = options.platform.clone();
+                        message.chat.id = format!("chat-{}", n % options.chats);
+                        message.received_at_ms = botline_shared::now_ms();
+                        Submission {
+                            message,
+                            event_id: None,
+                            transcript: false,
+                        }
+                    })
+                    .collect();
+                inbox.admit(&submissions).await.expect("add to in");
             }
         }
         _ => {
