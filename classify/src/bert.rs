@@ -11,6 +11,7 @@
 //! bias and activation, residual and layer norm are each one multi-threaded
 //! sweep over memory; query, key and value are one product.
 
+use crate::model::{dot, unit_sum};
 use candle_core::{CpuStorage, CustomOp1, Device, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
@@ -187,7 +188,7 @@ impl Bert {
         let mut rows = hidden.chunks_exact(width);
         Ok(lengths
             .iter()
-            .map(|&n| mean_unit(rows.by_ref().take(n), width))
+            .map(|&n| unit_sum(rows.by_ref().take(n), width))
             .collect())
     }
 }
@@ -207,20 +208,6 @@ impl Norm {
         x.inplace_op3(residual, &self.weight_bias, &AddNorm(self.eps as f32))?;
         Ok(x)
     }
-}
-
-/// The mean of `rows`, scaled to unit length.
-fn mean_unit<'a>(rows: impl Iterator<Item = &'a [f32]>, width: usize) -> Vec<f32> {
-    let mut sum = vec![0f32; width];
-    for row in rows {
-        for (s, x) in sum.iter_mut().zip(row) {
-            *s += x;
-        }
-    }
-    // The mean's length is the sum's divided by the count: one scaling.
-    let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    sum.iter_mut().for_each(|x| *x /= norm);
-    sum
 }
 
 /// The contiguous f32 data of a tensor's storage.
@@ -381,27 +368,6 @@ impl CustomOp1 for Attention<'_> {
         });
         Ok((CpuStorage::F32(context), Shape::from((tokens, hidden))))
     }
-}
-
-/// A dot product in 32 lanes, which the compiler turns into four vector
-/// registers added to independently (a plain sum may not be reordered, so
-/// it would be one scalar chain).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 32;
-    let mut lanes = [0f32; LANES];
-    let (a_lanes, b_lanes) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let rest: f32 = a_lanes
-        .remainder()
-        .iter()
-        .zip(b_lanes.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (a, b) in a_lanes.zip(b_lanes) {
-        for i in 0..LANES {
-            lanes[i] += a[i] * b[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + rest
 }
 
 /// GELU as BERT defines it, `x · Φ(x)`, with `erf` to within 1.5e-7

@@ -63,6 +63,13 @@ pub enum Decider {
 }
 
 impl Decider {
+    const ALL: [Decider; 4] = [
+        Decider::Cache,
+        Decider::Static,
+        Decider::Transformer,
+        Decider::StaticBehind,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Decider::Cache => "cache",
@@ -174,12 +181,7 @@ impl Cascade {
                 self.cache.put(key, understanding.clone());
             }
         }
-        for decider in [
-            Decider::Cache,
-            Decider::Static,
-            Decider::Transformer,
-            Decider::StaticBehind,
-        ] {
+        for decider in Decider::ALL {
             let count = decided.iter().filter(|(_, d)| *d == decider).count();
             if count > 0 {
                 metrics::counter!("botline_classify_path_total", "path" => decider.as_str())

@@ -12,7 +12,7 @@
 //! `scripts/fetch-model` makes it, and classify makes it at start when it is
 //! missing or was made from something else.
 
-use crate::model::{Embedder, Encoder, ModelError, MODEL_FILES};
+use crate::model::{unit_sum, Embedder, Encoder, ModelError, MODEL_FILES};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -270,15 +270,8 @@ impl TokenVectors {
             .tokenizer
             .encode_fast(text, false)
             .map_err(|error| ModelError::Tokenizer(error.to_string()))?;
-        let mut sum = vec![0f32; self.dimension];
-        for vector in encoding.get_ids().iter().filter_map(|&id| self.row(id)) {
-            for (s, v) in sum.iter_mut().zip(vector) {
-                *s += v;
-            }
-        }
-        let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        sum.iter_mut().for_each(|v| *v /= norm);
-        Ok(sum)
+        let vectors = encoding.get_ids().iter().filter_map(|&id| self.row(id));
+        Ok(unit_sum(vectors, self.dimension))
     }
 }
 
