@@ -12,7 +12,8 @@
 //! than pictures are links on lines of their own.
 //! Only URLs under `session_webhook_base` are used, since the
 //! callback's signature does not cover its body. `errcode` 130101 (sent
-//! too fast: DingTalk then refuses for a while) is retried a minute later.
+//! too fast: DingTalk then refuses for a while and says not how long) is
+//! retried after `throttled_retry_ms`.
 //!
 //! Once the session webhook has expired (or without one) the robot API is
 //! used, when `app_key` is set: `POST {api_base_url}/v1.0/robot/groupMessages/send`
@@ -25,9 +26,13 @@
 //! attempt is retried at once with a new one. The robot API cannot mention.
 //!
 //! Limits (settings): per chat, paced evenly (DingTalk robots: 20 a minute,
-//! then throttled), and per app on the robot API. 429 and 5xx are retried
-//! (with `Retry-After` when given); other refusals are permanent, their
-//! reason naming DingTalk's code and message.
+//! then throttled), and per app on the robot API. The robot API's throttle
+//! answers (`Forbidden.AccessDenied.QpsLimitForAppkeyAndApi`, per app and
+//! API, and `…QpsLimitForApi`, every app at once; HTTP 403) are retried
+//! after `Retry-After`, else after a second, which DingTalk documents as
+//! how long such a limit lasts. 429 and 5xx are retried (with
+//! `Retry-After` when given); other refusals are permanent, their reason
+//! naming DingTalk's code and message.
 
 use super::http::{self, Answered, Http};
 use super::{media, mentions};
@@ -55,7 +60,13 @@ const USER_ID: &str = "user_id";
 const SESSION_MARGIN_MS: i64 = 5_000;
 /// "send too fast": the robot is throttled for a while.
 const THROTTLED: i64 = 130101;
-const THROTTLED_WAIT: Duration = Duration::from_secs(60);
+/// The robot API's throttle codes: the app's calls to one API, and every
+/// app's calls to it, over their rate. Each such limit lasts a second.
+const API_THROTTLED: [&str; 2] = [
+    "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
+    "Forbidden.AccessDenied.QpsLimitForApi",
+];
+const API_THROTTLED_WAIT: Duration = Duration::from_secs(1);
 /// How much of the text's first line a markdown message's title keeps.
 const MARKDOWN_TITLE_CHARS: usize = 32;
 
@@ -72,6 +83,7 @@ struct Settings {
     robot_code: String,
     api_base_url: String,
     timeout_ms: u64,
+    throttled_retry_ms: u64,
     per_chat_per_minute: u32,
     per_app_per_second: u32,
 }
@@ -193,9 +205,14 @@ impl DingTalkSender {
 
     async fn to_session(&self, webhook: Url, reply: &Reply) -> Attempt {
         let sent = self.http.post(webhook).json(&session_body(reply));
-        self.http
-            .attempt(sent, "dingtalk session webhook", judge_session)
-            .await
+        match self.http.send(sent, "dingtalk session webhook").await {
+            Ok(answered) => {
+                let throttled_retry = Duration::from_millis(self.settings.throttled_retry_ms);
+                let verdict = judge_session(&answered, throttled_retry);
+                answered.attempt(verdict)
+            }
+            Err(attempt) => attempt,
+        }
     }
 
     async fn to_robot_api(&self, api: &RobotApi, reply: &Reply) -> Attempt {
@@ -373,7 +390,8 @@ struct SessionAnswer {
     errmsg: String,
 }
 
-fn judge_session(answered: &Answered) -> Verdict {
+/// `throttled_retry` is how long to wait after errcode 130101.
+fn judge_session(answered: &Answered, throttled_retry: Duration) -> Verdict {
     let answer: SessionAnswer = serde_json::from_str(&answered.body).unwrap_or_default();
     let reason = match answer.errcode {
         Some(errcode) => format!(
@@ -395,7 +413,7 @@ fn judge_session(answered: &Answered) -> Verdict {
     }
     if answer.errcode == Some(THROTTLED) {
         return Verdict::RetryAfter {
-            wait: Some(THROTTLED_WAIT),
+            wait: Some(throttled_retry),
             reason,
         };
     }
@@ -442,6 +460,12 @@ fn judge_api(answered: &Answered) -> Verdict {
         return Verdict::RetryAfter {
             wait: Some(Duration::ZERO),
             reason: format!("{reason}; the access token is fetched anew"),
+        };
+    }
+    if API_THROTTLED.contains(&answer.code.as_str()) {
+        return Verdict::RetryAfter {
+            wait: Some(answered.retry_after.unwrap_or(API_THROTTLED_WAIT)),
+            reason,
         };
     }
     if http::is_transient(answered.status) {
@@ -549,7 +573,8 @@ mod tests {
     #[test]
     fn session_webhook_answers_are_judged_by_errcode() {
         let check = |status: u16, body: &str, expected: &str| {
-            assert_eq!(http::judged(judge_session, status, None, body), expected);
+            let judge = |answered: &Answered| judge_session(answered, Duration::from_secs(60));
+            assert_eq!(http::judged(judge, status, None, body), expected);
         };
         check(200, r#"{"errcode":0,"errmsg":"ok"}"#, "delivered None");
         check(
@@ -591,5 +616,30 @@ mod tests {
             "permanent dingtalk answered 400: code invalidParameter.robotCode.notExsit robot 不存在",
         );
         check(503, "", "retry None dingtalk answered 503: code  ");
+        check(
+            403,
+            r#"{"code":"Forbidden.AccessDenied.QpsLimitForAppkeyAndApi","message":"当前应用调用该接口的QPS超过限制"}"#,
+            "retry Some(1s) dingtalk answered 403: code Forbidden.AccessDenied.QpsLimitForAppkeyAndApi 当前应用调用该接口的QPS超过限制",
+        );
+        check(
+            403,
+            r#"{"code":"Forbidden.AccessDenied.QpsLimitForApi","message":"接口QPS超限"}"#,
+            "retry Some(1s) dingtalk answered 403: code Forbidden.AccessDenied.QpsLimitForApi 接口QPS超限",
+        );
+        check(
+            403,
+            r#"{"code":"Forbidden.AccessDenied.AccessTokenPermissionDenied","message":"没有调用该接口的权限"}"#,
+            "permanent dingtalk answered 403: code Forbidden.AccessDenied.AccessTokenPermissionDenied 没有调用该接口的权限",
+        );
+        let throttled = http::judged(
+            judge_api,
+            429,
+            Some(3),
+            r#"{"code":"Throttling","message":"too many"}"#,
+        );
+        assert_eq!(
+            throttled,
+            "retry Some(3s) dingtalk answered 429: code Throttling too many"
+        );
     }
 }
