@@ -1,6 +1,10 @@
 //! The DingTalk sender against a local stand-in of DingTalk: a session
 //! webhook and the robot API (token, group and one-to-one sends), each
 //! request checked as DingTalk checks it (path, token header, JSON shape).
+//! Scripted, a send is answered as DingTalk answers when throttled (the
+//! session webhook: 200 with errcode 130101; the robot API: 403 with
+//! `Forbidden.AccessDenied.QpsLimitForAppkeyAndApi`), with HTTP's 429 and
+//! `Retry-After`, with a 5xx, or the token is revoked.
 
 mod senders;
 
@@ -16,10 +20,19 @@ const APP_KEY: &str = "dingeqqpkv3xxxx";
 const APP_SECRET: &str = "GT-lsu-taDAsTsxxxx-app-secret";
 const ROBOT_CODE: &str = "dingue4kfzdxbynxxxxxx";
 
+/// How the stand-in answers the next send (a token request is not one).
 #[derive(Debug, Clone, Copy)]
 enum Script {
     ServerError,
+    /// The robot API's token stops being valid.
     RevokeToken,
+    /// DingTalk's own throttle answer: errcode 130101 from a session
+    /// webhook, `QpsLimitForAppkeyAndApi` from the robot API.
+    Throttled,
+    /// HTTP's 429 with `Retry-After` (seconds).
+    TooManyRequests {
+        retry_after_secs: u64,
+    },
 }
 
 #[derive(Default)]
@@ -28,6 +41,8 @@ struct Ding {
     script: VecDeque<Script>,
     /// The requests DingTalk accepted.
     sent: Vec<Received>,
+    /// The sends answered from the script instead, in order.
+    refused: Vec<Received>,
     malformed: Vec<String>,
 }
 
@@ -71,9 +86,28 @@ fn answer_ding(ding: &mut Ding, received: &Received) -> Answer {
     }
 }
 
+/// The answer the script has for this send instead of accepting it, if any.
+fn scripted(ding: &mut Ding, received: &Received, throttled: Value) -> Option<Answer> {
+    let answer = match ding.script.pop_front()? {
+        Script::ServerError => (502, Vec::new(), "upstream".into()),
+        Script::RevokeToken => unreachable!("handled where the token is checked"),
+        Script::Throttled if received.path() == "/robot/sendBySession" => answer(200, throttled),
+        Script::Throttled => answer(403, throttled),
+        Script::TooManyRequests { retry_after_secs } => (
+            429,
+            vec![("retry-after", retry_after_secs.to_string())],
+            json!({"code": "Throttling", "message": "Too Many Requests"}).to_string(),
+        ),
+    };
+    ding.refused.push(received.clone());
+    Some(answer)
+}
+
 fn session(ding: &mut Ding, received: &Received, body: Value) -> Answer {
-    if let Some(Script::ServerError) = ding.script.pop_front() {
-        return (502, Vec::new(), "upstream".into());
+    let throttled =
+        json!({"errcode": 130101, "errmsg": "send too fast, exceed 20 times per minute"});
+    if let Some(answer) = scripted(ding, received, throttled) {
+        return answer;
     }
     let well_formed = received
         .uri
@@ -135,6 +169,13 @@ fn robot_api(ding: &mut Ding, received: &Received, body: Value) -> Answer {
         ding.malformed.push(body.to_string());
         let refused = json!({"code": "invalidParameter.param.invalid", "message": "参数错误"});
         return answer(400, refused);
+    }
+    let throttled = json!({
+        "code": "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
+        "message": "当前应用调用该接口的QPS超过限制",
+    });
+    if let Some(answer) = scripted(ding, received, throttled) {
+        return answer;
     }
     ding.sent.push(received.clone());
     answer(
@@ -243,6 +284,61 @@ async fn a_token_dingtalk_refuses_is_fetched_anew() {
     let receipts = egress.delivered(2).await;
     assert_eq!(receipts[1].attempts, 2);
     assert_eq!(ding.lock().unwrap().tokens.len(), 3, "first, revoked, anew");
+}
+
+/// Room enough in every rate limit that only a wait the platform asked
+/// for can space the attempts out.
+const NO_PACING: &str = "per_chat_per_minute = 60000\nper_app_per_second = 1000\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_session_webhook_is_retried_after_throttled_retry_ms_and_a_5xx_too() {
+    let (ding, url) = start_ding().await;
+    ding.lock().unwrap().script = VecDeque::from([Script::Throttled, Script::ServerError]);
+    let egress = start(&url, &format!("throttled_retry_ms = 1000\n{NO_PACING}"));
+    egress.send(&ding_reply("r1", ChatKind::Group, &url, 3_600_000));
+    let receipts = egress.delivered(1).await;
+    assert_eq!(receipts[0].attempts, 3, "130101, then 502, then sent");
+    let ding = ding.lock().unwrap();
+    assert!(ding.malformed.is_empty(), "{:?}", ding.malformed);
+    assert_eq!(ding.sent.len(), 1, "sent once");
+    assert_eq!(ding.refused.len(), 2);
+    assert!(
+        ding.refused[1].at - ding.refused[0].at >= Duration::from_secs(1),
+        "throttled_retry_ms was waited after 130101"
+    );
+    assert!(egress.dead().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_robot_apis_throttle_and_429_are_waited_out_and_a_5xx_is_retried() {
+    let (ding, url) = start_ding().await;
+    ding.lock().unwrap().script = VecDeque::from([
+        Script::Throttled,
+        Script::TooManyRequests {
+            retry_after_secs: 1,
+        },
+        Script::ServerError,
+    ]);
+    let egress = start(&url, &format!("{}{NO_PACING}", with_robot_api()));
+    egress.send(&ding_reply("r1", ChatKind::Group, &url, -1_000));
+    let receipts = egress.delivered(1).await;
+    assert_eq!(receipts[0].attempts, 4, "throttled, 429, 502, then sent");
+    let ding = ding.lock().unwrap();
+    assert!(ding.malformed.is_empty(), "{:?}", ding.malformed);
+    assert_eq!(ding.tokens.len(), 1, "a throttle is not a bad token");
+    assert_eq!(ding.sent.len(), 1, "sent once");
+    assert_eq!(ding.sent[0].path(), "/v1.0/robot/groupMessages/send");
+    let refused = &ding.refused;
+    assert_eq!(refused.len(), 3);
+    assert!(
+        refused[1].at - refused[0].at >= Duration::from_secs(1),
+        "a second was waited after QpsLimitForAppkeyAndApi"
+    );
+    assert!(
+        refused[2].at - refused[1].at >= Duration::from_secs(1),
+        "Retry-After was waited after the 429"
+    );
+    assert!(egress.dead().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
