@@ -1,10 +1,16 @@
 //! The one error type of ingest's front door. Each variant is a cause, knows
 //! its status code and its `reason` label, and is logged and counted in
-//! `botline_ingest_rejected_total{reason}` from one place ([`IngestError::record`]).
+//! `botline_ingest_rejected_total{platform,reason}` from one place
+//! ([`IngestError::record`]): by the connection that read it, or for an
+//! HTTP answer by [`count_refusals`], which knows the route's platform.
 
+use crate::AppState;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use std::sync::Arc;
 use thiserror::Error;
 use tracing::{debug, warn};
 
@@ -102,20 +108,24 @@ impl IngestError {
         }
     }
 
-    /// Log and count this refusal; called once per refused request or frame.
-    pub fn record(&self, route: &'static str) {
-        metrics::counter!("botline_ingest_rejected_total", "reason" => self.label()).increment(1);
+    /// Log and count this refusal of a request or frame `platform` sent
+    /// (a platform's name, `web` for the web chat, `webhook` for the
+    /// generic API); called once per refusal.
+    pub fn record(&self, route: &'static str, platform: &'static str) {
+        let reason = self.label();
+        metrics::counter!("botline_ingest_rejected_total", "platform" => platform, "reason" => reason)
+            .increment(1);
         match self {
             IngestError::Unavailable { cause, .. } => {
-                warn!(message = "request refused", route, reason = self.label(), error = %cause)
+                warn!(message = "request refused", route, platform, reason, error = %cause)
             }
             IngestError::StorageFull { .. } | IngestError::Busy { .. } => {
-                warn!(message = "request refused", route, reason = self.label())
+                warn!(message = "request refused", route, platform, reason)
             }
             IngestError::Unverified { .. } => {
-                warn!(message = "platform request failed verification", route, reason = self.label(), error = %self)
+                warn!(message = "platform request failed verification", route, platform, reason, error = %self)
             }
-            _ => debug!(message = "request refused", route, reason = self.label(), error = %self),
+            _ => debug!(message = "request refused", route, platform, reason, error = %self),
         }
     }
 
@@ -134,9 +144,13 @@ impl IngestError {
     }
 }
 
+/// An HTTP refusal on its way out, for [`count_refusals`] to record.
+#[derive(Debug, Clone)]
+struct Refused(Arc<IngestError>);
+
+/// The answer to a refused request; recorded by [`count_refusals`] on its way out.
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
-        self.record("http");
         let mut response = (
             self.status(),
             Json(serde_json::json!({ "error": self.to_string() })),
@@ -152,6 +166,23 @@ impl IntoResponse for IngestError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        response.extensions_mut().insert(Refused(Arc::new(self)));
         response
     }
+}
+
+/// Middleware around every route: records each refusal a route (or a
+/// layer inside this one) answered, as the platform of the request's path
+/// ([`AppState::platform_of`]).
+pub async fn count_refusals(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let platform = state.platform_of(request.uri().path());
+    let response = next.run(request).await;
+    if let Some(Refused(error)) = response.extensions().get::<Refused>() {
+        error.record("http", platform);
+    }
+    response
 }

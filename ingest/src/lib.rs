@@ -97,6 +97,9 @@ impl Ingest {
     }
 }
 
+/// The `platform` label of a refusal at a path no enabled platform owns.
+pub const UNKNOWN_PLATFORM: &str = "unknown";
+
 /// What request handlers share.
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
@@ -145,6 +148,27 @@ impl AppState {
         }))
     }
 
+    /// The platform whose requests come to `path`, as refusals are
+    /// counted: the enabled platform a `/hooks/<name>` path names, the web
+    /// chat's for its page and socket, the generic API's messages' default
+    /// (`webhook`) for `/v1/…`; [`UNKNOWN_PLATFORM`] for any other path.
+    pub fn platform_of(&self, path: &str) -> &'static str {
+        if let Some(hook) = path.strip_prefix("/hooks/") {
+            let name = hook.split('/').next().unwrap_or_default();
+            return self
+                .platforms
+                .iter()
+                .map(|platform| platform.name())
+                .find(|enabled| *enabled == name)
+                .unwrap_or(UNKNOWN_PLATFORM);
+        }
+        match path {
+            "/" | "/ws" => webchat::PLATFORM,
+            "/v1/messages" | "/v1/broadcast" => generic::DEFAULT_PLATFORM,
+            _ => UNKNOWN_PLATFORM,
+        }
+    }
+
     /// 429 while `in` is over its backlog limit.
     pub fn check_backlog(&self) -> Result<(), IngestError> {
         if self.backlog.get() > self.settings.in_max_backlog {
@@ -171,6 +195,11 @@ pub fn app(state: AppState) -> Router {
         .route("/hooks/{platform}/ws", get(platforms::socket))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), limits::limit))
+        // Outermost, so the per-source limits' refusals are counted too.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            error::count_refusals,
+        ))
         .with_state(state)
 }
 

@@ -192,7 +192,7 @@ async fn session(socket: WebSocket, state: AppState, chat: String, source: Optio
                         _ => take_message(&state, &chat, text.as_str()).await,
                     };
                     if let Err(error) = taken {
-                        error.record("ws");
+                        error.record("ws", PLATFORM);
                         let frame = ServerFrame::Error { error: error.to_string() }.message();
                         if outgoing.send(frame).await.is_err() {
                             return;

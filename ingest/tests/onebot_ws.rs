@@ -300,7 +300,8 @@ async fn reverse_connections_are_verified_and_the_newest_carries_the_replies() {
     assert_eq!(first.connect(&url, &headers).await, Err(400));
     let metrics = prometheus.render();
     for reason in ["bad_token", "missing_token"] {
-        let series = format!("botline_ingest_rejected_total{{reason=\"{reason}\"}} 1");
+        let series =
+            format!("botline_ingest_rejected_total{{platform=\"onebot\",reason=\"{reason}\"}} 1");
         assert!(metrics.contains(&series), "{series} in\n{metrics}");
     }
     assert!(harness.inbound().is_empty());

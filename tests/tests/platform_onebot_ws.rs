@@ -116,7 +116,7 @@ async fn reverse_the_implementation_connects_and_a_wrong_token_is_refused() {
     let implementation = OneBot::new(Duration::from_millis(500));
     let wrong = OneBot::reverse_headers("not-the-token");
     assert_eq!(implementation.connect(&url, &wrong).await, Err(401));
-    let series = "botline_ingest_rejected_total{reason=\"bad_token\"}";
+    let series = "botline_ingest_rejected_total{platform=\"onebot\",reason=\"bad_token\"}";
     assert_eq!(
         pipeline.processes[0].metric(series).await,
         Some(1.0),

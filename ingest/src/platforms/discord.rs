@@ -466,7 +466,7 @@ impl Gateway {
                         }
                         "MESSAGE_CREATE" => {
                             if let Err(error) = self.admit(payload.d).await {
-                                error.record("discord_gateway");
+                                error.record("discord_gateway", PLATFORM.name);
                                 // Not past this one: resuming replays it.
                                 return Close::Keep(Ended::Failed(format!(
                                     "could not add a message: {error}"
@@ -621,7 +621,7 @@ impl Gateway {
             Ok(read) => read,
             Err(error) => {
                 // Passed over: it would fail the same way when replayed.
-                error.record("discord_gateway");
+                error.record("discord_gateway", PLATFORM.name);
                 return Ok(());
             }
         };

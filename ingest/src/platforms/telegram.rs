@@ -670,7 +670,8 @@ impl Poller {
                 Ok(update) => update,
                 Err(error) => {
                     // Passed over (and so confirmed): Telegram would send it again forever.
-                    IngestError::Malformed(error.to_string()).record("telegram_polling");
+                    IngestError::Malformed(error.to_string())
+                        .record("telegram_polling", PLATFORM.name);
                     continue;
                 }
             };
@@ -694,7 +695,7 @@ impl Poller {
         }
         if !submissions.is_empty() {
             inbox.admit(&submissions).await.map_err(|error| {
-                error.record("telegram_polling");
+                error.record("telegram_polling", PLATFORM.name);
                 self.retry
             })?;
         }

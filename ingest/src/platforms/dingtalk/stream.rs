@@ -163,7 +163,7 @@ impl StreamMode {
                 ("SYSTEM", _) => None,
                 ("CALLBACK", ROBOT_TOPIC) => {
                     if let Err(error) = self.admit(&frame.data).await {
-                        error.record("dingtalk_stream");
+                        error.record("dingtalk_stream", NAME);
                         close_socket(&mut socket, None).await;
                         // Not acknowledged: DingTalk sends it again.
                         return Ended::Failed(format!("could not add a message: {error}"));
@@ -240,7 +240,7 @@ impl StreamMode {
             Ok(callback) => callback,
             Err(error) => {
                 // Acknowledged all the same: it would fail the same way again.
-                IngestError::Malformed(error.to_string()).record("dingtalk_stream");
+                IngestError::Malformed(error.to_string()).record("dingtalk_stream", NAME);
                 return Ok(());
             }
         };

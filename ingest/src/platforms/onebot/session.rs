@@ -166,7 +166,7 @@ impl Session<'_> {
             Ok(received) => received,
             Err(error) => {
                 IngestError::Malformed(format!("a frame that is not JSON: {error}"))
-                    .record(self.route);
+                    .record(self.route, super::PLATFORM.name);
                 return;
             }
         };
@@ -181,7 +181,7 @@ impl Session<'_> {
                 Ok(Hook::Events { events, .. }) => self.admit(events, stop).await,
                 Ok(Hook::Ignored { kind, .. }) => count_ignored(super::PLATFORM.name, kind),
                 Ok(Hook::Answer(_)) => {}
-                Err(error) => error.record(self.route),
+                Err(error) => error.record(self.route, super::PLATFORM.name),
             }
             // Back-pressure held the socket: do not count that as its silence.
             liveness.heard(Instant::now());
@@ -211,7 +211,7 @@ impl Session<'_> {
             let Err(error) = self.inbox.admit(&submissions).await else {
                 return;
             };
-            error.record(self.route);
+            error.record(self.route, super::PLATFORM.name);
             if stop.is_cancelled() {
                 warn!(message = "onebot event not added before shutting down", %error);
                 return;

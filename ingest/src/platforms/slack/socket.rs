@@ -261,7 +261,7 @@ impl SocketMode {
         };
         if message.kind == "events_api" {
             if let Err(error) = self.admit(message.payload.unwrap_or_default()).await {
-                error.record("slack_socket");
+                error.record("slack_socket", PLATFORM.name);
                 return Next::Fail(format!("could not add an event: {error}"));
             }
         } else {
@@ -284,7 +284,7 @@ impl SocketMode {
             Ok(envelope) => envelope,
             Err(error) => {
                 // Acknowledged all the same: it would fail the same way again.
-                IngestError::Malformed(error.to_string()).record("slack_socket");
+                IngestError::Malformed(error.to_string()).record("slack_socket", PLATFORM.name);
                 return Ok(());
             }
         };
