@@ -1,7 +1,9 @@
 //! Bad platform requests against the real ingest binary: each is refused
-//! with its status and counted by reason in `/metrics`, a platform's retry
-//! of a good event adds nothing, nothing refused reaches `in`, and the
-//! configured secrets appear in no log, no metric and no stream entry.
+//! with its status and counted by platform and reason in `/metrics` (a
+//! forged signature on each HTTP platform counted as that platform's), a
+//! platform's retry of a good event adds nothing, nothing refused reaches
+//! `in`, and the configured secrets appear in no log, no metric and no
+//! stream entry.
 
 use botline_shared::streams::Streams;
 use botline_shared::testing::RedisServer;
@@ -15,6 +17,49 @@ const SLACK_SECRET: &str = "refusals-slack-signing-secret-42";
 const SLACK_TOKEN: &str = "xoxb-refusals-slack-bot-token-42";
 const TELEGRAM_SECRET: &str = "refusals_telegram_webhook_secret_42";
 const TELEGRAM_TOKEN: &str = "4242:refusals-telegram-bot-token";
+const FEISHU_TOKEN: &str = "refusals-feishu-verification-token";
+const FEISHU_KEY: &str = "refusals-feishu-encrypt-key-42";
+const DINGTALK_SECRET: &str = "refusals-dingtalk-app-secret-42";
+const WECOM_TOKEN: &str = "refusals-wecom-token-42";
+/// Any 43 characters of Base64 make an EncodingAESKey (WeCom's sample one).
+const WECOM_AES_KEY: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
+const ONEBOT_SECRET: &str = "refusals-onebot-secret-42";
+
+/// A request to each other HTTP platform's hook, signed with a signature
+/// that does not match (but present, and in the platform's own headers or
+/// query): each is refused `bad_signature`, as Slack's is.
+async fn forged_signatures(http: &reqwest::Client, base_url: &str) {
+    let now_ms = botline_shared::now_ms();
+    let now_secs = (now_ms / 1000).to_string();
+    let forged = [
+        http.post(format!("{base_url}/hooks/feishu"))
+            .header("content-type", "application/json")
+            .header("X-Lark-Request-Timestamp", &now_secs)
+            .header("X-Lark-Request-Nonce", "13371337")
+            .header("X-Lark-Signature", "00".repeat(32))
+            .body(r#"{"encrypt":"AAAA"}"#),
+        http.post(format!("{base_url}/hooks/dingtalk"))
+            .header("content-type", "application/json")
+            .header("timestamp", now_ms.to_string())
+            .header("sign", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .body(r#"{"msgId":"m1","text":{"content":"hi"}}"#),
+        http.post(format!(
+            "{base_url}/hooks/wecom?msg_signature={}&timestamp={now_secs}&nonce=1372623149",
+            "00".repeat(20)
+        ))
+        .header("content-type", "text/xml")
+        .body("<xml><ToUserName><![CDATA[wx5823bf96d3bd56c7]]></ToUserName><Encrypt><![CDATA[AAAA]]></Encrypt></xml>"),
+        http.post(format!("{base_url}/hooks/onebot"))
+            .header("content-type", "application/json")
+            .header("X-Self-ID", "10001")
+            .header("X-Signature", format!("sha1={}", "00".repeat(20)))
+            .body(r#"{"post_type":"meta_event","meta_event_type":"heartbeat","self_id":10001,"time":1}"#),
+    ];
+    for request in forged {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 401, "{}", response.url());
+    }
+}
 
 fn slack_event(event_id: &str) -> String {
     serde_json::json!({
@@ -41,7 +86,11 @@ async fn bad_platform_requests_are_refused_counted_and_leave_no_trace_of_secrets
     let redis = RedisServer::start();
     let overlay = "[runner]\nblock_ms = 200\n\
          [ingest.platforms.slack]\nenabled = true\nbot_user_id = \"U0LAN0Z89\"\n\
-         [ingest.platforms.telegram]\nenabled = true\nbot_id = \"4242\"\nbot_username = \"refusals_bot\"\n";
+         [ingest.platforms.telegram]\nenabled = true\nbot_id = \"4242\"\nbot_username = \"refusals_bot\"\n\
+         [ingest.platforms.feishu]\nenabled = true\n\
+         [ingest.platforms.dingtalk]\nenabled = true\n\
+         [ingest.platforms.wecom]\nenabled = true\ncorp_id = \"wx5823bf96d3bd56c7\"\n\
+         [ingest.platforms.onebot]\nenabled = true\n";
     let mut pipeline = Pipeline::start_with_env(
         &redis,
         overlay,
@@ -50,6 +99,12 @@ async fn bad_platform_requests_are_refused_counted_and_leave_no_trace_of_secrets
             ("BOTLINE_SLACK_BOT_TOKEN", SLACK_TOKEN),
             ("BOTLINE_TELEGRAM_WEBHOOK_SECRET", TELEGRAM_SECRET),
             ("BOTLINE_TELEGRAM_BOT_TOKEN", TELEGRAM_TOKEN),
+            ("BOTLINE_FEISHU_VERIFICATION_TOKEN", FEISHU_TOKEN),
+            ("BOTLINE_FEISHU_ENCRYPT_KEY", FEISHU_KEY),
+            ("BOTLINE_DINGTALK_APP_SECRET", DINGTALK_SECRET),
+            ("BOTLINE_WECOM_TOKEN", WECOM_TOKEN),
+            ("BOTLINE_WECOM_ENCODING_AES_KEY", WECOM_AES_KEY),
+            ("BOTLINE_ONEBOT_SECRET", ONEBOT_SECRET),
         ],
     );
     pipeline.wait_ready(Duration::from_secs(60)).await;
@@ -93,7 +148,16 @@ async fn bad_platform_requests_are_refused_counted_and_leave_no_trace_of_secrets
     // Ingest answers 413 as soon as the length is over the limit and may
     // close before the 2 MB are written: then the client sees a broken
     // pipe instead of the answer. The refusal is counted either way (below).
-    match post(now.clone(), huge_signature, huge).await {
+    // Its own client, so the connection ingest may close mid-body is not
+    // pooled for the next request (which would then fail to send).
+    let huge_post = reqwest::Client::new()
+        .post(&slack)
+        .header("content-type", "application/json")
+        .header("X-Slack-Request-Timestamp", now.clone())
+        .header("X-Slack-Signature", huge_signature)
+        .body(huge)
+        .send();
+    match huge_post.await {
         Ok(response) => assert_eq!(status(response), 413),
         Err(error) => assert!(error.is_request(), "{error}"),
     }
@@ -116,6 +180,7 @@ async fn bad_platform_requests_are_refused_counted_and_leave_no_trace_of_secrets
         ),
         404
     );
+    forged_signatures(&http, &pipeline.base_url()).await;
     // A good event, then Slack's retry of it.
     for _ in 0..2 {
         let signature = slack_signature(&now, &good);
@@ -131,18 +196,25 @@ async fn bad_platform_requests_are_refused_counted_and_leave_no_trace_of_secrets
 
     let ingest = pipeline.stage("ingest");
     let metrics = ingest.metrics().await;
-    for (reason, expected) in [
-        ("bad_signature", 1.0),
-        ("stale_timestamp", 1.0),
-        ("malformed", 1.0),
-        ("too_large", 1.0),
-        ("bad_token", 1.0),
-        ("unknown_platform", 1.0),
+    // Each refusal once, as its platform's: `bad_signature` five times over,
+    // but once for each platform.
+    for (platform, reason) in [
+        ("slack", "bad_signature"),
+        ("slack", "stale_timestamp"),
+        ("slack", "malformed"),
+        ("slack", "too_large"),
+        ("telegram", "bad_token"),
+        ("unknown", "unknown_platform"),
+        ("feishu", "bad_signature"),
+        ("dingtalk", "bad_signature"),
+        ("wecom", "bad_signature"),
+        ("onebot", "bad_signature"),
     ] {
-        let series = format!("botline_ingest_rejected_total{{reason=\"{reason}\"}}");
+        let series =
+            format!("botline_ingest_rejected_total{{platform=\"{platform}\",reason=\"{reason}\"}}");
         assert_eq!(
             botline_tests::metric_value(&metrics, &series),
-            Some(expected),
+            Some(1.0),
             "{series}\n{metrics}"
         );
     }
@@ -171,7 +243,18 @@ async fn bad_platform_requests_are_refused_counted_and_leave_no_trace_of_secrets
             }
         }
     }
-    for secret in [SLACK_SECRET, SLACK_TOKEN, TELEGRAM_SECRET, TELEGRAM_TOKEN] {
+    for secret in [
+        SLACK_SECRET,
+        SLACK_TOKEN,
+        TELEGRAM_SECRET,
+        TELEGRAM_TOKEN,
+        FEISHU_TOKEN,
+        FEISHU_KEY,
+        DINGTALK_SECRET,
+        WECOM_TOKEN,
+        WECOM_AES_KEY,
+        ONEBOT_SECRET,
+    ] {
         assert!(!seen.contains(secret), "a secret leaked: {secret}");
     }
 }
