@@ -9,7 +9,8 @@
 //!   `ttl` and a standby replica takes it on its next look. A connection
 //!   the platform opened anew may [`Lease::take_over`] (OneBot's reverse
 //!   WebSocket: the newest connection is the one in use).
-//! - [`Backoff`]: exponential backoff with full jitter between attempts,
+//! - [`Backoff`]: exponential backoff with equal jitter between attempts
+//!   (at least half of each ceiling, so failing attempts thin out),
 //!   back to the start once a connection got up.
 //! - [`Link`]: the connection's state as metrics
 //!   (`botline_ingest_connection_up`, `_reconnects_total`,
@@ -171,13 +172,14 @@ impl Lease {
 
 // ---- backoff ----
 
-/// Exponential backoff with full jitter: the n-th wait in a row is random
-/// in `[0, min(cap, base × 2ⁿ)]`, never below `floor`.
+/// Exponential backoff with equal jitter: the n-th wait in a row is random
+/// in `[c/2, c]` for the ceiling `c = min(cap, base × 2ⁿ)`. Half of each
+/// ceiling is always waited, so a peer that fails every attempt sees them
+/// thin out however the dice fall; the other half spreads replicas apart.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
     cap: Duration,
-    floor: Duration,
     failures: u32,
 }
 
@@ -186,7 +188,6 @@ impl Backoff {
         Backoff {
             base,
             cap,
-            floor: Duration::from_millis(base.as_millis().min(100) as u64 / 2),
             failures: 0,
         }
     }
@@ -199,8 +200,7 @@ impl Backoff {
             .min(self.cap);
         self.failures = self.failures.saturating_add(1);
         let ceiling_ms = ceiling.as_millis() as u64;
-        let wait = Duration::from_millis(rand::rng().random_range(0..=ceiling_ms));
-        wait.max(self.floor.min(ceiling))
+        Duration::from_millis(rand::rng().random_range(ceiling_ms / 2..=ceiling_ms))
     }
 
     /// A connection got up: the next failure starts from `base` again.
@@ -1076,15 +1076,16 @@ mod tests {
                     "{wait:?} > {ceiling}"
                 );
                 assert!(
-                    wait >= Duration::from_millis(50),
-                    "{wait:?} below the floor"
+                    wait >= Duration::from_millis(ceiling / 2),
+                    "{wait:?} below half of {ceiling}"
                 );
             }
             backoff.next_wait();
         }
         backoff.reset();
         for _ in 0..50 {
-            assert!(backoff.clone().next_wait() <= Duration::from_millis(100));
+            let wait = backoff.clone().next_wait();
+            assert!(wait <= Duration::from_millis(100) && wait >= Duration::from_millis(50));
         }
     }
 
