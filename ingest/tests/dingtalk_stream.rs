@@ -11,7 +11,8 @@
 //! ingest replicas only one connects, and the other takes over when the
 //! holder dies. A quiet socket stays up on ingest's pings; one gone silent
 //! (open, but nothing read or sent) is found dead within `idle_timeout_ms`
-//! and replaced.
+//! and replaced. A DingTalk that closes each socket, or sends `disconnect`,
+//! right after accepting it meets a growing backoff.
 
 mod common;
 
@@ -21,7 +22,10 @@ use axum::Json;
 use botline_ingest::platforms::dingtalk::SESSION_WEBHOOK;
 use botline_shared::message::{ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
-use common::connections::{expect_texts, texts, Command, Protocol, StandIn, WAIT};
+use common::connections::{
+    expect_backed_off, expect_texts, texts, with_storm_backoff, Behaviour, Command, Protocol,
+    StandIn, WAIT,
+};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -361,4 +365,24 @@ async fn idle_settings_are_checked_at_start() {
     assert!(refused("ping_interval_ms = 60000\n")
         .contains("ingest.platforms.dingtalk.ping_interval_ms"));
     assert_eq!(refused("ping_interval_ms = 0\n"), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_closed_or_disconnected_at_once_are_reopened_after_a_growing_backoff() {
+    let dingtalk = DingTalk::start().await;
+    dingtalk.state().behaviour = Behaviour::CloseAtOnce;
+    let _harness = start_configured(&with_storm_backoff(&settings(&dingtalk)), &[SECRET_ENV]).await;
+    expect_backed_off(6, || dingtalk.state().attempts.clone()).await;
+
+    // `disconnect` at once, again and again: reconnecting at once is for
+    // a connection that lasted.
+    {
+        let mut state = dingtalk.state();
+        state.behaviour = Behaviour::DisconnectAtOnce;
+        state.attempts.clear();
+    }
+    expect_backed_off(6, || dingtalk.state().attempts.clone()).await;
+    let state = dingtalk.state();
+    assert!(state.faults.is_empty(), "{:?}", state.faults);
+    assert_eq!(state.accepted, 0, "no socket was served");
 }

@@ -6,17 +6,19 @@
 //! stops acknowledging heartbeats. Messages keep flowing through all of it,
 //! none lost or doubled; across two ingest replicas only one connects, and
 //! the other takes over (resuming the same session) when the holder dies or
-//! stops.
+//! stops. A gateway that drops each connection, or asks for a new one,
+//! right after READY meets a growing backoff.
 
 mod common;
 
 use botline_shared::message::{ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
-use common::connections::{expect_texts, WAIT};
+use common::connections::{expect_backed_off, expect_texts, with_storm_backoff, WAIT};
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +66,22 @@ struct State {
     heartbeats: Vec<Value>,
     /// Whatever a check of the stand-in found wrong.
     faults: Vec<String>,
+    /// What each connection does right after READY or RESUMED.
+    at_once: AtOnce,
+    /// When each socket was opened (TCP).
+    attempts: Vec<Instant>,
+}
+
+/// What a connection does right after READY or RESUMED.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum AtOnce {
+    /// Carry on.
+    #[default]
+    Serve,
+    /// Drop the socket without a close frame.
+    Drop,
+    /// Send op 7 (reconnect), and wait for ingest to close the socket.
+    Reconnect,
 }
 
 #[derive(Clone)]
@@ -132,6 +150,7 @@ impl Gateway {
     }
 
     async fn connection(self, stream: tokio::net::TcpStream) {
+        self.state().attempts.push(Instant::now());
         let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
             return;
         };
@@ -218,6 +237,17 @@ impl Gateway {
         }
         for reply in replies {
             if socket.send(send(reply)).await.is_err() {
+                return;
+            }
+        }
+        let at_once = self.state().at_once;
+        match at_once {
+            AtOnce::Serve => {}
+            AtOnce::Drop => return,
+            AtOnce::Reconnect => {
+                if socket.send(send(json!({"op": 7, "d": null}))).await.is_ok() {
+                    while read(socket).await.is_some() {}
+                }
                 return;
             }
         }
@@ -496,4 +526,30 @@ async fn one_replica_connects_and_another_takes_over_when_it_dies_or_stops() {
     assert_eq!(state.sessions, 1, "one session all along");
     drop(state);
     third_shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_drops_or_asks_to_reconnect_right_after_ready_meets_a_growing_backoff() {
+    let gateway = Gateway::start().await;
+    gateway.state().at_once = AtOnce::Drop;
+    let settings = with_storm_backoff(&settings(&gateway));
+    let _harness = start_configured(&settings, &[("BOTLINE_DISCORD_BOT_TOKEN", TOKEN)]).await;
+    expect_backed_off(6, || gateway.state().attempts.clone()).await;
+
+    // op 7 right after RESUMED, again and again: reconnecting at once is
+    // for a connection that lasted.
+    {
+        let mut state = gateway.state();
+        state.at_once = AtOnce::Reconnect;
+        state.attempts.clear();
+    }
+    expect_backed_off(6, || gateway.state().attempts.clone()).await;
+    let state = gateway.state();
+    assert!(state.faults.is_empty(), "{:?}", state.faults);
+    assert!(
+        state.established >= 10,
+        "each connection got READY or RESUMED first: {}",
+        state.established
+    );
+    assert_eq!(state.sessions, 1, "resumed all along");
 }

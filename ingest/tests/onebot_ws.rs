@@ -5,7 +5,9 @@
 //! relayed as egress relays them are written once, answered by `echo`, and
 //! what came of them is reported; expired and cancelled frames are never
 //! written; a dropped or silent connection is opened again, losing and
-//! doubling nothing; reverse connections are verified (401, counted).
+//! doubling nothing, and one the implementation closes at once each time
+//! is opened again after a growing backoff; reverse connections are
+//! verified (401, counted).
 
 mod common;
 
@@ -14,9 +16,11 @@ use botline_shared::relay::{self, Enqueue, Outcome};
 use botline_shared::streams::Streams;
 use botline_shared::testing::RedisServer;
 use botline_tests::onebot::{private_message, Answering, OneBot, SELF_ID};
+use common::connections::{expect_backed_off, with_storm_backoff};
 use common::*;
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const TOKEN: &str = "kSLuTF2GC2Q4q4ugm3";
 const WAIT: Duration = Duration::from_secs(20);
@@ -208,6 +212,27 @@ async fn a_connection_whose_heartbeats_stop_is_opened_again() {
     .await;
     implementation.send(private_message(2, 42, "after"));
     expect_texts(&harness, &["before", "after"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_implementation_that_closes_each_connection_at_once_meets_a_growing_backoff() {
+    // Accepts each WebSocket, then closes it at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let attempts: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = attempts.clone();
+    accept_each(listener, move |stream| {
+        seen.lock().unwrap().push(Instant::now());
+        async move {
+            if let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await {
+                let _ = socket.close(None).await;
+            }
+        }
+    });
+    let env = [("BOTLINE_ONEBOT_ACCESS_TOKEN", TOKEN)];
+    let overlay = with_storm_backoff(&settings("forward", &url));
+    let _harness = start_configured(&overlay, &env).await;
+    expect_backed_off(6, || attempts.lock().unwrap().clone()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

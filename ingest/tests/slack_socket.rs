@@ -8,7 +8,8 @@
 //! `in`; across two ingest replicas only one connects, and the other takes
 //! over when the holder dies. A socket kept quiet stays up on ingest's pings;
 //! one gone silent (open, but nothing read or sent) is found dead within
-//! `idle_timeout_ms` and replaced.
+//! `idle_timeout_ms` and replaced. A Slack that closes each socket, or asks
+//! for a new one, right after `hello` meets a growing backoff.
 
 mod common;
 
@@ -18,7 +19,10 @@ use axum::routing::post;
 use axum::Json;
 use botline_shared::message::{ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
-use common::connections::{expect_texts, texts, Command, Protocol, StandIn, WAIT};
+use common::connections::{
+    expect_backed_off, expect_texts, texts, with_storm_backoff, Behaviour, Command, Protocol,
+    StandIn, WAIT,
+};
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -108,8 +112,13 @@ fn envelope(id: &str, ts: &str, text: &str) -> Value {
 }
 
 fn settings(slack: &Slack) -> String {
+    settings_for(slack, BOT)
+}
+
+/// The settings for the bot `bot` (tests reading metrics each have their own).
+fn settings_for(slack: &Slack, bot: &str) -> String {
     format!(
-        "[ingest.platforms.slack]\nenabled = true\nmode = \"socket\"\nbot_user_id = \"{BOT}\"\n\
+        "[ingest.platforms.slack]\nenabled = true\nmode = \"socket\"\nbot_user_id = \"{bot}\"\n\
          api_base_url = \"{}/api\"\nlease_ttl_ms = 1500\nstandby_poll_ms = 100\n\
          connect_timeout_ms = 5000\nreconnect_base_ms = 20\nreconnect_cap_ms = 200\n",
         slack.api_base
@@ -122,8 +131,9 @@ const IDLE: &str = "idle_timeout_ms = 1000\nping_interval_ms = 300\n";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_flow_are_acknowledged_and_survive_a_refresh_and_a_drop() {
     let slack = Slack::start().await;
-    let harness =
-        start_configured(&settings(&slack), &[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)]).await;
+    // Every socket lasts (up 1 ms), so a refresh is a handover at once.
+    let overlay = format!("{}stable_after_ms = 1\n", settings(&slack));
+    let harness = start_configured(&overlay, &[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)]).await;
     let key = harness.streams.inbound();
     let redis = &harness.redis;
     slack.check_inbound(redis, &key);
@@ -329,7 +339,7 @@ async fn a_quiet_socket_is_kept_and_a_silent_one_is_replaced_within_the_idle_tim
 }
 
 #[tokio::test]
-async fn idle_settings_are_checked_at_start() {
+async fn idle_and_connection_settings_are_checked_at_start() {
     let slack = Slack::start().await;
     let redis = RedisServer::start();
     let refused = |extra: &str| {
@@ -350,4 +360,28 @@ async fn idle_settings_are_checked_at_start() {
         refused("idle_timeout_ms = 1000\nping_interval_ms = 0\n"),
         ""
     );
+    assert!(refused("stable_after_ms = 0\n")
+        .contains("setting ingest.platforms.slack.stable_after_ms: must be at least 1"));
+}
+
+const TOKEN_ENV: (&str, &str) = ("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_closed_or_refreshed_right_after_hello_are_reopened_after_a_growing_backoff() {
+    let slack = Slack::start().await;
+    slack.state().behaviour = Behaviour::CloseAtOnce;
+    let _harness = start_configured(&with_storm_backoff(&settings(&slack)), &[TOKEN_ENV]).await;
+    expect_backed_off(6, || slack.state().attempts.clone()).await;
+
+    // `disconnect` right after `hello`, again and again: no handover
+    // storm either, the backoff still growing.
+    {
+        let mut state = slack.state();
+        state.behaviour = Behaviour::DisconnectAtOnce;
+        state.attempts.clear();
+    }
+    expect_backed_off(6, || slack.state().attempts.clone()).await;
+    let state = slack.state();
+    assert!(state.faults.is_empty(), "{:?}", state.faults);
+    assert_eq!(state.accepted, 0, "no socket was served");
 }

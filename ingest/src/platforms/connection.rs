@@ -9,9 +9,10 @@
 //!   `ttl` and a standby replica takes it on its next look. A connection
 //!   the platform opened anew may [`Lease::take_over`] (OneBot's reverse
 //!   WebSocket: the newest connection is the one in use).
-//! - [`Backoff`]: exponential backoff with equal jitter between attempts
-//!   (at least half of each ceiling, so failing attempts thin out),
-//!   back to the start once a connection got up.
+//! - [`Backoff`]: exponential backoff with equal jitter between attempts,
+//!   back to the start only once a connection lasted (`stable_after_ms` up):
+//!   a peer that accepts and at once closes (politely or not) meets the
+//!   same growing backoff as one that refuses.
 //! - [`Link`]: the connection's state as metrics
 //!   (`botline_ingest_connection_up`, `_reconnects_total`,
 //!   `_last_event_age_seconds`, labelled `platform` and `bot`) and as a
@@ -51,7 +52,7 @@ use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -203,7 +204,7 @@ impl Backoff {
         Duration::from_millis(rand::rng().random_range(ceiling_ms / 2..=ceiling_ms))
     }
 
-    /// A connection got up: the next failure starts from `base` again.
+    /// A connection lasted: the next failure starts from `base` again.
     pub fn reset(&mut self) {
         self.failures = 0;
     }
@@ -219,8 +220,8 @@ pub struct Link {
     /// `<platform>:<bot>`, the `/readyz` check.
     check: String,
     up: AtomicBool,
-    /// Whether the connection now running got up at least once.
-    got_up: AtomicBool,
+    /// When the connection now running first got up, if it did.
+    up_since: Mutex<Option<Instant>>,
     /// When the platform last sent anything, UTC ms (0: never).
     last_event_ms: AtomicI64,
 }
@@ -233,7 +234,7 @@ impl Link {
             bot,
             health,
             up: AtomicBool::new(false),
-            got_up: AtomicBool::new(false),
+            up_since: Mutex::new(None),
             last_event_ms: AtomicI64::new(0),
         }
     }
@@ -249,7 +250,10 @@ impl Link {
     /// The connection is established (Discord: READY or RESUMED).
     pub fn up(&self) {
         self.event();
-        self.got_up.store(true, Ordering::SeqCst);
+        self.up_since
+            .lock()
+            .expect("up_since lock")
+            .get_or_insert_with(Instant::now);
         if !self.up.swap(true, Ordering::SeqCst) {
             info!(message = "connection up", platform = self.platform, bot = %self.bot);
         }
@@ -273,6 +277,20 @@ impl Link {
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::SeqCst)
+    }
+
+    /// Whether the connection now running got up at least `long` ago: it
+    /// lasted, so what ends it is no sign of a peer that keeps failing.
+    pub fn lasted(&self, long: Duration) -> bool {
+        self.up_since
+            .lock()
+            .expect("up_since lock")
+            .is_some_and(|since| since.elapsed() >= long)
+    }
+
+    /// Another connection is being opened: not up yet.
+    fn opening(&self) {
+        *self.up_since.lock().expect("up_since lock") = None;
     }
 
     fn set_down(&self) {
@@ -471,16 +489,6 @@ pub fn incoming(frame: Option<Result<Message, tungstenite::Error>>, peer: &str) 
     }
 }
 
-/// When a connection the peer closed had been up, so that the next one
-/// opens at once rather than after a backoff.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpWhen {
-    /// Once its link is up (Slack: its `hello` came).
-    LinkUp,
-    /// Once any frame came on it, ping and pong included (DingTalk Stream).
-    Heard,
-}
-
 /// One client socket's silence, watched as [`Idle`] says.
 #[derive(Debug)]
 pub struct Keepalive {
@@ -490,8 +498,6 @@ pub struct Keepalive {
     liveness: Liveness,
     /// When we last pinged, if we did since the peer was last heard.
     pinged: Option<Instant>,
-    /// Whether a frame (ping and pong included) came on this socket.
-    heard_frame: bool,
 }
 
 impl Keepalive {
@@ -502,7 +508,6 @@ impl Keepalive {
             peer,
             liveness: Liveness::new(Some(idle.timeout), now),
             pinged: None,
-            heard_frame: false,
         }
     }
 
@@ -576,14 +581,13 @@ impl Keepalive {
     /// The next text from `socket`, each frame an event on `link`; or how
     /// the connection ended: told to stop (the socket closed), silent too
     /// long (dropped: a peer that cannot be heard cannot answer a close),
-    /// or closed by the peer ([`Ended::Again`] if it had been up as
-    /// `up_when` says, else a failure).
+    /// or closed by the peer (a failure: [`supervise`] waits a backoff
+    /// unless the connection lasted).
     pub async fn next_text(
         &mut self,
         socket: &mut ClientSocket,
         link: &Link,
         stop: &CancellationToken,
-        up_when: UpWhen,
     ) -> Result<String, Ended> {
         loop {
             let text = match self.next(socket, stop).await {
@@ -593,20 +597,10 @@ impl Keepalive {
                     close_socket(socket, None).await;
                     return Err(Ended::Stopped);
                 }
-                Incoming::Silent(reason) => return Err(Ended::Failed(reason)),
-                Incoming::Over(reason) => {
-                    let up = match up_when {
-                        UpWhen::LinkUp => link.is_up(),
-                        UpWhen::Heard => self.heard_frame,
-                    };
-                    if !up {
-                        return Err(Ended::Failed(reason));
-                    }
-                    info!(message = "socket closed", peer = self.peer, %reason);
-                    return Err(Ended::Again);
+                Incoming::Silent(reason) | Incoming::Over(reason) => {
+                    return Err(Ended::Failed(reason))
                 }
             };
-            self.heard_frame = true;
             link.event();
             if let Some(text) = text {
                 return Ok(text);
@@ -617,16 +611,21 @@ impl Keepalive {
 
 // ---- the loop ----
 
-/// How a connection ended, and so when to open the next one.
+/// How a connection ended, and so when to open the next one. Whatever the
+/// platform asks, a connection that did not last (up for
+/// [`Supervision::stable_after`]) is followed by the next backoff, so a
+/// peer that accepts and closes at once is not hammered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
-    /// The platform asked for a new connection (or it broke after being
-    /// up): open it now.
+    /// The platform asked for a new connection (Discord's op 7, DingTalk's
+    /// `disconnect`): open it now, if this one lasted.
     Again,
-    /// Open the next one after this long (Discord's invalid session).
+    /// Open the next one after this long (Discord's invalid session), or
+    /// the backoff if that is longer and this one did not last.
     After(Duration),
-    /// It failed (could not connect, refused, broke before getting up):
-    /// open the next one after a backoff.
+    /// It failed or dropped (could not connect, refused, closed, broke,
+    /// fell silent): open the next one after a backoff, from its start if
+    /// this one lasted.
     Failed(String),
     /// Told to stop.
     Stopped,
@@ -652,6 +651,11 @@ pub struct Supervision {
     pub connect_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// Up this long, a connection lasted: the backoff starts over, and an
+    /// orderly [`Ended::Again`] reconnects at once. Real platform
+    /// connections live for hours; one that ends within seconds of getting
+    /// up is a peer that keeps failing, however politely it closes.
+    pub stable_after: Duration,
 }
 
 /// The timing settings every long-lived connection has, as written (ms).
@@ -663,15 +667,17 @@ pub struct Timings {
     pub connect_timeout_ms: u64,
     pub reconnect_base_ms: u64,
     pub reconnect_cap_ms: u64,
+    pub stable_after_ms: u64,
 }
 
 /// The keys of [`Timings`] in a platform's table.
-const TIMING_KEYS: [&str; 5] = [
+const TIMING_KEYS: [&str; 6] = [
     "lease_ttl_ms",
     "standby_poll_ms",
     "connect_timeout_ms",
     "reconnect_base_ms",
     "reconnect_cap_ms",
+    "stable_after_ms",
 ];
 
 /// A platform's table (`section`, `ingest.platforms.slack`) read as the
@@ -702,6 +708,7 @@ impl Timings {
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("reconnect_base_ms", self.reconnect_base_ms),
             ("reconnect_cap_ms", self.reconnect_cap_ms),
+            ("stable_after_ms", self.stable_after_ms),
         ] {
             if value == 0 {
                 return Err(Error::config(
@@ -716,6 +723,7 @@ impl Timings {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             backoff_base: Duration::from_millis(self.reconnect_base_ms),
             backoff_cap: Duration::from_millis(self.reconnect_cap_ms),
+            stable_after: Duration::from_millis(self.stable_after_ms),
         })
     }
 }
@@ -817,33 +825,7 @@ pub async fn supervise(
         // the lease is lost or on shutdown.
         let stop = shutdown.child_token();
         let renewer = tokio::spawn(renew(lease.clone(), stop.clone()));
-        let mut first = true;
-        while !stop.is_cancelled() {
-            if !first {
-                link.reconnecting();
-            }
-            first = false;
-            link.got_up.store(false, Ordering::SeqCst);
-            let ended = connector.connect(&link, &stop).await;
-            let got_up = link.got_up.load(Ordering::SeqCst);
-            if got_up {
-                backoff.reset();
-            }
-            let wait = match &ended {
-                Ended::Stopped => break,
-                Ended::Again => Duration::ZERO,
-                Ended::After(wait) => *wait,
-                Ended::Failed(reason) => {
-                    let wait = backoff.next_wait();
-                    warn!(message = "connection failed", platform = link.platform(), bot = %link.bot(), %reason, retry_in_ms = wait.as_millis() as u64);
-                    wait
-                }
-            };
-            if !stop.is_cancelled() {
-                link.down();
-            }
-            sleep_unless(wait, &stop).await;
-        }
+        connect_while_held(&*connector, &link, &supervision, &mut backoff, &stop).await;
         stop.cancel();
         let _ = renewer.await;
         if !shutdown.is_cancelled() {
@@ -857,6 +839,59 @@ pub async fn supervise(
     link.set_down();
     if holding {
         lease.release().await;
+    }
+}
+
+/// Open `connector`'s connection again and again (with backoff) until
+/// `stop`.
+async fn connect_while_held(
+    connector: &dyn Connector,
+    link: &Link,
+    supervision: &Supervision,
+    backoff: &mut Backoff,
+    stop: &CancellationToken,
+) {
+    let mut first = true;
+    while !stop.is_cancelled() {
+        if !first {
+            link.reconnecting();
+        }
+        first = false;
+        link.opening();
+        let ended = connector.connect(link, stop).await;
+        let lasted = link.lasted(supervision.stable_after);
+        if lasted {
+            backoff.reset();
+        }
+        let (platform, bot) = (link.platform(), link.bot());
+        let wait = match &ended {
+            Ended::Stopped => break,
+            Ended::Again if lasted => Duration::ZERO,
+            Ended::After(wait) if lasted => *wait,
+            Ended::Again | Ended::After(_) => {
+                let asked = match &ended {
+                    Ended::After(wait) => *wait,
+                    _ => Duration::ZERO,
+                };
+                let wait = backoff.next_wait().max(asked);
+                info!(message = "connection ended before it lasted; reconnecting after a backoff", platform, bot = %bot, retry_in_ms = wait.as_millis() as u64);
+                wait
+            }
+            Ended::Failed(reason) => {
+                let wait = backoff.next_wait();
+                if lasted {
+                    info!(message = "connection ended", platform, bot = %bot, %reason, retry_in_ms = wait.as_millis() as u64);
+                } else {
+                    warn!(message = "connection failed", platform, bot = %bot, %reason, retry_in_ms = wait.as_millis() as u64);
+                }
+                wait
+            }
+        };
+        if stop.is_cancelled() {
+            break;
+        }
+        link.down();
+        sleep_unless(wait, stop).await;
     }
 }
 

@@ -16,6 +16,10 @@
 //! `d: false` (or close codes 4007/4009) starts a new session after 1–5 s.
 //! Close codes that no reconnect can fix (4004 bad token, 4010–4014 shards,
 //! version, intents) are logged as errors and retried at the backoff's cap.
+//! A drop waits a reconnect backoff (short once the connection lasted);
+//! op 7 and a resumable op 9 reconnect at once, but only after a
+//! connection that lasted: a gateway asking again and again right after
+//! READY meets the growing backoff ([`super::connection::Ended`]).
 //!
 //! The session (id, resume URL, last sequence) is also kept in Redis, so
 //! the replica that takes the lease over after a holder stops or dies
@@ -395,25 +399,19 @@ impl Gateway {
         let jitter: f64 = rand::rng().random_range(0.0..1.0);
         let mut next_beat = Instant::now() + interval.mul_f64(jitter);
         let mut acknowledged = true;
-        // Whether this connection got READY or RESUMED.
-        let mut up = false;
-        let broke = |up: bool, reason: String| {
-            if up {
-                Ended::Again
-            } else {
-                Ended::Failed(reason)
-            }
-        };
+        // A drop is a failure whether or not READY came: the next
+        // connection waits a backoff, from its start if this one lasted.
+        let broke = Ended::Failed;
         loop {
             let payload = tokio::select! {
                 _ = stop.cancelled() => return Close::Keep(Ended::Stopped),
                 _ = tokio::time::sleep_until(next_beat) => {
                     if !acknowledged {
                         warn!(message = "discord heartbeat not acknowledged: zombie connection, resuming");
-                        return Close::Keep(broke(up, "heartbeat not acknowledged".into()));
+                        return Close::Keep(broke("heartbeat not acknowledged".into()));
                     }
                     if let Err(reason) = send(socket, &serde_json::json!({"op": 1, "d": seq})).await {
-                        return Close::Gone(broke(up, reason));
+                        return Close::Gone(broke(reason));
                     }
                     acknowledged = false;
                     next_beat += interval;
@@ -423,13 +421,11 @@ impl Gateway {
             };
             let payload = match payload {
                 Ok(Some(payload)) => payload,
-                Ok(None) => {
-                    return Close::Gone(broke(up, "the gateway closed the connection".into()))
-                }
+                Ok(None) => return Close::Gone(broke("the gateway closed the connection".into())),
                 Err(reason) if reason.starts_with("closed ") => {
-                    return self.closed_by_gateway(&reason, up);
+                    return self.closed_by_gateway(&reason);
                 }
-                Err(reason) => return Close::Gone(broke(up, reason)),
+                Err(reason) => return Close::Gone(broke(reason)),
             };
             link.event();
             match payload.op {
@@ -456,12 +452,10 @@ impl Gateway {
                             *self.session.lock().expect("session lock") = Some(session);
                             seq = payload.s;
                             self.save_session().await;
-                            up = true;
                             link.up();
                         }
                         "RESUMED" => {
                             info!(message = "discord session resumed", seq = ?seq);
-                            up = true;
                             link.up();
                         }
                         "MESSAGE_CREATE" => {
@@ -488,7 +482,7 @@ impl Gateway {
                 1 => {
                     if let Err(reason) = send(socket, &serde_json::json!({"op": 1, "d": seq})).await
                     {
-                        return Close::Gone(broke(up, reason));
+                        return Close::Gone(broke(reason));
                     }
                 }
                 7 => {
@@ -512,7 +506,7 @@ impl Gateway {
     }
 
     /// The gateway closed with `reason` (`closed <code>: <text>`).
-    fn closed_by_gateway(&self, reason: &str, up: bool) -> Close {
+    fn closed_by_gateway(&self, reason: &str) -> Close {
         let code: u16 = reason
             .strip_prefix("closed ")
             .and_then(|rest| rest.split(':').next())
@@ -529,7 +523,6 @@ impl Gateway {
                 *session = Some(Session::default());
                 Close::Gone(Ended::Again)
             }
-            _ if up => Close::Gone(Ended::Again),
             _ => Close::Gone(Ended::Failed(reason.to_string())),
         }
     }

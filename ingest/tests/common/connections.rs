@@ -15,7 +15,7 @@ use futures_util::SinkExt;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message as Frame;
@@ -38,6 +38,64 @@ pub async fn expect_texts(redis: &RedisServer, key: &str, expected: &[&str]) {
     })
     .await;
     assert_eq!(texts(redis, key), expected, "nothing lost, nothing doubled");
+}
+
+/// How a [`StandIn`] treats the sockets ingest opens from now on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Speak the platform's protocol.
+    #[default]
+    Serve,
+    /// Drop the TCP connection before the WebSocket handshake.
+    Refuse,
+    /// Greet (Slack's `hello`), then close the socket at once.
+    CloseAtOnce,
+    /// Greet, then send the platform's `disconnect` at once, keeping the
+    /// socket open until ingest closes it.
+    DisconnectAtOnce,
+}
+
+/// Reconnect backoff for the tests of a peer that keeps failing: base and
+/// cap (ms), and the test settings with them in place of the usual
+/// `reconnect_base_ms = 20` and `reconnect_cap_ms = 200`.
+pub const STORM_BASE_MS: u64 = 200;
+pub const STORM_CAP_MS: u64 = 1000;
+
+pub fn with_storm_backoff(settings: &str) -> String {
+    let usual = "reconnect_base_ms = 20\nreconnect_cap_ms = 200\n";
+    assert!(settings.contains(usual), "{settings}");
+    settings.replace(
+        usual,
+        &format!("reconnect_base_ms = {STORM_BASE_MS}\nreconnect_cap_ms = {STORM_CAP_MS}\n"),
+    )
+}
+
+/// Check that the connection attempts made at `attempts`, none of which
+/// lasted, were spaced as the storm backoff demands: the n-th wait is at
+/// least half of min(cap, base × 2ⁿ), so they span at least the sum of
+/// those halves. A loaded machine only spreads them further; without a
+/// backoff they come within milliseconds.
+pub fn assert_backed_off(attempts: &[Instant]) {
+    let waits = attempts.len() - 1;
+    let least_ms: u64 = (0..waits)
+        .map(|n| (STORM_BASE_MS << n).min(STORM_CAP_MS) / 2)
+        .sum();
+    let span = *attempts.last().unwrap() - attempts[0];
+    assert!(
+        span >= Duration::from_millis(least_ms),
+        "{} attempts within {span:?}: a backoff spaces them at least {least_ms} ms",
+        attempts.len()
+    );
+}
+
+/// Wait for `count` connection attempts (their times from `attempts`),
+/// then check they were spaced as a backoff demands.
+pub async fn expect_backed_off(count: usize, mut attempts: impl FnMut() -> Vec<Instant>) {
+    wait_until(WAIT, &format!("{count} connection attempts"), || {
+        attempts().len() >= count
+    })
+    .await;
+    assert_backed_off(&attempts()[..count]);
 }
 
 /// What the test tells the connection of the moment to do.
@@ -123,6 +181,10 @@ pub struct State<Api> {
     silent: Vec<ServerSocket>,
     /// What the platform's HTTP API keeps.
     pub api: Api,
+    /// How sockets are treated from now on.
+    pub behaviour: Behaviour,
+    /// When each socket was opened (TCP), whatever came of it.
+    pub attempts: Vec<Instant>,
 }
 
 /// A platform pushing frames over the sockets ingest opens, speaking `P`.
@@ -195,6 +257,14 @@ impl<P: Protocol> StandIn<P> {
     }
 
     async fn connection(self, stream: tokio::net::TcpStream) {
+        let behaviour = {
+            let mut state = self.state();
+            state.attempts.push(Instant::now());
+            state.behaviour
+        };
+        if behaviour == Behaviour::Refuse {
+            return;
+        }
         let mut query = String::new();
         // tungstenite's handshake callback type: its error is a whole HTTP response.
         #[allow(clippy::result_large_err)]
@@ -205,13 +275,19 @@ impl<P: Protocol> StandIn<P> {
         let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
             return;
         };
-        let (commands, mut orders) = mpsc::unbounded_channel();
-        let (number, redeliver) = {
+        {
             let mut state = self.state();
             if let Err(fault) = P::admit(&query, &mut state.api) {
                 state.faults.push(fault);
                 return;
             }
+        }
+        if behaviour != Behaviour::Serve {
+            return misbehave::<P>(socket, behaviour).await;
+        }
+        let (commands, mut orders) = mpsc::unbounded_channel();
+        let (number, redeliver) = {
+            let mut state = self.state();
             state.accepted += 1;
             if state.live > 0 {
                 state.overlapped += 1;
@@ -325,6 +401,36 @@ impl<P: Protocol> StandIn<P> {
                     .faults
                     .push(format!("{id} acknowledged before its message was in `in`"));
             }
+        }
+    }
+}
+
+/// Greet on `socket`, then close it at once or ask for a new connection
+/// at once, as `behaviour` says.
+async fn misbehave<P: Protocol>(mut socket: ServerSocket, behaviour: Behaviour) {
+    if let Some(greeting) = P::greeting() {
+        if socket
+            .send(Frame::text(greeting.to_string()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    match behaviour {
+        Behaviour::DisconnectAtOnce => {
+            let disconnect = P::disconnect("refresh_requested");
+            if socket
+                .send(Frame::text(disconnect.to_string()))
+                .await
+                .is_ok()
+            {
+                // Open until ingest closes it; its answers do not matter.
+                while read_json(&mut socket, || {}).await.is_some() {}
+            }
+        }
+        _ => {
+            let _ = socket.close(None).await;
         }
     }
 }

@@ -35,7 +35,7 @@ use crate::generic::{raw_event, Stamp};
 use crate::inbox::{Inbox, Submission};
 use crate::platforms::connection::{
     close_socket, connect_socket, open_unless, ClientSocket as Socket, Connector, Ended, Held,
-    Idle, Keepalive, Link, Supervision, UpWhen,
+    Idle, Keepalive, Link, Supervision,
 };
 use botline_shared::telemetry::Health;
 use futures_util::future::BoxFuture;
@@ -132,12 +132,7 @@ impl StreamMode {
         link.up();
         let mut keepalive = Keepalive::new(self.settings().idle, NAME, Instant::now());
         loop {
-            // A connection that ends before DingTalk sent anything on it is
-            // a failure, and the next waits a backoff.
-            let text = match keepalive
-                .next_text(&mut socket, link, stop, UpWhen::Heard)
-                .await
-            {
+            let text = match keepalive.next_text(&mut socket, link, stop).await {
                 Ok(text) => text,
                 Err(ended) => return ended,
             };

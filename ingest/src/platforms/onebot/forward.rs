@@ -99,8 +99,8 @@ impl Forward {
         };
         match session.run(texts(incoming), sends(outgoing), stop).await {
             Closed::Stopped => Ended::Stopped,
-            // Opened again after a backoff (from its start: it was up), so
-            // an implementation that keeps closing is not hammered.
+            // Opened again after a backoff (from its start if it lasted),
+            // so an implementation that keeps closing is not hammered.
             Closed::Ended { reason } => Ended::Failed(reason),
         }
     }

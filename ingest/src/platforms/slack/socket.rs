@@ -16,7 +16,11 @@
 //! connection is opened first and the old one closed after it; what the old
 //! one still delivers while closing is added to `in` too (and, its ack no
 //! longer possible, sent again by Slack on the new one, where dedup drops
-//! it). A connection that drops is opened again with backoff; one ingest
+//! it). A `disconnect` on a connection not yet up for `stable_after_ms`
+//! closes it
+//! and the next opens after a backoff instead, so a Slack asking again and
+//! again is not hammered. A connection that drops is opened again with
+//! backoff; one ingest
 //! replica holds it, by a lease ([`crate::platforms::connection`]).
 //!
 //! Slack pings the socket (tungstenite answers with pongs) and expects it
@@ -33,7 +37,7 @@ use crate::generic::{raw_event, Stamp};
 use crate::inbox::Inbox;
 use crate::platforms::connection::{
     close_socket, connect_socket, incoming, open_unless, ClientSocket as Socket, Connector, Ended,
-    Held, Idle, Incoming, Keepalive, Link, Supervision, UpWhen, CLOSE_WAIT,
+    Held, Idle, Incoming, Keepalive, Link, Supervision, CLOSE_WAIT,
 };
 use botline_shared::telemetry::Health;
 use futures_util::future::BoxFuture;
@@ -136,10 +140,7 @@ impl SocketMode {
         let mut keepalive = Keepalive::new(idle, PLATFORM.name, Instant::now());
         loop {
             // Up once Slack said `hello`.
-            let text = match keepalive
-                .next_text(&mut socket, link, stop, UpWhen::LinkUp)
-                .await
-            {
+            let text = match keepalive.next_text(&mut socket, link, stop).await {
                 Ok(text) => text,
                 Err(ended) => return ended,
             };
@@ -151,6 +152,12 @@ impl SocketMode {
                 Next::Fail(reason) => {
                     close_socket(&mut socket, None).await;
                     return Ended::Failed(reason);
+                }
+                Next::Disconnect if !link.lasted(self.settings().supervision.stable_after) => {
+                    // A refresh asked for right after connecting, again and
+                    // again, is a storm: the next connection after a backoff.
+                    close_socket(&mut socket, None).await;
+                    return Ended::Again;
                 }
                 Next::Disconnect => {
                     // The new connection first, then the old one closed.
