@@ -9,7 +9,8 @@
 //! over when the holder dies. A socket kept quiet stays up on ingest's pings;
 //! one gone silent (open, but nothing read or sent) is found dead within
 //! `idle_timeout_ms` and replaced. A Slack that closes each socket, or asks
-//! for a new one, right after `hello` meets a growing backoff.
+//! for a new one, right after `hello` meets a growing backoff; a replica
+//! that cannot reach Slack hands the connection to one that can.
 
 mod common;
 
@@ -20,8 +21,8 @@ use axum::Json;
 use botline_shared::message::{ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
 use common::connections::{
-    expect_backed_off, expect_texts, texts, with_storm_backoff, Behaviour, Command, Protocol,
-    StandIn, WAIT,
+    expect_backed_off, expect_texts, texts, unreachable_base, with_storm_backoff, Behaviour,
+    Command, Protocol, StandIn, WAIT,
 };
 use common::*;
 use serde_json::{json, Value};
@@ -360,8 +361,11 @@ async fn idle_and_connection_settings_are_checked_at_start() {
         refused("idle_timeout_ms = 1000\nping_interval_ms = 0\n"),
         ""
     );
-    assert!(refused("stable_after_ms = 0\n")
-        .contains("setting ingest.platforms.slack.stable_after_ms: must be at least 1"));
+    for timing in ["handoff_after_ms", "stable_after_ms"] {
+        assert!(refused(&format!("{timing} = 0\n")).contains(&format!(
+            "setting ingest.platforms.slack.{timing}: must be at least 1"
+        )));
+    }
 }
 
 const TOKEN_ENV: (&str, &str) = ("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN);
@@ -384,4 +388,63 @@ async fn sockets_closed_or_refreshed_right_after_hello_are_reopened_after_a_grow
     let state = slack.state();
     assert!(state.faults.is_empty(), "{:?}", state.faults);
     assert_eq!(state.accepted, 0, "no socket was served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_cannot_reach_slack_hands_the_connection_to_a_replica_that_can() {
+    let prometheus = prometheus();
+    let slack = Slack::start().await;
+    let redis = RedisServer::start();
+    let bot = "UHANDOFF";
+    let reachable = format!("{}handoff_after_ms = 1000\n", settings_for(&slack, bot));
+    let unreachable = reachable.replace(&slack.api_base, &unreachable_base().await);
+    let replicas = Replicas::new(&redis, reachable, &[TOKEN_ENV]);
+    let lease_key = botline_shared::streams::Streams::default().consumer_lease("slack-socket", bot);
+    let holder = || -> Option<String> {
+        redis::cmd("GET")
+            .arg(&lease_key)
+            .query(&mut redis.connection())
+            .unwrap()
+    };
+
+    // The first replica takes the lease, but every connection it tries fails.
+    let first_shutdown = CancellationToken::new();
+    let key = replicas.with_overlay(unreachable).start(&first_shutdown);
+    wait_until(WAIT, "the first replica holding the lease", || {
+        holder().is_some()
+    })
+    .await;
+    let first = holder();
+    let second_shutdown = CancellationToken::new();
+    replicas.start(&second_shutdown);
+
+    // It gives the lease up; the second takes it and connects.
+    slack.wait_accepted(1).await;
+    assert_ne!(holder(), first, "the lease changed hands");
+    slack.command(Command::Send(envelope("h1", "1700000301.000100", "one")));
+    slack.command(Command::Send(envelope("h2", "1700000302.000200", "two")));
+    slack.command(Command::Send(envelope(
+        "h2-again",
+        "1700000302.000200",
+        "two",
+    )));
+    expect_texts(&redis, &key, &["one", "two"]).await;
+    slack.wait_all_answered(&["h1", "h2", "h2-again"]).await;
+    let handoffs =
+        format!("botline_ingest_connection_handoffs_total{{platform=\"slack\",bot=\"{bot}\"}}");
+    assert!(
+        botline_tests::metric_value(&prometheus.render(), &handoffs) >= Some(1.0),
+        "{handoffs} counted"
+    );
+
+    let state = slack.state();
+    assert!(state.faults.is_empty(), "{:?}", state.faults);
+    assert_eq!(
+        state.accepted, 1,
+        "only the replica that can reach Slack connected"
+    );
+    assert_eq!(state.most_live, 1);
+    drop(state);
+    first_shutdown.cancel();
+    second_shutdown.cancel();
 }

@@ -32,7 +32,10 @@
 //! - [`supervise`]: the loop tying them together: take the lease (or stand
 //!   by), renew it in the background, run the platform's connection again
 //!   and again (with backoff) while the lease is ours, and give the lease
-//!   up on shutdown. [`Held`] makes a connection's lease and link and
+//!   up on shutdown — or after `handoff_after_ms` without a lasting
+//!   connection (this replica cannot reach the platform: bad DNS, a
+//!   proxy), then standing aside for a lease ttl so another replica takes
+//!   it. [`Held`] makes a connection's lease and link and
 //!   starts it; [`platform_settings`] reads the timing settings every such
 //!   connection has from the platform's table.
 //!
@@ -314,6 +317,14 @@ impl Link {
     /// Another connection opens after one ended.
     pub fn reconnecting(&self) {
         metrics::counter!("botline_ingest_connection_reconnects_total", "platform" => self.platform, "bot" => self.bot.clone())
+            .increment(1);
+    }
+
+    /// This replica gives the lease up: it tried for `trying` without a
+    /// connection that lasted, and another replica may do better.
+    fn handed_off(&self, trying: Duration, pause: Duration) {
+        warn!(message = "connection lease handed off: no lasting connection from this replica", platform = self.platform, bot = %self.bot, trying_ms = trying.as_millis() as u64, pause_ms = pause.as_millis() as u64);
+        metrics::counter!("botline_ingest_connection_handoffs_total", "platform" => self.platform, "bot" => self.bot.clone())
             .increment(1);
     }
 
@@ -651,6 +662,10 @@ pub struct Supervision {
     pub connect_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// A holder without a connection that lasted for this long (failing,
+    /// or up only briefly) gives the lease up and waits a lease ttl before
+    /// it looks again, so a replica that can connect takes over.
+    pub handoff_after: Duration,
     /// Up this long, a connection lasted: the backoff starts over, and an
     /// orderly [`Ended::Again`] reconnects at once. Real platform
     /// connections live for hours; one that ends within seconds of getting
@@ -667,16 +682,18 @@ pub struct Timings {
     pub connect_timeout_ms: u64,
     pub reconnect_base_ms: u64,
     pub reconnect_cap_ms: u64,
+    pub handoff_after_ms: u64,
     pub stable_after_ms: u64,
 }
 
 /// The keys of [`Timings`] in a platform's table.
-const TIMING_KEYS: [&str; 6] = [
+const TIMING_KEYS: [&str; 7] = [
     "lease_ttl_ms",
     "standby_poll_ms",
     "connect_timeout_ms",
     "reconnect_base_ms",
     "reconnect_cap_ms",
+    "handoff_after_ms",
     "stable_after_ms",
 ];
 
@@ -708,6 +725,7 @@ impl Timings {
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("reconnect_base_ms", self.reconnect_base_ms),
             ("reconnect_cap_ms", self.reconnect_cap_ms),
+            ("handoff_after_ms", self.handoff_after_ms),
             ("stable_after_ms", self.stable_after_ms),
         ] {
             if value == 0 {
@@ -723,6 +741,7 @@ impl Timings {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             backoff_base: Duration::from_millis(self.reconnect_base_ms),
             backoff_cap: Duration::from_millis(self.reconnect_cap_ms),
+            handoff_after: Duration::from_millis(self.handoff_after_ms),
             stable_after: Duration::from_millis(self.stable_after_ms),
         })
     }
@@ -793,7 +812,10 @@ impl Held {
 }
 
 /// Keep `connector`'s connection up from this replica while it holds
-/// `lease`, until `shutdown`; then close it and give the lease up.
+/// `lease`, until `shutdown`; then close it and give the lease up. A
+/// holder that gets no lasting connection for `handoff_after` gives the
+/// lease up early and stands aside for a lease ttl (and some jitter), so
+/// that a replica that can reach the platform takes over.
 pub async fn supervise(
     connector: Arc<dyn Connector>,
     lease: Lease,
@@ -825,14 +847,32 @@ pub async fn supervise(
         // the lease is lost or on shutdown.
         let stop = shutdown.child_token();
         let renewer = tokio::spawn(renew(lease.clone(), stop.clone()));
-        connect_while_held(&*connector, &link, &supervision, &mut backoff, &stop).await;
+        let tenure =
+            connect_while_held(&*connector, &link, &supervision, &mut backoff, &stop).await;
         stop.cancel();
         let _ = renewer.await;
-        if !shutdown.is_cancelled() {
-            // Lost the lease: someone else connects now.
-            info!(message = "connection lease lost", platform = link.platform(), bot = %link.bot());
-            holding = false;
-            link.stand_by();
+        if shutdown.is_cancelled() {
+            break;
+        }
+        holding = false;
+        match tenure {
+            Tenure::Lost => {
+                // Someone else connects now.
+                info!(message = "connection lease lost", platform = link.platform(), bot = %link.bot());
+                link.stand_by();
+            }
+            Tenure::HandOff { trying } => {
+                // The renewer has stopped: nothing takes the lease back
+                // behind the release.
+                lease.release().await;
+                let ttl = lease.ttl();
+                let jitter = rand::rng().random_range(0..=ttl.as_millis() as u64 / 2);
+                let pause = ttl + Duration::from_millis(jitter);
+                link.handed_off(trying, pause);
+                // Still down here: `/readyz` says so until another
+                // replica is seen holding the lease.
+                sleep_unless(pause, &shutdown).await;
+            }
         }
     }
     ager.abort();
@@ -842,15 +882,25 @@ pub async fn supervise(
     }
 }
 
+/// How a replica's time holding a lease ended.
+enum Tenure {
+    /// The lease was lost or taken, or ingest shuts down.
+    Lost,
+    /// No connection lasted for this long: give the lease up.
+    HandOff { trying: Duration },
+}
+
 /// Open `connector`'s connection again and again (with backoff) until
-/// `stop`.
+/// `stop`, or until it has gone `handoff_after` without one that lasted.
 async fn connect_while_held(
     connector: &dyn Connector,
     link: &Link,
     supervision: &Supervision,
     backoff: &mut Backoff,
     stop: &CancellationToken,
-) {
+) -> Tenure {
+    // Since when this replica has been trying without a lasting connection.
+    let mut trying_since = Instant::now();
     let mut first = true;
     while !stop.is_cancelled() {
         if !first {
@@ -862,6 +912,7 @@ async fn connect_while_held(
         let lasted = link.lasted(supervision.stable_after);
         if lasted {
             backoff.reset();
+            trying_since = Instant::now();
         }
         let (platform, bot) = (link.platform(), link.bot());
         let wait = match &ended {
@@ -891,8 +942,13 @@ async fn connect_while_held(
             break;
         }
         link.down();
+        let trying = trying_since.elapsed();
+        if trying >= supervision.handoff_after {
+            return Tenure::HandOff { trying };
+        }
         sleep_unless(wait, stop).await;
     }
+    Tenure::Lost
 }
 
 /// Renew `lease` every third of its ttl until `stop`; cancel `stop` when it

@@ -98,6 +98,19 @@ pub async fn expect_backed_off(count: usize, mut attempts: impl FnMut() -> Vec<I
     assert_backed_off(&attempts()[..count]);
 }
 
+/// `http://127.0.0.1:…` where every TCP connection is accepted and
+/// dropped at once: a platform this replica cannot reach.
+pub async fn unreachable_base() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    });
+    base
+}
+
 /// What the test tells the connection of the moment to do.
 pub enum Command {
     /// Send this frame.

@@ -104,6 +104,17 @@ async fn serve(redis: RedisServer, ingest: Ingest) -> Harness {
     }
 }
 
+/// This test process's metrics recorder, installed by the first caller:
+/// tests that read metrics keep to series of their own (a bot id no other
+/// test uses), since every test in the process records into it.
+pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    PROMETHEUS
+        .get_or_init(|| botline_shared::telemetry::install_metrics().unwrap())
+        .clone()
+}
+
 /// Ingest replicas on one Redis with the same settings, as a deployment
 /// runs them: each serves on a free port, and the one holding a platform
 /// connection's lease keeps it up.
@@ -124,6 +135,16 @@ impl Replicas {
                 .iter()
                 .map(|(name, value)| (name.to_string(), value.to_string()))
                 .collect(),
+        }
+    }
+
+    /// The same replicas, but with the behaviour `overlay` (one that
+    /// cannot reach the platform, say).
+    pub fn with_overlay(&self, overlay: String) -> Replicas {
+        Replicas {
+            url: self.url.clone(),
+            overlay,
+            env: self.env.clone(),
         }
     }
 

@@ -258,6 +258,7 @@ mod tests {
                 connect_timeout_ms: 1,
                 reconnect_base_ms: 1,
                 reconnect_cap_ms: 1,
+                handoff_after_ms: 1,
                 stable_after_ms: 1,
             }
             .checked("test")
