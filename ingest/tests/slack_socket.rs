@@ -10,7 +10,8 @@
 //! one gone silent (open, but nothing read or sent) is found dead within
 //! `idle_timeout_ms` and replaced. A Slack that closes each socket, or asks
 //! for a new one, right after `hello` meets a growing backoff; a replica
-//! that cannot reach Slack hands the connection to one that can.
+//! that cannot reach Slack hands the connection to one that can; `/readyz`
+//! and the connection metrics follow a drop.
 
 mod common;
 
@@ -447,4 +448,64 @@ async fn a_holder_that_cannot_reach_slack_hands_the_connection_to_a_replica_that
     drop(state);
     first_shutdown.cancel();
     second_shutdown.cancel();
+}
+
+/// `/readyz`'s status and its check `check` (`None`: not listed).
+async fn readyz(base: &str, check: &str) -> (u16, Option<bool>) {
+    let Ok(response) = reqwest::get(format!("{base}/readyz")).await else {
+        return (0, None);
+    };
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    (status, body["checks"][check].as_bool())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_and_the_connection_metrics_follow_a_drop() {
+    let prometheus = prometheus();
+    let slack = Slack::start().await;
+    let bot = "UVISIBLE";
+    let harness = start_configured(&settings_for(&slack, bot), &[TOKEN_ENV]).await;
+    let health = harness.serve_health().await;
+    let check = format!("slack:{bot}");
+    let metric = |name: &str| {
+        let series = format!("{name}{{platform=\"slack\",bot=\"{bot}\"}}");
+        botline_tests::metric_value(&prometheus.render(), &series)
+    };
+    let ready_is = |expected: (u16, Option<bool>)| {
+        let (health, check) = (health.clone(), check.clone());
+        async move {
+            let what = format!("/readyz {expected:?}");
+            wait_for(WAIT, &what, || {
+                let (health, check) = (health.clone(), check.clone());
+                async move { readyz(&health, &check).await == expected }
+            })
+            .await;
+        }
+    };
+
+    slack.wait_accepted(1).await;
+    ready_is((200, Some(true))).await;
+    assert_eq!(metric("botline_ingest_connection_up"), Some(1.0));
+    wait_until(WAIT, "the last event's age exported", || {
+        metric("botline_ingest_connection_last_event_age_seconds").is_some()
+    })
+    .await;
+    let reconnects = metric("botline_ingest_connection_reconnects_total").unwrap_or(0.0);
+
+    // The socket drops and Slack refuses the next ones: not ready, down.
+    slack.state().behaviour = Behaviour::Refuse;
+    slack.command(Command::Drop);
+    ready_is((503, Some(false))).await;
+    assert_eq!(metric("botline_ingest_connection_up"), Some(0.0));
+
+    // Slack takes sockets again: ready, up, the reconnects counted.
+    slack.state().behaviour = Behaviour::Serve;
+    slack.wait_accepted(2).await;
+    ready_is((200, Some(true))).await;
+    assert_eq!(metric("botline_ingest_connection_up"), Some(1.0));
+    let after = metric("botline_ingest_connection_reconnects_total").unwrap_or(0.0);
+    assert!(after > reconnects, "reconnects {reconnects} then {after}");
+    slack.command(Command::Send(envelope("v1", "1700000401.000100", "back")));
+    expect_texts(&harness.redis, &harness.streams.inbound(), &["back"]).await;
 }

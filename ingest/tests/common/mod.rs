@@ -23,6 +23,9 @@ pub struct Harness {
     pub addr: SocketAddr,
     pub streams: Streams,
     pub shutdown: CancellationToken,
+    /// What `/readyz` reads, and the pool it pings Redis with.
+    pub health: Health,
+    pub pool: botline_shared::redis_conn::Pool,
 }
 
 impl Drop for Harness {
@@ -92,6 +95,7 @@ pub fn fixture(platform: &str, name: &str) -> String {
 /// Serve `ingest` on a free port.
 async fn serve(redis: RedisServer, ingest: Ingest) -> Harness {
     let streams = ingest.streams.clone();
+    let (health, pool) = (ingest.health.clone(), ingest.pool.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -101,6 +105,8 @@ async fn serve(redis: RedisServer, ingest: Ingest) -> Harness {
         addr,
         streams,
         shutdown,
+        health,
+        pool,
     }
 }
 
@@ -198,6 +204,25 @@ pub fn schedules(toml_entries: &str) -> Vec<Schedule> {
 impl Harness {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Serve `/metrics`, `/healthz` and `/readyz` as `main` does, until
+    /// the harness drops: their base URL.
+    pub async fn serve_health(&self) -> String {
+        let router = botline_shared::telemetry::health_router(
+            self.health.clone(),
+            self.pool.clone(),
+            prometheus(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+        });
+        base
     }
 
     /// Every entry of `in`, decoded.
