@@ -392,6 +392,42 @@ async fn sockets_closed_or_refreshed_right_after_hello_are_reopened_after_a_grow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_socket_refreshed_at_once_backs_off_though_the_first_socket_lasted() {
+    let slack = Slack::start().await;
+    let overlay = format!(
+        "{}stable_after_ms = 300\n",
+        with_storm_backoff(&settings(&slack))
+    );
+    let harness = start_configured(&overlay, &[TOKEN_ENV]).await;
+    let key = harness.streams.inbound();
+    slack.wait_accepted(1).await;
+    // Answered, so `hello` (before it on the socket) was read: up by now.
+    slack.command(Command::Send(envelope("l1", "1700000501.000100", "one")));
+    slack.wait_all_answered(&["l1"]).await;
+    let up = std::time::Instant::now();
+    wait_until(WAIT, "the first socket up past stable_after_ms", || {
+        up.elapsed() >= Duration::from_millis(400)
+    })
+    .await;
+
+    // Slack refreshes the socket that lasted (a handover at once), then
+    // every later socket right after its `hello`: those did not last.
+    {
+        let mut state = slack.state();
+        state.behaviour = Behaviour::DisconnectAtOnce;
+        state.attempts.clear();
+    }
+    slack.command(Command::DisconnectThenSend(
+        "refresh_requested",
+        envelope("l2", "1700000502.000200", "during refresh"),
+    ));
+    expect_backed_off(6, || slack.state().attempts.clone()).await;
+    expect_texts(&harness.redis, &key, &["one", "during refresh"]).await;
+    let state = slack.state();
+    assert!(state.faults.is_empty(), "{:?}", state.faults);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_cannot_reach_slack_hands_the_connection_to_a_replica_that_can() {
     let prometheus = prometheus();
     let slack = Slack::start().await;

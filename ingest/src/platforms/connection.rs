@@ -291,8 +291,9 @@ impl Link {
             .is_some_and(|since| since.elapsed() >= long)
     }
 
-    /// Another connection is being opened: not up yet.
-    fn opening(&self) {
+    /// Another connection (or, in a handover, another socket of this
+    /// one) is being opened: it has to get up and last on its own.
+    pub fn opening(&self) {
         *self.up_since.lock().expect("up_since lock") = None;
     }
 

@@ -16,12 +16,11 @@
 //! connection is opened first and the old one closed after it; what the old
 //! one still delivers while closing is added to `in` too (and, its ack no
 //! longer possible, sent again by Slack on the new one, where dedup drops
-//! it). A `disconnect` on a connection not yet up for `stable_after_ms`
-//! closes it
-//! and the next opens after a backoff instead, so a Slack asking again and
-//! again is not hammered. A connection that drops is opened again with
-//! backoff; one ingest
-//! replica holds it, by a lease ([`crate::platforms::connection`]).
+//! it). A `disconnect` on a socket not yet up for `stable_after_ms` (each
+//! socket of a handover counts on its own) closes it and the next opens
+//! after a backoff instead, so a Slack asking again and again is not
+//! hammered. A connection that drops is opened again with backoff; one
+//! ingest replica holds it, by a lease ([`crate::platforms::connection`]).
 //!
 //! Slack pings the socket (tungstenite answers with pongs) and expects it
 //! to stay answered; ingest pings it too when it has been quiet for
@@ -171,6 +170,10 @@ impl SocketMode {
                     match next {
                         Ok(next) => {
                             let old = std::mem::replace(&mut socket, next);
+                            // The new socket must last on its own, or a
+                            // Slack refreshing each one at once would get
+                            // handovers without end.
+                            link.opening();
                             self.retire(old, link).await;
                             keepalive = Keepalive::new(idle, PLATFORM.name, Instant::now());
                         }
