@@ -1,7 +1,8 @@
 //! `/hooks/telegram` and getUpdates polling against a real redis-server over
 //! real HTTP: Telegram's documented update shapes (tests/fixtures/telegram),
 //! the secret token header, everything that must be refused, and a local
-//! stand-in of `getUpdates` with one poller across two ingest replicas.
+//! stand-in of `getUpdates` with one poller across two ingest replicas,
+//! which backs off while getUpdates fails and shows in `/readyz`.
 
 mod common;
 
@@ -13,9 +14,9 @@ use botline_shared::message::{AttachmentKind, ChatKind, UnifiedMessage};
 use botline_shared::testing::RedisServer;
 use common::*;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -252,6 +253,10 @@ struct BotApi {
     most_in_flight: Arc<AtomicUsize>,
     /// The first this many requests are answered 429 with retry_after 1.
     flood: Arc<AtomicUsize>,
+    /// While set, every request is answered 502 (Telegram's side is down).
+    broken: Arc<AtomicBool>,
+    /// When each getUpdates came.
+    times: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl BotApi {
@@ -311,6 +316,10 @@ async fn get_updates(
     assert_eq!(request["allowed_updates"], json!(["message"]));
     assert_eq!(request["timeout"], json!(1));
     let _in_flight = InFlight::enter(&api);
+    api.times.lock().unwrap().push(Instant::now());
+    if api.broken.load(Ordering::SeqCst) {
+        return Json(json!({"ok": false, "error_code": 502, "description": "Bad Gateway"}));
+    }
     let offset = request["offset"].as_i64();
     api.offsets.lock().unwrap().push(offset);
     let answer = if api
@@ -339,17 +348,29 @@ async fn get_updates(
     Json(answer)
 }
 
-/// An ingest replica: its address and key names.
+/// An ingest replica: its address, key names, and what `/readyz` reads.
 struct Replica {
     url: String,
     streams: botline_shared::streams::Streams,
+    health: botline_shared::telemetry::Health,
+    pool: botline_shared::redis_conn::Pool,
 }
 
 /// An ingest replica polling `api_url`, on `redis`, until `shutdown`.
 async fn start_poller(redis: &RedisServer, api_url: &str, shutdown: &CancellationToken) -> Replica {
+    start_poller_every(redis, api_url, shutdown, 50).await
+}
+
+/// [`start_poller`], retrying a failed poll after a backoff from `retry_ms`.
+async fn start_poller_every(
+    redis: &RedisServer,
+    api_url: &str,
+    shutdown: &CancellationToken,
+    retry_ms: u64,
+) -> Replica {
     let overlay = format!(
         "[ingest.platforms.telegram]\n{BOT_SETTINGS}mode = \"polling\"\napi_base_url = \"{api_url}\"\n\
-         poll_timeout_secs = 1\npoll_retry_ms = 50\n"
+         poll_timeout_secs = 1\npoll_retry_ms = {retry_ms}\n"
     );
     let ingest: Ingest = configured_ingest(
         &redis.url(),
@@ -359,10 +380,16 @@ async fn start_poller(redis: &RedisServer, api_url: &str, shutdown: &Cancellatio
     )
     .unwrap();
     let streams = ingest.streams.clone();
+    let (health, pool) = (ingest.health.clone(), ingest.pool.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(botline_ingest::run(listener, ingest, shutdown.clone()));
-    Replica { url, streams }
+    Replica {
+        url,
+        streams,
+        health,
+        pool,
+    }
 }
 
 fn texts(messages: &[UnifiedMessage]) -> Vec<String> {
@@ -441,4 +468,61 @@ async fn one_replica_polls_at_a_time_and_another_takes_over() {
         "never two getUpdates at once"
     );
     second_shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_poller_backs_off_and_shows_in_readyz() {
+    let (api, api_url) = BotApi::start().await;
+    api.broken.store(true, Ordering::SeqCst);
+    let redis = RedisServer::start();
+    let shutdown = CancellationToken::new();
+    let replica = start_poller_every(&redis, &api_url, &shutdown, 200).await;
+    let router = botline_shared::telemetry::health_router(
+        replica.health.clone(),
+        replica.pool.clone(),
+        prometheus(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let readyz = format!("http://{}/readyz", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let ready_is = |expected: (u16, Option<bool>)| {
+        let readyz = readyz.clone();
+        async move {
+            wait_for(WAIT, &format!("/readyz {expected:?}"), || {
+                let readyz = readyz.clone();
+                async move {
+                    let Ok(response) = reqwest::get(&readyz).await else {
+                        return false;
+                    };
+                    let status = response.status().as_u16();
+                    let body: Value = response.json().await.unwrap_or_default();
+                    (status, body["checks"]["telegram:999"].as_bool()) == expected
+                }
+            })
+            .await;
+        }
+    };
+
+    // Telegram fails every getUpdates: the poller is down, and its tries
+    // thin out: the n-th wait is at least half of 200 ms × 2ⁿ.
+    ready_is((503, Some(false))).await;
+    wait_for(WAIT, "5 getUpdates", || {
+        let tried = api.times.lock().unwrap().len();
+        async move { tried >= 5 }
+    })
+    .await;
+    let times = api.times.lock().unwrap().clone();
+    let least = Duration::from_millis(100 + 200 + 400 + 800);
+    assert!(
+        times[4] - times[0] >= least,
+        "5 getUpdates within {:?}: a backoff spaces them at least {least:?}",
+        times[4] - times[0]
+    );
+
+    // Telegram is back: ready, and updates come in.
+    api.broken.store(false, Ordering::SeqCst);
+    api.add(900, "back");
+    wait_for_texts(&redis, &replica, &["back"]).await;
+    ready_is((200, Some(true))).await;
+    shutdown.cancel();
 }

@@ -3,7 +3,12 @@
 //! hosts without a public URL, by `getUpdates` long polling (`mode =
 //! "polling"`): one poller across every ingest replica, chosen by a lease in
 //! Redis, so no two replicas ever ask Telegram at once (it answers the
-//! second with 409).
+//! second with 409). The poller is watched as the other long-lived
+//! connections are (`botline_ingest_connection_*{platform="telegram"}`,
+//! the `/readyz` check `telegram:<bot id>`, false while getUpdates fails
+//! on the replica holding the lease), and a failing getUpdates is retried
+//! after a growing backoff with jitter from `poll_retry_ms` (at most
+//! [`POLL_RETRY_CAP`]), or after Telegram's `retry_after` if that is longer.
 //!
 //! Telegram signs nothing and has no timestamp window: the secret token is
 //! the whole verification. It retries a webhook until it gets a 2xx, so
@@ -20,7 +25,7 @@
 //! the names of the sender and of the users mentioned go into
 //! `platform_data` (`name:<user id>`), so egress can link mentions by name.
 
-use super::connection::Lease;
+use super::connection::{watch_age, Backoff, Lease, Link};
 use super::{Event, Hook, HookRequest, InboundPlatform, Read, Registration};
 use crate::error::IngestError;
 use crate::generic::{parse_json, raw_event, Stamp};
@@ -193,11 +198,11 @@ impl InboundPlatform for Telegram {
         Ok(read_update(update, &self.bot, request.stamp()).into_hook())
     }
 
-    fn start(self: Arc<Self>, inbox: Inbox, _health: Health, shutdown: CancellationToken) {
+    fn start(self: Arc<Self>, inbox: Inbox, health: Health, shutdown: CancellationToken) {
         if self.poller.is_some() {
             tokio::spawn(async move {
                 let poller = self.poller.as_ref().expect("checked above");
-                poller.run(&self.bot, inbox, shutdown).await;
+                poller.run(&self.bot, inbox, health, shutdown).await;
             });
         }
     }
@@ -517,13 +522,18 @@ fn attachments(
 
 // ---- getUpdates long polling ----
 
+/// The longest wait between failing getUpdates calls (unless Telegram asks
+/// for longer).
+pub const POLL_RETRY_CAP: Duration = Duration::from_secs(60);
+
 /// Polls `getUpdates` while this replica holds the poller lease.
 struct Poller {
     client: reqwest::Client,
     /// `<api>/bot<token>/getUpdates`: holds the token, so never logged.
     url: reqwest::Url,
     timeout_secs: u64,
-    /// The pause after a failed poll, and between looks at a lease held elsewhere.
+    /// Where the backoff after a failed poll starts, and the pause between
+    /// looks at a lease held elsewhere.
     retry: Duration,
 }
 
@@ -582,7 +592,7 @@ impl Poller {
         Duration::from_secs(self.timeout_secs + 30)
     }
 
-    async fn run(&self, bot: &Bot, inbox: Inbox, shutdown: CancellationToken) {
+    async fn run(&self, bot: &Bot, inbox: Inbox, health: Health, shutdown: CancellationToken) {
         let lease = Lease::new(
             inbox.pool.clone(),
             inbox
@@ -590,8 +600,13 @@ impl Poller {
                 .consumer_lease("telegram-poller", &bot.id.to_string()),
             self.lease_ttl(),
         );
+        let link = Arc::new(Link::new(PLATFORM.name, bot.id.to_string(), health));
+        let ager = watch_age(link.clone(), shutdown.clone());
+        let mut backoff = Backoff::new(self.retry, POLL_RETRY_CAP.max(self.retry));
         let mut offset: Option<i64> = None;
         let mut polling = false;
+        // Whether the last poll here failed: the next is a reconnect.
+        let mut failing = false;
         while !shutdown.is_cancelled() {
             let held = lease.hold().await.unwrap_or_else(|error| {
                 warn!(message = "could not take the telegram poller lease", %error);
@@ -602,11 +617,28 @@ impl Poller {
                 polling = held;
             }
             let pause = if held {
-                self.poll(bot, &inbox, &mut offset, &shutdown).await.err()
+                if failing {
+                    link.reconnecting();
+                }
+                match self.poll(bot, &inbox, &mut offset, &shutdown).await {
+                    Ok(()) => {
+                        failing = false;
+                        backoff.reset();
+                        link.up();
+                        None
+                    }
+                    Err(asked) => {
+                        failing = true;
+                        link.down();
+                        Some(backoff.next_wait().max(asked.unwrap_or_default()))
+                    }
+                }
             } else {
                 // Another replica polls; it confirms what it reads, so
                 // start from Telegram's first unconfirmed update when our turn comes.
                 offset = None;
+                failing = false;
+                link.stand_by();
                 Some(self.retry)
             };
             if let Some(pause) = pause {
@@ -616,11 +648,13 @@ impl Poller {
                 }
             }
         }
+        ager.abort();
+        link.stand_by();
         lease.release().await;
     }
 
     /// One `getUpdates` and the admission of what it brought; on failure,
-    /// how long to wait. The offset moves past updates only once they are
+    /// how long Telegram asked to wait, if it did. The offset moves past updates only once they are
     /// in `in`, so a crash in between has Telegram send them again (and
     /// the dedup key drops those already added).
     async fn poll(
@@ -629,7 +663,7 @@ impl Poller {
         inbox: &Inbox,
         offset: &mut Option<i64>,
         shutdown: &CancellationToken,
-    ) -> Result<(), Duration> {
+    ) -> Result<(), Option<Duration>> {
         let request = serde_json::json!({
             "offset": offset,
             "timeout": self.timeout_secs,
@@ -645,7 +679,7 @@ impl Poller {
         };
         let answer = answer.map_err(|error| {
             warn!(message = "telegram getUpdates failed", error = %error.without_url());
-            self.retry
+            None
         })?;
         if !answer.ok {
             warn!(
@@ -656,7 +690,7 @@ impl Poller {
             let asked = answer
                 .parameters
                 .and_then(|parameters| parameters.retry_after);
-            return Err(asked.map_or(self.retry, Duration::from_secs));
+            return Err(asked.map(Duration::from_secs));
         }
         let received_at_ms = botline_shared::now_ms();
         let mut next = *offset;
@@ -696,7 +730,7 @@ impl Poller {
         if !submissions.is_empty() {
             inbox.admit(&submissions).await.map_err(|error| {
                 error.record("telegram_polling", PLATFORM.name);
-                self.retry
+                None
             })?;
         }
         *offset = next;
