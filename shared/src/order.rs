@@ -9,21 +9,33 @@
 //! handles an entry only when every earlier member of its set is done or in
 //! its own batch (handled first, in order); the acknowledgement that
 //! finishes an entry removes it ([`Write::Unorder`]) together with the
-//! entry's other writes. An entry whose turn has not come within
-//! `runner.order_wait_ms` is put back at the end of its stream
+//! entry's other writes.
+//!
+//! An entry whose turn has not come is put back at the end of its stream
 //! ([`Outcome::Defer`]), not left pending (that would count deliveries
-//! against it). An earlier entry still unfinished after `runner.order_skip_ms` is taken
-//! out of the set, logged and counted, so a lost entry cannot hold its chat
-//! up for ever. Entries in no set (written before ordering existed, or put
-//! back from `dead`) are not held.
+//! against it). It first waits up to `runner.order_wait_ms` for the earlier
+//! entry, but only when another consumer holds that entry (each look marks
+//! the members it lets go as held, `<order>:held`, for `claim_idle_ms`):
+//! an earlier entry nobody holds is still unread, and waiting for it would
+//! only stall the batch. classify sends a chat's messages to the queue its
+//! earlier unfinished ones are in ([`Write::AddToLane`]), so respond reads
+//! them in order whatever their priorities.
+//!
+//! An earlier entry that has held its chat up for `runner.order_skip_ms`
+//! (counted from when a later one first found it in the way, `<order>:blocked`,
+//! not from its arrival: a message queued behind a backlog is not lost) is
+//! taken out of the set, logged and counted, so a lost entry cannot hold its
+//! chat up for ever. Entries in no set (written before ordering existed, or
+//! put back from `dead`) are not held.
 //!
 //! [`Write::Unorder`]: crate::runner::Write::Unorder
+//! [`Write::AddToLane`]: crate::runner::Write::AddToLane
 //! [`Outcome::Defer`]: crate::runner::Outcome::Defer
 
 use crate::config::RunnerSettings;
 use crate::redis_conn::Pool;
 use crate::runner::Outcome;
-use crate::{now_ms, Error};
+use crate::Error;
 use redis::Value;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -42,35 +54,54 @@ pub const ORDER_TTL: Duration = Duration::from_secs(24 * 3600);
 /// 1000 + sequence (capped at 999), exact in a double.
 pub const SCORE_LUA: &str = "tonumber(ms) * 1000 + math.min(tonumber(seq), 999)";
 
-/// KEYS: one order set per chat. ARGV: per chat, member count and members.
-/// Returns per chat: blocker (or ""), its score, how many members are ready
-/// in set order, those members, then the members in no set (ready too).
-/// Only the first n members of a set are read for n members asked about:
-/// either they are all among them, or one of those is the blocker.
+/// KEYS: per chat its order set, held marker and blocked marker. ARGV: how
+/// long a mark of held lasts and how long a blocked marker lives (ms), then
+/// per chat member count and members. Returns per chat: blocker (or ""),
+/// whether another consumer holds it ("1"/"0"), for how long it has been
+/// found in the way (ms), how many members are ready in set order, those
+/// members, then the members in no set (ready too). Only the first n
+/// members of a set are read for n members asked about: either they are all
+/// among them, or one of those is the blocker. The ready members are marked
+/// held (the score of the last of them) before the caller handles them.
 static LOOK: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
-local p = 1
+local held_ms, blocked_ms = ARGV[1], ARGV[2]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local p = 3
 local result = {}
-for i, key in ipairs(KEYS) do
+for i = 1, #KEYS / 3 do
+  local key, held_key, blocked_key = KEYS[i * 3 - 2], KEYS[i * 3 - 1], KEYS[i * 3]
   local n = tonumber(ARGV[p])
   local wanted = {}
   for j = 1, n do wanted[ARGV[p + j]] = true end
   p = p + n + 1
   local members = redis.call('ZRANGE', key, 0, n - 1, 'WITHSCORES')
-  local blocker, score = '', '0'
-  local ready = {}
+  local blocker, held, blocked_for = '', '0', '0'
+  local ready, last = {}, nil
   for j = 1, #members, 2 do
     local member = members[j]
     if wanted[member] then
       ready[#ready + 1] = member
       wanted[member] = nil
+      last = members[j + 1]
     else
-      blocker, score = member, members[j + 1]
+      blocker = member
+      local mark = redis.call('GET', held_key)
+      if mark and tonumber(mark) >= tonumber(members[j + 1]) then held = '1' end
+      local since = redis.call('GET', blocked_key)
+      local sep = since and string.find(since, ' ', 1, true)
+      if sep and string.sub(since, sep + 1) == member then
+        blocked_for = tostring(now - tonumber(string.sub(since, 1, sep - 1)))
+      else
+        redis.call('SET', blocked_key, now .. ' ' .. member, 'PX', blocked_ms)
+      end
       break
     end
   end
-  local chat = {blocker, score, tostring(#ready)}
+  if last then redis.call('SET', held_key, last, 'PX', held_ms) end
+  local chat = {blocker, held, blocked_for, tostring(#ready)}
   for _, member in ipairs(ready) do chat[#chat + 1] = member end
   for member in pairs(wanted) do
     if not redis.call('ZSCORE', key, member) then chat[#chat + 1] = member end
@@ -100,6 +131,19 @@ pub struct ChatTurn {
     pub members: Vec<String>,
 }
 
+impl ChatTurn {
+    /// Marks the last member let go by a look (its score), while its
+    /// consumer handles it.
+    fn held_key(&self) -> String {
+        format!("{}:held", self.key)
+    }
+
+    /// The member found in the way and since when (Redis time, ms).
+    fn blocked_key(&self) -> String {
+        format!("{}:blocked", self.key)
+    }
+}
+
 /// Which of a chat's members may be handled now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turns {
@@ -107,8 +151,19 @@ pub struct Turns {
     pub ready: Vec<usize>,
     /// Indexes of the members whose turn has not come, in batch order.
     pub later: Vec<usize>,
-    /// The earlier member they wait for and when it arrived (UTC ms).
-    pub blocker: Option<(String, i64)>,
+    /// The earlier member they wait for.
+    pub blocker: Option<Blocker>,
+}
+
+/// An earlier member in the way of a batch's members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocker {
+    pub member: String,
+    /// Another consumer let it go and is handling it: worth waiting for.
+    /// Otherwise it is still unread (or lost).
+    pub held: bool,
+    /// How long later members have been finding it in the way.
+    pub blocked_for: Duration,
 }
 
 /// Looks up, waits for and skips turns for one stage.
@@ -118,6 +173,7 @@ pub struct ChatOrder {
     stage: &'static str,
     wait: Duration,
     skip: Duration,
+    held: Duration,
 }
 
 impl ChatOrder {
@@ -129,17 +185,26 @@ impl ChatOrder {
             stage,
             wait: runner.order_wait(),
             skip: runner.order_skip(),
+            held: runner.claim_idle(),
         }
     }
 
-    /// One look at every chat of a batch, in one script call.
+    /// One look at every chat of a batch, in one script call; marks the
+    /// members it lets go as held.
     pub async fn look(&self, chats: &[ChatTurn]) -> Result<Vec<Turns>, Error> {
         if chats.is_empty() {
             return Ok(Vec::new());
         }
         let mut invocation = LOOK.prepare_invoke();
+        invocation
+            .arg(self.held.as_millis() as u64)
+            .arg(self.skip.as_millis() as u64 * 2);
         for chat in chats {
-            invocation.key(&chat.key).arg(chat.members.len());
+            invocation
+                .key(&chat.key)
+                .key(chat.held_key())
+                .key(chat.blocked_key())
+                .arg(chat.members.len());
             for member in &chat.members {
                 invocation.arg(member);
             }
@@ -154,16 +219,20 @@ impl ChatOrder {
     }
 
     /// `turns` of `chat` once every member is ready, or `order_wait_ms` has
-    /// passed; an earlier member older than `order_skip_ms` is skipped.
+    /// passed, or at once when the member in the way is in nobody's hands;
+    /// one that has been in the way for `order_skip_ms` is skipped.
     pub async fn settle(&self, chat: &ChatTurn, mut turns: Turns) -> Result<Turns, Error> {
         let until = Instant::now() + self.wait;
         let mut pause = Duration::from_millis(2);
         while !turns.later.is_empty() {
-            if let Some((blocker, arrived_ms)) = &turns.blocker {
-                if now_ms() - arrived_ms > self.skip.as_millis() as i64 {
-                    self.skip(chat, blocker, *arrived_ms).await?;
+            if let Some(blocker) = &turns.blocker {
+                if blocker.blocked_for > self.skip {
+                    self.skip(chat, blocker).await?;
                     turns = self.look_one(chat).await?;
                     continue;
+                }
+                if !blocker.held {
+                    break;
                 }
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -184,9 +253,14 @@ impl ChatOrder {
     /// `order_wait_ms`.)
     pub fn not_yet(&self, turns: &Turns) -> Outcome {
         Outcome::Defer(match &turns.blocker {
-            Some((blocker, _)) => {
-                format!("an earlier message of this chat ({blocker}) is unfinished")
-            }
+            Some(blocker) if blocker.held => format!(
+                "an earlier message of this chat ({}) is with another consumer",
+                blocker.member
+            ),
+            Some(blocker) => format!(
+                "an earlier message of this chat ({}) is not read yet",
+                blocker.member
+            ),
             None => "earlier messages of this chat are unfinished".into(),
         })
     }
@@ -196,11 +270,11 @@ impl ChatOrder {
         Ok(turns.pop().expect("one chat looked at"))
     }
 
-    async fn skip(&self, chat: &ChatTurn, blocker: &str, arrived_ms: i64) -> Result<(), Error> {
+    async fn skip(&self, chat: &ChatTurn, blocker: &Blocker) -> Result<(), Error> {
         let mut connection = self.pool.get().await?;
         let removed: i64 = SKIP
             .key(&chat.key)
-            .arg(blocker)
+            .arg(&blocker.member)
             .invoke_async(&mut connection)
             .await?;
         if removed == 1 {
@@ -208,8 +282,9 @@ impl ChatOrder {
                 message = "an earlier message held its chat up too long; no longer waited for",
                 stage = self.stage,
                 order = %chat.key,
-                skipped = blocker,
-                age_ms = now_ms() - arrived_ms
+                skipped = %blocker.member,
+                held = blocker.held,
+                in_the_way_ms = blocker.blocked_for.as_millis() as u64
             );
             metrics::counter!("botline_order_skipped_total", "stage" => self.stage).increment(1);
         }
@@ -226,7 +301,8 @@ fn turns_from(chat: &ChatTurn, answer: Vec<Value>) -> Result<Turns, Error> {
             .unwrap_or_else(|| Err(Error::Garbage("short order look reply".into())))
     };
     let blocker = next()?;
-    let score: f64 = next()?.parse().unwrap_or_default();
+    let held = next()? == "1";
+    let blocked_for: u64 = next()?.parse().unwrap_or_default();
     let in_order: usize = next()?.parse().unwrap_or_default();
     let index_of = |member: &str| chat.members.iter().position(|m| m == member);
     let mut ordered = Vec::with_capacity(in_order);
@@ -245,6 +321,10 @@ fn turns_from(chat: &ChatTurn, answer: Vec<Value>) -> Result<Turns, Error> {
     Ok(Turns {
         ready,
         later,
-        blocker: (!blocker.is_empty()).then(|| (blocker, (score / 1000.0) as i64)),
+        blocker: (!blocker.is_empty()).then(|| Blocker {
+            member: blocker,
+            held,
+            blocked_for: Duration::from_millis(blocked_for),
+        }),
     })
 }

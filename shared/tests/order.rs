@@ -1,12 +1,12 @@
 //! Per-chat order across consumers (botline_shared::order) on a real Redis:
-//! which members of a batch may go, waiting for one held elsewhere, and
-//! skipping one that is lost.
+//! which members of a batch may go, waiting for one held elsewhere but not
+//! for one nobody holds, and skipping one that stays in the way.
 use botline_shared::now_ms;
 use botline_shared::order::{ChatOrder, ChatTurn};
 use botline_shared::runner::Outcome;
 use botline_shared::testing::RedisServer;
 use redis::Commands;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn order(redis: &RedisServer, overlay: &str) -> ChatOrder {
     let (_, plumbing) = redis.plumbing(overlay);
@@ -42,23 +42,48 @@ async fn a_batch_goes_in_arrival_order_up_to_a_member_held_elsewhere() {
         .remove(0);
     assert_eq!(turns.ready, vec![3, 2, 0], "free (in no set), then m1, m2");
     assert_eq!(turns.later, vec![1], "m4 waits for m3");
-    assert_eq!(turns.blocker.as_ref().map(|b| b.0.as_str()), Some("m3"));
+    let blocker = turns.blocker.unwrap();
+    assert_eq!(blocker.member, "m3");
+    assert!(!blocker.held, "no look has let m3 go");
+
+    // Another consumer's look lets m3 go: now it is held.
+    let other = order.look(&[chat(&["m3"])]).await.unwrap().remove(0);
+    assert!(other.ready.is_empty(), "m1 and m2 are still unfinished");
+    let mut connection = redis.connection();
+    let _: () = connection.zrem("order:in:web:c1", &["m1", "m2"]).unwrap();
+    let other = order.look(&[chat(&["m3"])]).await.unwrap().remove(0);
+    assert_eq!(other.ready, vec![0]);
+    let turns = order.look(&[chat(&["m4"])]).await.unwrap().remove(0);
+    assert!(
+        turns.blocker.unwrap().held,
+        "m3 is in the other consumer's hands"
+    );
 }
 
 #[tokio::test]
-async fn settle_sees_the_earlier_member_finish_or_gives_up_after_the_wait() {
+async fn settle_sees_a_held_member_finish_or_gives_up_after_the_wait() {
     let redis = RedisServer::start();
     let order = order(&redis, "[runner]\norder_wait_ms = 300\n");
     arrived(&redis, &[("m1", 10), ("m2", 5)]);
+    // Another consumer holds m1.
+    let held = order.look(&[chat(&["m1"])]).await.unwrap().remove(0);
+    assert_eq!(held.ready, vec![0]);
     let batch = chat(&["m2"]);
     let first = order
         .look(std::slice::from_ref(&batch))
         .await
         .unwrap()
         .remove(0);
+    let started = Instant::now();
     let unchanged = order.settle(&batch, first.clone()).await.unwrap();
     assert_eq!(unchanged.later, vec![0], "m1 never finished");
-    assert!(matches!(order.not_yet(&unchanged), Outcome::Defer(_)));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited order_wait_ms for the held member"
+    );
+    assert!(
+        matches!(order.not_yet(&unchanged), Outcome::Defer(reason) if reason.contains("another consumer"))
+    );
 
     let finisher = {
         let client = redis.client();
@@ -74,13 +99,40 @@ async fn settle_sees_the_earlier_member_finish_or_gives_up_after_the_wait() {
 }
 
 #[tokio::test]
-async fn a_member_older_than_order_skip_is_no_longer_waited_for() {
+async fn a_member_nobody_holds_is_not_waited_for() {
+    let redis = RedisServer::start();
+    // A wait far longer than the test's timeout: settling must not use it.
+    let order = order(
+        &redis,
+        "[runner]\nclaim_idle_ms = 100000\norder_skip_ms = 200000\norder_wait_ms = 60000\n",
+    );
+    arrived(&redis, &[("unread", 10), ("m2", 5)]);
+    let batch = chat(&["m2"]);
+    let first = order
+        .look(std::slice::from_ref(&batch))
+        .await
+        .unwrap()
+        .remove(0);
+    let settled = tokio::time::timeout(Duration::from_secs(20), order.settle(&batch, first))
+        .await
+        .expect("settle returns without waiting for a member nobody holds")
+        .unwrap();
+    assert_eq!(settled.later, vec![0]);
+    assert!(
+        matches!(order.not_yet(&settled), Outcome::Defer(reason) if reason.contains("not read yet"))
+    );
+}
+
+#[tokio::test]
+async fn a_member_in_the_way_longer_than_order_skip_is_no_longer_waited_for() {
     let redis = RedisServer::start();
     let order = order(
         &redis,
         "[runner]\nclaim_idle_ms = 2000\norder_skip_ms = 5000\norder_wait_ms = 1000\n",
     );
-    arrived(&redis, &[("lost", 6000), ("m2", 10)]);
+    // Arrived ten minutes ago, but only just found in the way: a message
+    // queued behind a backlog, not a lost one. It keeps its place.
+    arrived(&redis, &[("queued", 600_000), ("m2", 10)]);
     let batch = chat(&["m2"]);
     let first = order
         .look(std::slice::from_ref(&batch))
@@ -93,8 +145,29 @@ async fn a_member_older_than_order_skip_is_no_longer_waited_for() {
         "put back, never left pending to count deliveries"
     );
     let settled = order.settle(&batch, first).await.unwrap();
-    assert_eq!(settled.ready, vec![0]);
+    assert_eq!(
+        settled.later,
+        vec![0],
+        "not skipped: in the way for moments"
+    );
+
+    // Found in the way six seconds ago (as the first look would have
+    // recorded it): past order_skip_ms, so it is skipped.
     let mut connection = redis.connection();
+    let _: () = connection
+        .set(
+            "order:in:web:c1:blocked",
+            format!("{} queued", now_ms() - 6000),
+        )
+        .unwrap();
+    let again = order
+        .look(std::slice::from_ref(&batch))
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(again.blocker.as_ref().unwrap().blocked_for >= Duration::from_secs(5));
+    let settled = order.settle(&batch, again).await.unwrap();
+    assert_eq!(settled.ready, vec![0]);
     let left: Vec<String> = connection.zrange("order:in:web:c1", 0, -1).unwrap();
-    assert_eq!(left, vec!["m2"], "the lost member was taken out");
+    assert_eq!(left, vec!["m2"], "the member in the way was taken out");
 }
