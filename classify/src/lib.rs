@@ -19,8 +19,10 @@ pub mod model;
 pub mod rules;
 pub mod token_vectors;
 
+use botline_shared::codec;
 use botline_shared::config::Settings;
 use botline_shared::message::{ClassifiedMessage, Intent, Priority, UnifiedMessage};
+use botline_shared::order;
 use botline_shared::runner::{self, Envelope, Input, Outcome, Plumbing, Stage, Write};
 use botline_shared::streams::{group, Streams};
 use botline_shared::Error;
@@ -346,6 +348,24 @@ impl ClassifyStage {
             full_read,
         })
     }
+
+    /// Into the queue of its priority, or behind its chat's earlier
+    /// unfinished messages in theirs: respond answers a chat in order, so a
+    /// later message read first would only wait for the earlier one.
+    fn queue(&self, classified: &ClassifiedMessage) -> Write {
+        let message = &classified.message;
+        Write::AddToLane {
+            stream: self.streams.queue(classified.priority),
+            fields: codec::encode(classified),
+            order: self
+                .streams
+                .chat_order(order::LANE_IN, &message.platform, &message.chat.id),
+            member: message.id.clone(),
+            lane: self.streams.chat_queue(&message.platform, &message.chat.id),
+            lane_ttl: order::ORDER_TTL,
+            streams: Priority::ALL.map(|p| self.streams.queue(p)).to_vec(),
+        }
+    }
 }
 
 impl Stage for ClassifyStage {
@@ -401,7 +421,7 @@ impl Stage for ClassifyStage {
                 if !classified.audit.is_empty() {
                     metrics::counter!("botline_classify_audit_hits_total").increment(classified.audit.len() as u64);
                 }
-                Outcome::Done(vec![Write::add(self.streams.queue(classified.priority), &classified)])
+                Outcome::Done(vec![self.queue(&classified)])
             })
             .collect()
     }

@@ -98,6 +98,21 @@ pub enum Write {
     },
     /// `ZREM order member`: this entry's turn in its chat is over.
     Unorder { order: String, member: String },
+    /// `XADD` into `stream`, unless `member` has earlier unfinished members
+    /// in its chat's `order` set: then into the stream the chat's last
+    /// message went to (remembered under `lane` for `lane_ttl`), if that is
+    /// one of `streams`. So a chat's messages are read in arrival order even
+    /// when their priorities differ: a later one never waits, unread, ahead
+    /// of an earlier one in another queue.
+    AddToLane {
+        stream: String,
+        fields: Fields,
+        order: String,
+        member: String,
+        lane: String,
+        lane_ttl: Duration,
+        streams: Vec<String>,
+    },
 }
 
 impl Write {
@@ -183,6 +198,8 @@ const ACK_SCRIPT_CODE: &str = r#"
 --   del <key index>
 --   addo <key index> <order key index> <member> <order ttl ms> <field count> <field> <value> ...
 --   zrem <key index> <member>
+--   addl <key index> <order key index> <member> <lane key index> <lane ttl ms>
+--        <stream count> <stream key index> ... <field count> <field> <value> ...
 -- Writes happen only if XACK acknowledged the entry; a stream's expiry is
 -- set, and each distinct message published, once, after the batch.
 -- Returns 1/0 per entry.
@@ -235,6 +252,23 @@ for i = 1, count do
         local ms, seq = string.match(id, '(%d+)-(%d+)')
         redis.call('ZADD', order, {score}, ARGV[p + 3])
         redis.call('PEXPIRE', order, ARGV[p + 4])
+      end
+      p = last + 1
+    elseif op == 'addl' then
+      local streams = tonumber(ARGV[p + 6])
+      local fields = p + 7 + streams
+      local last = fields + tonumber(ARGV[fields]) * 2
+      if ok == 1 then
+        local target = KEYS[tonumber(ARGV[p + 1])]
+        local lane = KEYS[tonumber(ARGV[p + 4])]
+        if (redis.call('ZRANK', KEYS[tonumber(ARGV[p + 2])], ARGV[p + 3]) or 0) > 0 then
+          local current = redis.call('GET', lane)
+          for s = p + 7, p + 6 + streams do
+            if KEYS[tonumber(ARGV[s])] == current then target = current end
+          end
+        end
+        redis.call('XADD', target, '*', unpack(ARGV, fields + 1, last))
+        redis.call('SET', lane, target, 'PX', ARGV[p + 5])
       end
       p = last + 1
     elseif op == 'zrem' then
@@ -301,6 +335,14 @@ impl AckCall {
         self.args.push(arg.into());
     }
 
+    fn push_fields(&mut self, fields: &Fields) {
+        self.push(fields.len().to_string());
+        for (name, value) in fields {
+            self.push(name.as_bytes());
+            self.push(value.as_slice());
+        }
+    }
+
     fn entry(&mut self, stream: &str, id: &str, writes: &[Write]) {
         self.entries += 1;
         let index = self.key(stream);
@@ -320,11 +362,7 @@ impl AckCall {
                     self.push(index);
                     self.push(cap.unwrap_or(0).to_string());
                     self.push(expire.map_or(0, |d| d.as_millis()).to_string());
-                    self.push(fields.len().to_string());
-                    for (name, value) in fields {
-                        self.push(name.as_bytes());
-                        self.push(value.as_slice());
-                    }
+                    self.push_fields(fields);
                 }
                 Write::Set { key, value, expire } => {
                     self.push("set");
@@ -352,11 +390,32 @@ impl AckCall {
                     self.push(index);
                     self.push(member.as_bytes());
                     self.push(order_ttl.as_millis().to_string());
-                    self.push(fields.len().to_string());
-                    for (name, value) in fields {
-                        self.push(name.as_bytes());
-                        self.push(value.as_slice());
+                    self.push_fields(fields);
+                }
+                Write::AddToLane {
+                    stream,
+                    fields,
+                    order,
+                    member,
+                    lane,
+                    lane_ttl,
+                    streams,
+                } => {
+                    self.push("addl");
+                    let index = self.key(stream);
+                    self.push(index);
+                    let index = self.key(order);
+                    self.push(index);
+                    self.push(member.as_bytes());
+                    let index = self.key(lane);
+                    self.push(index);
+                    self.push(lane_ttl.as_millis().to_string());
+                    self.push(streams.len().to_string());
+                    for stream in streams {
+                        let index = self.key(stream);
+                        self.push(index);
                     }
+                    self.push_fields(fields);
                 }
                 Write::Unorder { order, member } => {
                     self.push("zrem");

@@ -58,6 +58,14 @@ impl Streams {
         self.key(&format!("order:{lane}:{platform}:{chat}"))
     }
 
+    /// The queue a chat's last message went to, so classify sends its next
+    /// one after it while the chat has unfinished messages (see
+    /// [`crate::runner::Write::AddToLane`]). A chat's order set also has
+    /// `<order>:held` and `<order>:blocked` beside it (see [`crate::order`]).
+    pub fn chat_queue(&self, platform: &str, chat: &str) -> String {
+        self.key(&format!("order:queue:{platform}:{chat}"))
+    }
+
     /// Normalized inbound messages; written by ingest, read by classify.
     pub fn inbound(&self) -> String {
         self.key("in")

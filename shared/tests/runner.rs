@@ -186,3 +186,116 @@ async fn trimming_keeps_what_any_group_still_needs() {
     );
     assert_eq!(left.last().unwrap().id, "m499");
 }
+
+/// Sends each message to the queue its text names, behind its chat's
+/// earlier unfinished messages (`Write::AddToLane`).
+struct Lanes;
+
+const QUEUES: [&str; 2] = ["lanes:q:urgent", "lanes:q:normal"];
+
+impl Stage for Lanes {
+    type In = UnifiedMessage;
+
+    fn group(&self) -> &'static str {
+        "lanes"
+    }
+
+    fn inputs(&self) -> Vec<Input> {
+        vec![Input {
+            stream: "lanes:in".into(),
+            weight: 1,
+        }]
+    }
+
+    async fn handle(&self, batch: Vec<Envelope<UnifiedMessage>>) -> Vec<Outcome> {
+        batch
+            .into_iter()
+            .map(|envelope| {
+                let message = envelope.record;
+                let chat = &message.chat.id;
+                Outcome::Done(vec![Write::AddToLane {
+                    stream: format!("lanes:q:{}", message.text),
+                    fields: codec::encode(&message),
+                    order: format!("lanes:order:{chat}"),
+                    member: message.id.clone(),
+                    lane: format!("lanes:queue:{chat}"),
+                    lane_ttl: Duration::from_secs(60),
+                    streams: QUEUES.map(String::from).to_vec(),
+                }])
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_s_later_message_goes_to_the_queue_of_its_earlier_unfinished_ones() {
+    let redis = RedisServer::start();
+    let plumbing = plumbing(&redis, "[runner]\nblock_ms = 50\n");
+    let mut connection = redis.connection();
+    // Chat c1: m1 and m4 unfinished, in that order. Chat c2: m2 unfinished,
+    // and a remembered queue that is not one of the stage's.
+    for (chat, member, score) in [("c1", "m1", 1), ("c1", "m4", 4), ("c2", "m2", 2)] {
+        let _: () = redis::cmd("ZADD")
+            .arg(format!("lanes:order:{chat}"))
+            .arg(score)
+            .arg(member)
+            .query(&mut connection)
+            .unwrap();
+    }
+    let _: () = redis::cmd("ZADD")
+        .arg("lanes:order:c2")
+        .arg(5)
+        .arg("m5")
+        .query(&mut connection)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("lanes:queue:c2")
+        .arg("lanes:q:elsewhere")
+        .query(&mut connection)
+        .unwrap();
+    // m1 normal; m4 urgent behind it; m7 (c1, in no set) urgent; m5 urgent.
+    for (n, queue) in [(1, "normal"), (4, "urgent"), (7, "urgent"), (5, "urgent")] {
+        add_entry(
+            &mut connection,
+            "lanes:in",
+            &codec::encode(&sample_message(n, queue)),
+        );
+    }
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(runner::run(Lanes, plumbing, shutdown.clone()));
+    let ids = |connection: &mut redis::Connection, queue: &str| -> Vec<String> {
+        read_stream::<UnifiedMessage>(connection, queue)
+            .into_iter()
+            .map(|m| m.id)
+            .collect()
+    };
+    wait_for("four messages queued", Duration::from_secs(20), || {
+        QUEUES
+            .iter()
+            .map(|q| ids(&mut connection, q).len())
+            .sum::<usize>()
+            == 4
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    assert_eq!(
+        ids(&mut connection, "lanes:q:normal"),
+        vec!["m1", "m4"],
+        "m4 follows m1, which is still unfinished, into its queue"
+    );
+    assert_eq!(
+        ids(&mut connection, "lanes:q:urgent"),
+        vec!["m7", "m5"],
+        "m7 is in no order set; m5's remembered queue is not one of the stage's"
+    );
+    let lane: String = redis::cmd("GET")
+        .arg("lanes:queue:c1")
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(
+        lane, "lanes:q:urgent",
+        "the queue c1's last message went to"
+    );
+}

@@ -3,6 +3,8 @@
 //! (so a later message is often answered before an earlier one is), and
 //! every chat's replies still reach the platform in the order its messages
 //! arrived, each answered with all of the chat's earlier turns in context.
+//! Each chat's third message is urgent: classify queues it behind the chat's
+//! earlier unfinished ones, so respond neither waits for nor skips them.
 
 use botline_shared::testing::{wait_for, RedisServer};
 use botline_tests::llm::SlowLlm;
@@ -14,6 +16,12 @@ use std::time::Duration;
 
 const CHATS: usize = 24;
 const PER_CHAT: usize = 5;
+
+/// The text of a chat's `n`th message; the third has an urgent keyword.
+fn text(chat: usize, n: usize) -> String {
+    let urgent = if n == 2 { " urgent" } else { "" };
+    format!("chat {chat} message {n}{urgent}")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_consumers() {
@@ -47,7 +55,7 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
                         .send(
                             &format!("o-{chat}-{n}"),
                             &format!("chat-{chat}"),
-                            &format!("chat {chat} message {n}"),
+                            &text(chat, n),
                             Duration::from_secs(60),
                         )
                         .await
@@ -72,7 +80,7 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
     for (chat, replies) in &per_chat {
         let n: usize = chat.trim_start_matches("chat-").parse().unwrap();
         let expected: Vec<String> = (0..PER_CHAT)
-            .map(|m| format!("chat {n} message {m} | {m}"))
+            .map(|m| format!("{} | {m}", text(n, m)))
             .collect();
         assert_eq!(
             replies, &expected,
@@ -100,5 +108,11 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
             busy >= 2,
             "{stage}: work went to {busy} consumer(s)\n{logs}"
         );
+        for process in pipeline.processes.iter().filter(|p| p.stage == stage) {
+            let skipped = process
+                .metric(&format!("botline_order_skipped_total{{stage=\"{stage}\"}}"))
+                .await;
+            assert_eq!(skipped, Some(0.0), "{stage}: no message skipped\n{logs}");
+        }
     }
 }
