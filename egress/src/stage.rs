@@ -162,6 +162,11 @@ impl EgressStage {
             })
             .collect();
         let looked = match self.order.look(&turns).await {
+            Ok(looked) if looked.iter().all(|turns| turns.later.is_empty()) => Ok(looked),
+            Ok(looked) => self.order.settle(&turns, looked).await,
+            Err(error) => Err(error),
+        };
+        let looked = match looked {
             Ok(looked) => looked,
             Err(error) => {
                 let reason = format!("reading chat order: {error}");
@@ -174,9 +179,8 @@ impl EgressStage {
         let batch = &batch;
         let per_chat = chats
             .into_iter()
-            .zip(turns)
             .zip(looked)
-            .map(|((indexes, turn), looked)| self.handle_chat(batch, indexes, turn, looked));
+            .map(|(indexes, turns)| self.handle_chat(batch, indexes, turns));
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         for (index, outcome) in join_all(per_chat).await.into_iter().flatten() {
             outcomes[index] = Some(match outcome {
@@ -193,29 +197,19 @@ impl EgressStage {
             .collect()
     }
 
-    /// One chat of a batch: its turn (waiting if another consumer holds an
-    /// earlier reply), then the sending locks of the replies whose turn it
+    /// One chat of a batch: the sending locks of the replies whose turn it
     /// is, and those replies sent one after another. Outcomes by batch index.
     async fn handle_chat(
         &self,
         batch: &[Envelope<Reply>],
         indexes: Vec<usize>,
-        turn: ChatTurn,
-        looked: Turns,
+        turns: Turns,
     ) -> Vec<(usize, Outcome)> {
         let retry_all = |reason: String| {
             indexes
                 .iter()
                 .map(|index| (*index, Outcome::Retry(reason.clone())))
                 .collect::<Vec<_>>()
-        };
-        let turns = if looked.later.is_empty() {
-            looked
-        } else {
-            match self.order.settle(&turn, looked).await {
-                Ok(turns) => turns,
-                Err(error) => return retry_all(format!("reading chat order: {error}")),
-            }
         };
         let ready: Vec<&Envelope<Reply>> =
             turns.ready.iter().map(|i| &batch[indexes[*i]]).collect();

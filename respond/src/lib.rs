@@ -532,31 +532,33 @@ impl Stage for RespondStage {
             })
             .collect();
         let looked = match self.order.look(&turns).await {
+            Ok(looked) if looked.iter().all(|turns| turns.later.is_empty()) => Ok(looked),
+            Ok(looked) => self.order.settle(&turns, looked).await,
+            Err(error) => Err(error),
+        };
+        let looked = match looked {
             Ok(looked) => looked,
             Err(error) => {
                 return vec![Outcome::Retry(format!("reading chat order: {error}")); batch.len()]
             }
         };
-        // Contexts of the chats whose messages may all go now, in one read;
-        // the others are read once their turn has come.
-        let ready_now: Vec<String> = chats
+        // Contexts of the chats with messages to answer now, in one read.
+        let answering: Vec<String> = chats
             .iter()
             .zip(&looked)
-            .filter(|(_, turns)| turns.later.is_empty())
+            .filter(|(_, turns)| !turns.ready.is_empty())
             .map(|((key, _), _)| key.clone())
             .collect();
-        let mut contexts = match self.contexts(&ready_now).await {
+        let mut contexts = match self.contexts(&answering).await {
             Ok(contexts) => contexts,
             Err(error) => {
                 return vec![Outcome::Retry(format!("reading context: {error}")); batch.len()]
             }
         };
-        let handled = join_all(chats.iter().zip(turns).zip(looked).map(
-            |(((key, indexes), turn), looked)| {
-                let context = contexts.remove(key);
-                self.handle_turns(key, indexes, &batch, turn, looked, context)
-            },
-        ))
+        let handled = join_all(chats.iter().zip(looked).map(|((key, indexes), turns)| {
+            let context = contexts.remove(key).unwrap_or_default();
+            self.handle_turns(indexes, &batch, turns, context)
+        }))
         .await;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         for chat_outcomes in handled {
@@ -576,40 +578,15 @@ impl Stage for RespondStage {
 }
 
 impl RespondStage {
-    /// One chat of a batch: wait for its turn if another consumer holds an
-    /// earlier message, then answer the ready messages in arrival order;
-    /// the rest wait for a later batch. Outcomes by batch index.
+    /// One chat of a batch: answer the messages whose turn it is in arrival
+    /// order; the rest wait for a later batch. Outcomes by batch index.
     async fn handle_turns(
         &self,
-        context_key: &str,
         indexes: &[usize],
         batch: &[Envelope<ClassifiedMessage>],
-        turn: ChatTurn,
-        looked: Turns,
-        context: Option<Vec<Turn>>,
+        turns: Turns,
+        context: Vec<Turn>,
     ) -> Vec<(usize, Outcome)> {
-        let fail = |reason: String| {
-            indexes
-                .iter()
-                .map(|index| (*index, Outcome::Retry(reason.clone())))
-                .collect()
-        };
-        let turns = if looked.later.is_empty() {
-            looked
-        } else {
-            match self.order.settle(&turn, looked).await {
-                Ok(turns) => turns,
-                Err(error) => return fail(format!("reading chat order: {error}")),
-            }
-        };
-        let context = match context {
-            Some(context) => context,
-            None if turns.ready.is_empty() => Vec::new(),
-            None => match self.contexts(&[context_key.to_string()]).await {
-                Ok(mut contexts) => contexts.remove(context_key).unwrap_or_default(),
-                Err(error) => return fail(format!("reading context: {error}")),
-            },
-        };
         let ready: Vec<&ClassifiedMessage> = turns
             .ready
             .iter()

@@ -155,6 +155,14 @@ pub struct Turns {
     pub blocker: Option<Blocker>,
 }
 
+impl Turns {
+    /// The earlier member held elsewhere that members of this chat wait
+    /// for, if any.
+    fn waits_for(&self) -> Option<&Blocker> {
+        self.blocker.as_ref().filter(|_| !self.later.is_empty())
+    }
+}
+
 /// An earlier member in the way of a batch's members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocker {
@@ -218,32 +226,46 @@ impl ChatOrder {
             .collect()
     }
 
-    /// `turns` of `chat` once every member is ready, or `order_wait_ms` has
-    /// passed, or at once when the member in the way is in nobody's hands;
-    /// one that has been in the way for `order_skip_ms` is skipped.
-    pub async fn settle(&self, chat: &ChatTurn, mut turns: Turns) -> Result<Turns, Error> {
-        let until = Instant::now() + self.wait;
+    /// The turns of a batch's `chats` (as [`ChatOrder::look`] gave them)
+    /// once no chat waits for an earlier member another consumer holds, or
+    /// `order_wait_ms` has passed; members behind one nobody holds (still
+    /// unread) or behind one in this batch are not waited for. A batch
+    /// waits only when no chat has anything ready: it is acknowledged as a
+    /// whole, so waiting would keep its ready members unfinished too, and
+    /// two consumers could each wait out `order_wait_ms` for the other's.
+    /// One look at all the chats per pause. An earlier member that has been
+    /// in the way for `order_skip_ms` is skipped, waiting or not.
+    pub async fn settle(
+        &self,
+        chats: &[ChatTurn],
+        mut looked: Vec<Turns>,
+    ) -> Result<Vec<Turns>, Error> {
+        let wait = looked.iter().all(|turns| turns.ready.is_empty());
+        let until = Instant::now() + if wait { self.wait } else { Duration::ZERO };
         let mut pause = Duration::from_millis(2);
-        while !turns.later.is_empty() {
-            if let Some(blocker) = &turns.blocker {
-                if blocker.blocked_for > self.skip {
-                    self.skip(chat, blocker).await?;
-                    turns = self.look_one(chat).await?;
-                    continue;
-                }
-                if !blocker.held {
-                    break;
+        loop {
+            let mut skipped = false;
+            for (chat, turns) in chats.iter().zip(&looked) {
+                if let Some(blocker) = turns.waits_for() {
+                    if blocker.blocked_for > self.skip {
+                        self.skip(chat, blocker).await?;
+                        skipped = true;
+                    }
                 }
             }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
+            if !skipped {
+                let held = looked
+                    .iter()
+                    .any(|turns| turns.waits_for().is_some_and(|blocker| blocker.held));
+                let left = until.saturating_duration_since(Instant::now());
+                if !held || left.is_zero() {
+                    return Ok(looked);
+                }
+                tokio::time::sleep(pause.min(left)).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
-            tokio::time::sleep(pause.min(left)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-            turns = self.look_one(chat).await?;
+            looked = self.look(chats).await?;
         }
-        Ok(turns)
     }
 
     /// What becomes of a member whose turn has not come: put back at the
@@ -261,13 +283,8 @@ impl ChatOrder {
                 "an earlier message of this chat ({}) is not read yet",
                 blocker.member
             ),
-            None => "earlier messages of this chat are unfinished".into(),
+            None => "read before an earlier message of this chat in the same batch".into(),
         })
-    }
-
-    async fn look_one(&self, chat: &ChatTurn) -> Result<Turns, Error> {
-        let mut turns = self.look(std::slice::from_ref(chat)).await?;
-        Ok(turns.pop().expect("one chat looked at"))
     }
 
     async fn skip(&self, chat: &ChatTurn, blocker: &Blocker) -> Result<(), Error> {
@@ -305,9 +322,15 @@ fn turns_from(chat: &ChatTurn, answer: Vec<Value>) -> Result<Turns, Error> {
     let blocked_for: u64 = next()?.parse().unwrap_or_default();
     let in_order: usize = next()?.parse().unwrap_or_default();
     let index_of = |member: &str| chat.members.iter().position(|m| m == member);
-    let mut ordered = Vec::with_capacity(in_order);
+    let mut ordered: Vec<usize> = Vec::with_capacity(in_order);
     for _ in 0..in_order {
         ordered.extend(index_of(&next()?));
+    }
+    // Acknowledgements, and the writes they carry (the reply, the
+    // transcript), go in batch order: a member read before an earlier one
+    // of its chat (put back, it came round again) waits for a later batch.
+    if let Some(cut) = ordered.windows(2).position(|pair| pair[1] < pair[0]) {
+        ordered.truncate(cut + 1);
     }
     // Members in no set go first, in batch order: nothing is before them.
     let mut ready: Vec<usize> = strings
