@@ -161,12 +161,7 @@ impl EgressStage {
                     .collect(),
             })
             .collect();
-        let looked = match self.order.look(&turns).await {
-            Ok(looked) if looked.iter().all(|turns| turns.later.is_empty()) => Ok(looked),
-            Ok(looked) => self.order.settle(&turns, looked).await,
-            Err(error) => Err(error),
-        };
-        let looked = match looked {
+        let looked = match self.order.turns(&turns).await {
             Ok(looked) => looked,
             Err(error) => {
                 let reason = format!("reading chat order: {error}");

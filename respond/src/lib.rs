@@ -531,12 +531,7 @@ impl Stage for RespondStage {
                     .collect(),
             })
             .collect();
-        let looked = match self.order.look(&turns).await {
-            Ok(looked) if looked.iter().all(|turns| turns.later.is_empty()) => Ok(looked),
-            Ok(looked) => self.order.settle(&turns, looked).await,
-            Err(error) => Err(error),
-        };
-        let looked = match looked {
+        let looked = match self.order.turns(&turns).await {
             Ok(looked) => looked,
             Err(error) => {
                 return vec![Outcome::Retry(format!("reading chat order: {error}")); batch.len()]

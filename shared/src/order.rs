@@ -226,6 +226,12 @@ impl ChatOrder {
             .collect()
     }
 
+    /// The turns of a batch's `chats`: a look, settled.
+    pub async fn turns(&self, chats: &[ChatTurn]) -> Result<Vec<Turns>, Error> {
+        let looked = self.look(chats).await?;
+        self.settle(chats, looked).await
+    }
+
     /// The turns of a batch's `chats` (as [`ChatOrder::look`] gave them)
     /// once no chat waits for an earlier member another consumer holds, or
     /// `order_wait_ms` has passed; members behind one nobody holds (still

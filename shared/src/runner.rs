@@ -331,6 +331,11 @@ impl AckCall {
         index.to_string().into_bytes()
     }
 
+    fn push_key(&mut self, key: &str) {
+        let index = self.key(key);
+        self.push(index);
+    }
+
     fn push(&mut self, arg: impl Into<Vec<u8>>) {
         self.args.push(arg.into());
     }
@@ -345,8 +350,7 @@ impl AckCall {
 
     fn entry(&mut self, stream: &str, id: &str, writes: &[Write]) {
         self.entries += 1;
-        let index = self.key(stream);
-        self.push(index);
+        self.push_key(stream);
         self.push(id);
         self.push(writes.len().to_string());
         for write in writes {
@@ -358,23 +362,20 @@ impl AckCall {
                     expire,
                 } => {
                     self.push("add");
-                    let index = self.key(stream);
-                    self.push(index);
+                    self.push_key(stream);
                     self.push(cap.unwrap_or(0).to_string());
                     self.push(expire.map_or(0, |d| d.as_millis()).to_string());
                     self.push_fields(fields);
                 }
                 Write::Set { key, value, expire } => {
                     self.push("set");
-                    let index = self.key(key);
-                    self.push(index);
+                    self.push_key(key);
                     self.push(value.as_bytes());
                     self.push(expire.as_millis().to_string());
                 }
                 Write::Delete { key } => {
                     self.push("del");
-                    let index = self.key(key);
-                    self.push(index);
+                    self.push_key(key);
                 }
                 Write::AddOrdered {
                     stream,
@@ -384,10 +385,8 @@ impl AckCall {
                     order_ttl,
                 } => {
                     self.push("addo");
-                    let index = self.key(stream);
-                    self.push(index);
-                    let index = self.key(order);
-                    self.push(index);
+                    self.push_key(stream);
+                    self.push_key(order);
                     self.push(member.as_bytes());
                     self.push(order_ttl.as_millis().to_string());
                     self.push_fields(fields);
@@ -402,25 +401,20 @@ impl AckCall {
                     streams,
                 } => {
                     self.push("addl");
-                    let index = self.key(stream);
-                    self.push(index);
-                    let index = self.key(order);
-                    self.push(index);
+                    self.push_key(stream);
+                    self.push_key(order);
                     self.push(member.as_bytes());
-                    let index = self.key(lane);
-                    self.push(index);
+                    self.push_key(lane);
                     self.push(lane_ttl.as_millis().to_string());
                     self.push(streams.len().to_string());
                     for stream in streams {
-                        let index = self.key(stream);
-                        self.push(index);
+                        self.push_key(stream);
                     }
                     self.push_fields(fields);
                 }
                 Write::Unorder { order, member } => {
                     self.push("zrem");
-                    let index = self.key(order);
-                    self.push(index);
+                    self.push_key(order);
                     self.push(member.as_bytes());
                 }
                 Write::Publish { channel, message } => {
