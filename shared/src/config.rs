@@ -66,7 +66,8 @@ pub struct ProcessConfig {
     pub redis_url: String,
     /// The TLS files of a `rediss://` URL (`BOTLINE_REDIS_CA_FILE`, …).
     pub redis_tls: RedisTls,
-    /// `BOTLINE_PREFIX`: key prefix of every stream. Default `{botline}`.
+    /// `BOTLINE_PREFIX`: the name in every key's hash tag (`{botline:p7}:in`,
+    /// `{botline}:members:…`). Default `botline`.
     pub prefix: String,
     /// `BOTLINE_CONSUMER`: this replica's consumer name, used as is.
     /// Default: stage + host name + the lowest free number on this host.
@@ -92,8 +93,15 @@ impl ProcessConfig {
         let prefix = env
             .get("BOTLINE_PREFIX")
             .unwrap_or_else(|| DEFAULT_PREFIX.into());
-        if prefix.chars().any(char::is_whitespace) {
-            return Err(Error::config("BOTLINE_PREFIX", "must not contain spaces"));
+        if prefix.is_empty()
+            || prefix
+                .chars()
+                .any(|c| c.is_whitespace() || matches!(c, '{' | '}' | ':'))
+        {
+            return Err(Error::config(
+                "BOTLINE_PREFIX",
+                "must be a plain name, without spaces, braces or colons (the hash tags are made from it)",
+            ));
         }
         let metrics_addr = parse_env(env, "BOTLINE_METRICS_ADDR", default_metrics_addr)?;
         let log_format = match env.get("BOTLINE_LOG_FORMAT").as_deref() {
@@ -120,8 +128,11 @@ impl ProcessConfig {
         Ok(process)
     }
 
-    pub fn streams(&self) -> Streams {
-        Streams::new(self.prefix.clone())
+    /// The key names, with `[streams] partitions` from the settings.
+    pub fn streams(&self, settings: &Settings) -> Result<Streams, Error> {
+        let stream_settings: StreamSettings = settings.section("streams")?;
+        stream_settings.validate()?;
+        Ok(Streams::new(self.prefix.clone(), stream_settings.partitions))
     }
 
     /// The behaviour settings: defaults with `BOTLINE_CONFIG` laid over them.
@@ -446,24 +457,19 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
 pub struct RunnerSettings {
     pub batch_size: usize,
     pub block_ms: u64,
-    pub claim_idle_ms: u64,
-    pub claim_interval_ms: u64,
+    pub retry_ms: u64,
+    pub window: usize,
     pub max_deliveries: u64,
     pub shutdown_deadline_ms: u64,
     pub lease_ttl_ms: u64,
-    pub order_wait_ms: u64,
-    pub order_skip_ms: u64,
 }
 
 impl RunnerSettings {
     pub fn block(&self) -> Duration {
         Duration::from_millis(self.block_ms)
     }
-    pub fn claim_idle(&self) -> Duration {
-        Duration::from_millis(self.claim_idle_ms)
-    }
-    pub fn claim_interval(&self) -> Duration {
-        Duration::from_millis(self.claim_interval_ms)
+    pub fn retry(&self) -> Duration {
+        Duration::from_millis(self.retry_ms)
     }
     pub fn shutdown_deadline(&self) -> Duration {
         Duration::from_millis(self.shutdown_deadline_ms)
@@ -471,19 +477,13 @@ impl RunnerSettings {
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
     }
-    pub fn order_wait(&self) -> Duration {
-        Duration::from_millis(self.order_wait_ms)
-    }
-    pub fn order_skip(&self) -> Duration {
-        Duration::from_millis(self.order_skip_ms)
-    }
 
     pub fn validate(&self) -> Result<(), Error> {
         let positive = [
             ("runner.batch_size", self.batch_size as u64),
             ("runner.block_ms", self.block_ms),
-            ("runner.claim_idle_ms", self.claim_idle_ms),
-            ("runner.claim_interval_ms", self.claim_interval_ms),
+            ("runner.retry_ms", self.retry_ms),
+            ("runner.window", self.window as u64),
             ("runner.max_deliveries", self.max_deliveries),
             ("runner.lease_ttl_ms", self.lease_ttl_ms),
         ];
@@ -492,16 +492,16 @@ impl RunnerSettings {
                 return Err(Error::config(name, "must be greater than 0"));
             }
         }
-        if self.claim_idle_ms <= self.block_ms {
+        if self.window < self.batch_size {
             return Err(Error::config(
-                "runner.claim_idle_ms",
-                "must be longer than runner.block_ms, or entries in hand are taken over",
+                "runner.window",
+                "must be at least runner.batch_size: a batch is read within the window",
             ));
         }
-        if self.order_skip_ms <= self.claim_idle_ms {
+        if self.lease_ttl_ms < 3 * self.block_ms {
             return Err(Error::config(
-                "runner.order_skip_ms",
-                "must be longer than runner.claim_idle_ms, or a message merely being taken over is skipped",
+                "runner.lease_ttl_ms",
+                "must be at least 3 × runner.block_ms: a partition's lease is renewed while its reads block",
             ));
         }
         Ok(())
@@ -512,6 +512,7 @@ impl RunnerSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamSettings {
+    pub partitions: u32,
     pub retention_ms: u64,
     pub trim_interval_ms: u64,
     pub dead_max_len: usize,
@@ -519,6 +520,22 @@ pub struct StreamSettings {
     pub metrics_interval_ms: u64,
     pub transcript_max_len: usize,
     pub transcript_ttl_ms: u64,
+}
+
+/// The most partitions a deployment may have: each is a stream (and group)
+/// per input of every stage, read by its owner.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+impl StreamSettings {
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
+            return Err(Error::config(
+                "streams.partitions",
+                format!("must be between 1 and {MAX_PARTITIONS}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -563,7 +580,7 @@ mod tests {
         );
         check_error(
             "[runner]\nbatch_sise = 3\n",
-            "setting runner.batch_sise: unknown field `batch_sise`, expected one of `batch_size`, `block_ms`, `claim_idle_ms`, `claim_interval_ms`, `max_deliveries`, `shutdown_deadline_ms`, `lease_ttl_ms`, `order_wait_ms`, `order_skip_ms`",
+            "setting runner.batch_sise: unknown field `batch_sise`, expected one of `batch_size`, `block_ms`, `retry_ms`, `window`, `max_deliveries`, `shutdown_deadline_ms`, `lease_ttl_ms`",
         );
         check_error(
             "[runer]\n",

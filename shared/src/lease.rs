@@ -24,16 +24,6 @@ end
 return false
 "#;
 
-/// Extends (or with ARGV[2] = 0 deletes) the lease only if it is still ours.
-const RENEW_SCRIPT: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
-end
-if ARGV[2] == '0' then
-  return redis.call('DEL', KEYS[1])
-end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"#;
 
 #[derive(Debug, Clone)]
 pub struct ConsumerLease {
@@ -125,7 +115,7 @@ impl ConsumerLease {
             return Ok(true);
         };
         let mut connection = pool.get().await?;
-        let renewed: i64 = redis::Script::new(RENEW_SCRIPT)
+        let renewed: i64 = crate::scripts::LEASE
             .key(key)
             .arg(&self.holder)
             .arg(ttl_ms)

@@ -5,7 +5,6 @@
 //! streams' lag, and on SIGTERM give the batch in hand a deadline.
 
 use crate::config::{ProcessConfig, ProcessEnv, Settings};
-use crate::message::Priority;
 use crate::runner::Plumbing;
 use crate::streams::Streams;
 use crate::telemetry::{self, Telemetry};
@@ -56,13 +55,15 @@ impl Service {
         // Every stage exports the shared streams, so a stage that is down
         // (or all of whose replicas are) still has its lag reported by the others.
         let streams = &plumbing.streams;
-        let mut keys = vec![streams.inbound()];
-        keys.extend(
-            Priority::ALL
-                .iter()
-                .map(|priority| streams.queue(*priority)),
-        );
-        keys.extend([streams.delivered(), streams.dead()]);
+        let mut keys = Vec::new();
+        for p in streams.all() {
+            keys.extend([
+                streams.inbound(p),
+                streams.queue(p),
+                streams.delivered(p),
+                streams.dead(p),
+            ]);
+        }
         for key in watched(streams) {
             if !keys.contains(&key) {
                 keys.push(key);

@@ -295,15 +295,24 @@ pub async fn watch_streams(
 
 async fn export_stream(pool: &Pool, streams: &Streams, key: &str) -> Result<(), Error> {
     let mut connection = pool.get().await?;
-    let stream = streams.short(key).to_string();
+    let (stream, partition) = streams.short(key);
+    let (stream, partition) = (
+        stream.to_string(),
+        partition.map_or(String::new(), |p| p.to_string()),
+    );
     let length: u64 = redis::cmd("XLEN")
         .arg(key)
         .query_async(&mut connection)
         .await?;
-    metrics::gauge!("botline_stream_length", "stream" => stream.clone()).set(length as f64);
+    metrics::gauge!("botline_stream_length", "stream" => stream.clone(), "partition" => partition.clone())
+        .set(length as f64);
     let now = now_ms();
     for group in group_infos(&mut connection, key).await? {
-        let labels = [("stream", stream.clone()), ("group", group.name.clone())];
+        let labels = [
+            ("stream", stream.clone()),
+            ("partition", partition.clone()),
+            ("group", group.name.clone()),
+        ];
         metrics::gauge!("botline_group_consumers", &labels).set(group.consumers as f64);
         metrics::gauge!("botline_group_pending", &labels).set(group.pending as f64);
         metrics::gauge!("botline_group_lag", &labels)

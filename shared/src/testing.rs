@@ -462,3 +462,6 @@ impl RedisServer {
         (settings, plumbing)
     }
 }
+#[path = "cluster_testing.rs"]
+mod cluster;
+pub use cluster::RedisCluster;

@@ -199,7 +199,7 @@ async fn run(command: Command, ops: &Ops, process: &ProcessConfig) -> Result<(),
                     dry_run,
                 })
                 .await?;
-            let into = ops.streams().short(&report.into).to_string();
+            let into = report.into.clone();
             if dry_run {
                 println!("would copy {} entries into {into}", report.matched);
             } else {
@@ -284,7 +284,7 @@ async fn dead(ops: &Ops, command: DeadCommand) -> Result<(), OpsError> {
             RequeueOutcome::Requeued { stream, new_id } => {
                 println!(
                     "requeued {id} onto {} as {new_id}",
-                    ops.streams().short(&stream)
+                    stream
                 );
                 Ok(())
             }

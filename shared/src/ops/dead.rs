@@ -6,7 +6,7 @@
 use super::{age_ms, format_age, Ops, OpsError};
 use crate::codec;
 use crate::message::DeadLetter;
-use crate::redis_conn::RawEntry;
+use crate::redis_conn::{id_order, RawEntry};
 use serde_json::{json, Value as Json};
 
 /// `XDEL` the dead entry; only if that deleted it, `XADD` the original fields.
@@ -66,20 +66,35 @@ impl Ops {
         count: usize,
         stage: Option<&str>,
     ) -> Result<Vec<DeadEntry>, OpsError> {
-        let dead = self.streams.dead();
+        let mut found = Vec::new();
+        for p in self.streams.all() {
+            found.extend(self.dead_list_of(&self.streams.dead(p), count, stage).await?);
+        }
+        found.sort_by(|a, b| id_order(&b.id).cmp(&id_order(&a.id)));
+        found.truncate(count);
+        Ok(found)
+    }
+
+    /// [`Ops::dead_list`] of one partition's `dead`.
+    async fn dead_list_of(
+        &self,
+        dead: &str,
+        count: usize,
+        stage: Option<&str>,
+    ) -> Result<Vec<DeadEntry>, OpsError> {
         let mut found = Vec::new();
         let mut before = "+".to_string();
         loop {
             let mut connection = self.pool.get().await?;
             let reply: redis::Value = redis::cmd("XREVRANGE")
-                .arg(&dead)
+                .arg(dead)
                 .arg(&before)
                 .arg("-")
                 .arg("COUNT")
                 .arg(super::SCAN_BATCH)
                 .query_async(&mut connection)
                 .await?;
-            let batch = crate::redis_conn::parse_entries(&dead, reply)?;
+            let batch = crate::redis_conn::parse_entries(dead, reply)?;
             let full = batch.len() == super::SCAN_BATCH;
             for entry in &batch {
                 let entry = DeadEntry::from_raw(entry);
@@ -99,14 +114,21 @@ impl Ops {
 
     /// Put dead letter `id` back where it came from.
     pub async fn dead_requeue(&self, id: &str) -> Result<RequeueOutcome, OpsError> {
-        let dead = self.streams.dead();
-        let Some(entry) = self.range(&dead, id, id, 1).await?.pop() else {
-            return Ok(RequeueOutcome::Gone);
-        };
-        self.requeue_entry(&DeadEntry::from_raw(&entry)).await
+        for p in self.streams.all() {
+            let dead = self.streams.dead(p);
+            if let Some(entry) = self.range(&dead, id, id, 1).await?.pop() {
+                return self.requeue_entry(&dead, &DeadEntry::from_raw(&entry)).await;
+            }
+        }
+        Ok(RequeueOutcome::Gone)
     }
 
-    async fn requeue_entry(&self, entry: &DeadEntry) -> Result<RequeueOutcome, OpsError> {
+    /// Put `entry` of the `dead` stream `dead` back (into the same partition).
+    async fn requeue_entry(
+        &self,
+        dead: &str,
+        entry: &DeadEntry,
+    ) -> Result<RequeueOutcome, OpsError> {
         let Some(letter) = &entry.letter else {
             return Ok(RequeueOutcome::Unreadable(
                 "not a dead letter this botline can read".into(),
@@ -120,7 +142,7 @@ impl Ops {
         let script = redis::Script::new(REQUEUE_SCRIPT);
         let mut script = script.prepare_invoke();
         script
-            .key(self.streams.dead())
+            .key(dead)
             .key(&letter.stream)
             .arg(&entry.id);
         for (name, value) in &letter.fields {
@@ -140,17 +162,20 @@ impl Ops {
     /// Requeue every dead letter (of `stage`, if given), oldest first.
     pub async fn dead_requeue_all(&self, stage: Option<&str>) -> Result<RequeueReport, OpsError> {
         let mut entries = Vec::new();
-        self.scan(&self.streams.dead(), "-", "+", |entry| {
-            let entry = DeadEntry::from_raw(&entry);
-            if stage.is_none() || entry.stage() == stage {
-                entries.push(entry);
-            }
-            true
-        })
-        .await?;
+        for p in self.streams.all() {
+            let dead = self.streams.dead(p);
+            self.scan(&dead, "-", "+", |entry| {
+                let entry = DeadEntry::from_raw(&entry);
+                if stage.is_none() || entry.stage() == stage {
+                    entries.push((dead.clone(), entry));
+                }
+                true
+            })
+            .await?;
+        }
         let mut report = RequeueReport::default();
-        for entry in &entries {
-            match self.requeue_entry(entry).await? {
+        for (dead, entry) in &entries {
+            match self.requeue_entry(dead, entry).await? {
                 RequeueOutcome::Requeued { .. } => report.requeued += 1,
                 RequeueOutcome::Gone => report.gone += 1,
                 RequeueOutcome::Unreadable(_) => report.unreadable += 1,
@@ -166,7 +191,22 @@ impl Ops {
         older_than: Option<std::time::Duration>,
         really: bool,
     ) -> Result<u64, OpsError> {
-        let dead = self.streams.dead();
+        let mut purged = 0;
+        for p in self.streams.all() {
+            purged += self
+                .dead_purge_of(&self.streams.dead(p), older_than, really)
+                .await?;
+        }
+        Ok(purged)
+    }
+
+    /// [`Ops::dead_purge`] of one partition's `dead`.
+    async fn dead_purge_of(
+        &self,
+        dead: &str,
+        older_than: Option<std::time::Duration>,
+        really: bool,
+    ) -> Result<u64, OpsError> {
         let below_ms = older_than.map(|age| crate::now_ms() - age.as_millis() as i64);
         if below_ms.is_some_and(|ms| ms <= 0) {
             return Ok(0);
@@ -179,7 +219,7 @@ impl Ops {
             let end = below
                 .as_ref()
                 .map_or("+".to_string(), |below| format!("({below}"));
-            self.scan(&dead, "-", &end, |_| {
+            self.scan(dead, "-", &end, |_| {
                 count += 1;
                 true
             })
@@ -187,7 +227,7 @@ impl Ops {
             return Ok(count);
         }
         let mut trim = redis::cmd("XTRIM");
-        trim.arg(&dead);
+        trim.arg(dead);
         match &below {
             Some(below) => trim.arg("MINID").arg(below),
             None => trim.arg("MAXLEN").arg(0),
@@ -220,7 +260,7 @@ pub fn dead_table(entries: &[DeadEntry], streams: &crate::streams::Streams) -> S
                 entry.id,
                 age,
                 letter.stage,
-                streams.short(&letter.stream),
+                streams.short(&letter.stream).0,
                 letter.deliveries,
                 letter.error.replace('\n', " ")
             )),

@@ -22,7 +22,6 @@ pub use status::{ConsumerStatus, GroupStatus, Status, StreamStatus};
 pub use trim::{trim_table, TrimLine};
 
 use crate::config::ProcessConfig;
-use crate::message::Priority;
 use crate::redis_conn::{self, Pool, RawEntry};
 use crate::streams::Streams;
 use crate::{now_ms, Error};
@@ -80,7 +79,11 @@ pub struct Ops {
 impl Ops {
     /// From `BOTLINE_REDIS_URL` and `BOTLINE_PREFIX`, as the stages read them.
     pub fn connect(process: &ProcessConfig) -> Result<Ops, OpsError> {
-        Ok(Ops::new(redis_conn::pool(process, 2)?, process.streams()))
+        let settings = process.settings()?;
+        Ok(Ops::new(
+            redis_conn::pool(process, 2)?,
+            process.streams(&settings)?,
+        ))
     }
 
     pub fn new(pool: Pool, streams: Streams) -> Ops {
@@ -91,31 +94,36 @@ impl Ops {
         &self.streams
     }
 
-    /// A stream named short (`in`, `q:normal`) or in full (`{botline}:in`).
-    pub fn resolve(&self, name: &str) -> String {
-        let prefix = format!("{}:", self.streams.prefix());
-        if name.starts_with(&prefix) {
-            name.to_string()
+    /// The keys a stream name stands for: a full key (`{botline:p3}:in`)
+    /// itself; a short name (`in`, `out:slack`) that stream in every partition.
+    pub fn resolve(&self, name: &str) -> Vec<String> {
+        if name.starts_with('{') {
+            vec![name.to_string()]
         } else {
-            format!("{prefix}{name}")
+            self.streams
+                .all()
+                .map(|p| format!("{{{}:p{p}}}:{name}", self.streams.prefix()))
+                .collect()
         }
     }
 
-    /// The pipeline's streams in pipeline order: `in`, the three queues,
-    /// every `out:<platform>` that exists, `delivered`, `dead`.
+    /// The pipeline's streams in pipeline order, each in every partition:
+    /// `in`, `q`, every `out:<platform>` that exists, `delivered`, `dead`.
     pub async fn pipeline_streams(&self) -> Result<Vec<String>, OpsError> {
-        let mut keys = vec![self.streams.inbound()];
-        keys.extend(Priority::ALL.map(|priority| self.streams.queue(priority)));
+        let all = || self.streams.all();
+        let mut keys: Vec<String> = all().map(|p| self.streams.inbound(p)).collect();
+        keys.extend(all().map(|p| self.streams.queue(p)));
         keys.extend(self.outbound_streams().await?);
-        keys.push(self.streams.delivered());
-        keys.push(self.streams.dead());
+        keys.extend(all().map(|p| self.streams.delivered(p)));
+        keys.extend(all().map(|p| self.streams.dead(p)));
         Ok(keys)
     }
 
-    /// Every `out:<platform>` stream, found with `SCAN … TYPE stream`, sorted.
+    /// Every `out:<platform>` stream of every partition, found with `SCAN …
+    /// TYPE stream`, by platform, then partition.
     pub async fn outbound_streams(&self) -> Result<Vec<String>, OpsError> {
         let mut connection = self.pool.get().await?;
-        let pattern = format!("{}*", glob_escape(&self.streams.outbound("")));
+        let pattern = format!("{{{}:p*}}:out:*", glob_escape(self.streams.prefix()));
         let mut cursor = 0u64;
         let mut keys = Vec::new();
         loop {
@@ -135,7 +143,11 @@ impl Ops {
             }
             cursor = next;
         }
-        keys.sort();
+        keys.retain(|key| matches!(self.streams.short(key), (_, Some(_))));
+        keys.sort_by_key(|key| {
+            let (name, p) = self.streams.short(key);
+            (name.to_string(), p)
+        });
         keys.dedup();
         Ok(keys)
     }

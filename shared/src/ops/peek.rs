@@ -65,12 +65,23 @@ pub enum PeekRange {
 impl Ops {
     /// Entries of `stream` (short or full name) as JSON, oldest first.
     pub async fn peek(&self, stream: &str, range: &PeekRange) -> Result<Vec<Json>, OpsError> {
-        let key = self.resolve(stream);
-        let entries = match range {
-            PeekRange::From { id, count } => self.range(&key, id, "+", *count).await?,
-            PeekRange::Last { count } => self.last(&key, *count).await?,
-        };
-        let short = self.streams.short(&key).to_string();
+        let mut entries = Vec::new();
+        let mut short = String::new();
+        for key in self.resolve(stream) {
+            short = self.streams.short(&key).0.to_string();
+            entries.extend(match range {
+                PeekRange::From { id, count } => self.range(&key, id, "+", *count).await?,
+                PeekRange::Last { count } => self.last(&key, *count).await?,
+            });
+        }
+        // Every partition's entries, in time order, as many as asked.
+        entries.sort_by_key(|entry| crate::redis_conn::id_order(&entry.id));
+        match range {
+            PeekRange::From { count, .. } => entries.truncate(*count),
+            PeekRange::Last { count } => {
+                entries.drain(..entries.len().saturating_sub(*count));
+            }
+        }
         Ok(entries
             .iter()
             .map(|entry| decode_entry(&self.streams, &short, entry))
@@ -123,7 +134,7 @@ fn dead_letter(
         .collect();
     let original = decode_entry(
         streams,
-        streams.short(&letter.stream),
+        streams.short(&letter.stream).0,
         &RawEntry {
             stream: letter.stream.clone(),
             id: letter.entry_id.clone(),

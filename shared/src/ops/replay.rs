@@ -29,7 +29,8 @@ pub struct ReplayRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReplayReport {
-    /// Full name of the stream the copies went (or would go) to.
+    /// The stream the copies went (or would go) to: its short name when
+    /// every partition's, its full name when one.
     pub into: String,
     /// Entries in the range (of the chat, if one was given).
     pub matched: u64,
@@ -40,43 +41,67 @@ pub struct ReplayReport {
 }
 
 impl Ops {
+    /// Copies each partition's range into the same partition's `into`
+    /// (a chat stays in its partition), or one full key into another.
     pub async fn replay(&self, request: &ReplayRequest) -> Result<ReplayReport, OpsError> {
-        let source = self.resolve(&request.stream);
-        let kind = replayable(self.streams.short(&source), "<stream>")?;
-        let into = self.resolve(request.into.as_deref().unwrap_or(&request.stream));
-        if replayable(self.streams.short(&into), "--into")? != kind {
+        let sources = self.resolve(&request.stream);
+        let intos = self.resolve(request.into.as_deref().unwrap_or(&request.stream));
+        let short = |key: &str| self.streams.short(key).0.to_string();
+        let kind = replayable(&short(&sources[0]), "<stream>")?;
+        let into_kind = replayable(&short(&intos[0]), "--into")?;
+        if into_kind != kind {
             return Err(OpsError::bad(
                 "--into",
                 format!(
                     "{} holds {} records, {} holds {}",
-                    self.streams.short(&into),
-                    replayable(self.streams.short(&into), "--into")?.name(),
-                    self.streams.short(&source),
+                    short(&intos[0]),
+                    into_kind.name(),
+                    short(&sources[0]),
                     kind.name()
                 ),
             ));
         }
+        if sources.len() != intos.len() {
+            return Err(OpsError::bad(
+                "--into",
+                "name both streams short (every partition) or both in full (one partition each)",
+            ));
+        }
+        let mut report = ReplayReport {
+            into: if intos.len() == 1 {
+                intos[0].clone()
+            } else {
+                short(&intos[0])
+            },
+            ..ReplayReport::default()
+        };
+        for (source, into) in sources.iter().zip(&intos) {
+            self.replay_one(request, kind, source, into, &mut report)
+                .await?;
+        }
+        Ok(report)
+    }
+
+    async fn replay_one(
+        &self,
+        request: &ReplayRequest,
+        kind: Kind,
+        source: &str,
+        into: &str,
+        report: &mut ReplayReport,
+    ) -> Result<(), OpsError> {
         let now = crate::now_ms();
         let from = parse_bound("--from", &request.from, End::Start, now)?;
         let mut to = parse_bound("--to", &request.to, End::Stop, now)?;
         // Never past the stream's end as it is now: copies into the same
         // stream land after it and must not be copied again.
-        match self.last(&source, 1).await?.first() {
-            None => {
-                return Ok(ReplayReport {
-                    into,
-                    ..ReplayReport::default()
-                })
-            }
+        match self.last(source, 1).await?.first() {
+            None => return Ok(()),
             Some(last) if to == "+" || id_order(&last.id) < id_order(&to) => to = last.id.clone(),
             Some(_) => {}
         }
-        let mut report = ReplayReport {
-            into: into.clone(),
-            ..ReplayReport::default()
-        };
         let mut copies: Vec<Fields> = Vec::new();
-        self.scan(&source, &from, &to, |entry| {
+        self.scan(source, &from, &to, |entry| {
             match copy(kind, &entry, request.chat.as_deref()) {
                 Ok(Some(fields)) => {
                     report.matched += 1;
@@ -89,13 +114,13 @@ impl Ops {
         })
         .await?;
         if request.dry_run || copies.is_empty() {
-            return Ok(report);
+            return Ok(());
         }
         let mut connection = self.pool.get().await?;
         for chunk in copies.chunks(super::SCAN_BATCH) {
             let mut pipe = redis::pipe();
             for fields in chunk {
-                let command = pipe.cmd("XADD").arg(&into).arg("*");
+                let command = pipe.cmd("XADD").arg(into).arg("*");
                 for (name, value) in fields {
                     command.arg(name).arg(value.as_slice());
                 }
@@ -104,7 +129,7 @@ impl Ops {
             pipe.query_async::<()>(&mut connection).await?;
             report.copied += chunk.len() as u64;
         }
-        Ok(report)
+        Ok(())
     }
 }
 
@@ -113,7 +138,7 @@ fn replayable(short: &str, argument: &str) -> Result<Kind, OpsError> {
         Some(kind @ (Kind::Message | Kind::Classified | Kind::Reply)) => Ok(kind),
         _ => Err(OpsError::bad(
             argument,
-            format!("{short}: only in, q:<priority> and out:<platform> can be replayed"),
+            format!("{short}: only in, q and out:<platform> can be replayed"),
         )),
     }
 }

@@ -88,7 +88,7 @@ impl Ops {
             });
         }
         Ok(StreamStatus {
-            stream: self.streams.short(key).to_string(),
+            stream: key.to_string(),
             exists,
             length,
             groups,

@@ -26,7 +26,7 @@ impl Ops {
     pub async fn trim(&self, retention_ms: u64, dry_run: bool) -> Result<Vec<TrimLine>, OpsError> {
         let mut lines = Vec::new();
         for key in self.pipeline_streams().await? {
-            let stream = self.streams.short(&key).to_string();
+            let stream = key.clone();
             let Some(keep_from) = lease::keep_from(&self.pool, &key, retention_ms).await? else {
                 lines.push(TrimLine {
                     stream,
