@@ -1,6 +1,7 @@
 //! classify reads normalized messages from `in` (group `classify`), decides
 //! each one's priority, intent and sensitive-word hits, and writes it to
-//! `q:urgent`, `q:normal` or `q:batch` for respond. It owns no state: every
+//! its partition's `q` for respond (every priority in one stream, so a
+//! chat's messages stay in order; respond serves urgent chats first). It owns no state: every
 //! replica is interchangeable. The intent comes from an [`rules::IntentModel`]
 //! run off the async threads a batch at a time: keyword rules, or a sentence
 //! encoder ([`model`]) whose embeddings are matched against each intent's
@@ -19,19 +20,17 @@ pub mod model;
 pub mod rules;
 pub mod token_vectors;
 
-use botline_shared::codec;
 use botline_shared::config::Settings;
 use botline_shared::message::{ClassifiedMessage, Intent, Priority, UnifiedMessage};
-use botline_shared::order;
-use botline_shared::runner::{self, Envelope, Input, Outcome, Plumbing, Stage, Write};
-use botline_shared::streams::{group, Streams};
+use botline_shared::runner::{self, Envelope, Fence, Outcome, Plumbing, Stage, Write};
+use botline_shared::streams::{group, Partition, Streams};
 use botline_shared::Error;
 use cascade::{Cascade, Mode, Paths, Sureness};
 use embedding::{EmbeddingIntents, FaqEntry, IntentExamples, Matching, Thresholds};
 use model::{Embedder, Encoder};
-use rules::{Audit, IntentModel, KeywordIntents, UrgentRules};
+use rules::{Audit, IntentModel, KeywordIntents, Understanding, UrgentRules};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -349,40 +348,31 @@ impl ClassifyStage {
         })
     }
 
-    /// Into the queue of its priority, or behind its chat's earlier
-    /// unfinished messages in theirs: respond answers a chat in order, so a
-    /// later message read first would only wait for the earlier one.
-    fn queue(&self, classified: &ClassifiedMessage) -> Write {
-        let message = &classified.message;
-        Write::AddToLane {
-            stream: self.streams.queue(classified.priority),
-            fields: codec::encode(classified),
-            order: self
-                .streams
-                .chat_order(order::LANE_IN, &message.platform, &message.chat.id),
-            member: message.id.clone(),
-            lane: self.streams.chat_queue(&message.platform, &message.chat.id),
-            lane_ttl: order::ORDER_TTL,
-            streams: Priority::ALL.map(|p| self.streams.queue(p)).to_vec(),
-        }
-    }
 }
 
 impl Stage for ClassifyStage {
     type In = UnifiedMessage;
+    /// Each message's intent, by entry id, or why the model failed.
+    type Prepared = Result<HashMap<String, Understanding>, String>;
 
     fn group(&self) -> &'static str {
         group::CLASSIFY
     }
 
-    fn inputs(&self) -> Vec<Input> {
-        vec![Input {
-            stream: self.streams.inbound(),
-            weight: 1,
-        }]
+    fn inputs(&self, streams: &Streams, p: Partition) -> Vec<String> {
+        vec![streams.inbound(p)]
     }
 
-    async fn handle(&self, batch: Vec<Envelope<UnifiedMessage>>) -> Vec<Outcome> {
+    fn chat(&self, message: &UnifiedMessage) -> String {
+        format!("{}:{}", message.platform, message.chat.id)
+    }
+
+    /// Two batches at once: one in the model while the other is read and written.
+    fn max_in_flight(&self) -> usize {
+        self.full_read * 2
+    }
+
+    async fn prepare(&self, _fence: &Fence, batch: &[Envelope<UnifiedMessage>]) -> Self::Prepared {
         let texts: Vec<String> = batch.iter().map(|e| e.record.text.clone()).collect();
         let model = self.model.clone();
         let behind = batch.len() >= self.full_read;
@@ -397,38 +387,49 @@ impl Stage for ClassifyStage {
         .await;
         metrics::histogram!("botline_classify_model_seconds")
             .record(started.elapsed().as_secs_f64());
-        let intents = match intents {
-            Ok(Ok(intents)) if intents.len() == batch.len() => intents,
-            Ok(Ok(_)) => {
-                return retry_all(
-                    batch.len(),
-                    "intent model returned the wrong number of intents",
-                )
-            }
-            Ok(Err(error)) => {
-                return retry_all(batch.len(), &format!("intent model failed: {error}"))
-            }
-            Err(error) => return retry_all(batch.len(), &format!("intent model failed: {error}")),
+        match intents {
+            Ok(Ok(intents)) if intents.len() == batch.len() => Ok(batch
+                .iter()
+                .map(|envelope| envelope.entry_id.clone())
+                .zip(intents)
+                .collect()),
+            Ok(Ok(_)) => Err("intent model returned the wrong number of intents".into()),
+            Ok(Err(error)) => Err(format!("intent model failed: {error}")),
+            Err(error) => Err(format!("intent model failed: {error}")),
+        }
+    }
+
+    /// Into its partition's queue, in the chat's order.
+    async fn handle_chat(
+        &self,
+        prepared: &Self::Prepared,
+        run: &[Envelope<UnifiedMessage>],
+    ) -> Vec<Outcome> {
+        let intents = match prepared {
+            Ok(intents) => intents,
+            Err(reason) => return vec![Outcome::Retry(reason.clone()); run.len()],
         };
-        batch
-            .into_iter()
-            .zip(intents)
-            .map(|(envelope, understood)| {
-                let mut classified = self.classifier.classify(envelope.record, understood.intent);
-                classified.faq = understood.faq;
+        run.iter()
+            .map(|envelope| {
+                let Some(understood) = intents.get(&envelope.entry_id) else {
+                    return Outcome::Retry("no intent for this message".into());
+                };
+                let mut classified = self
+                    .classifier
+                    .classify(envelope.record.clone(), understood.intent.clone());
+                classified.faq = understood.faq.clone();
                 metrics::counter!("botline_classify_intents_total", "intent" => classified.intent.name.clone()).increment(1);
                 metrics::counter!("botline_classify_priorities_total", "priority" => classified.priority.as_str()).increment(1);
                 if !classified.audit.is_empty() {
                     metrics::counter!("botline_classify_audit_hits_total").increment(classified.audit.len() as u64);
                 }
-                Outcome::Done(vec![self.queue(&classified)])
+                Outcome::Done(vec![Write::add(
+                    self.streams.queue(envelope.partition),
+                    &classified,
+                )])
             })
             .collect()
     }
-}
-
-fn retry_all(count: usize, reason: &str) -> Vec<Outcome> {
-    vec![Outcome::Retry(reason.to_string()); count]
 }
 
 /// Run classify until `shutdown`, the model (if any) in `BOTLINE_MODEL_PATH`.

@@ -5,11 +5,10 @@ use botline_shared::service::Service;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("egress", "127.0.0.1:9104", |streams| {
-        vec![
-            streams.outbound("web"),
-            streams.outbound("webhook"),
-            streams.delivered(),
-        ]
+        streams
+            .all()
+            .flat_map(|p| [streams.outbound(p, "web"), streams.outbound(p, "webhook")])
+            .collect()
     })
     .await?;
     service

@@ -72,8 +72,9 @@ impl Parts {
                 None => Attempt::delivered(None, None, Vec::new()),
             };
         }
+        let p = self.streams.partition_of(&reply.platform, &reply.chat.id);
         let keys: Vec<String> = (0..parts.len())
-            .map(|part| self.streams.sent_part(&reply.id, part))
+            .map(|part| self.streams.sent_part(p, &reply.id, part))
             .collect();
         let mut ids = match self.recorded(&keys).await {
             Ok(ids) => ids,
@@ -256,11 +257,12 @@ mod tests {
         assert_eq!(outcome(&second), "delivered Some(\"id-one\") deleting 3");
         assert_eq!(*platform.sent.lock().unwrap(), ["one", "two", "three"]);
         // Another replica sees the same records (they live in Redis).
+        let p = plumbing.streams.partition_of(&reply.platform, &reply.chat.id);
         let recorded = parts
             .recorded(&[
-                plumbing.streams.sent_part("r1", 0),
-                plumbing.streams.sent_part("r1", 2),
-                plumbing.streams.sent_part("r1", 3),
+                plumbing.streams.sent_part(p, "r1", 0),
+                plumbing.streams.sent_part(p, "r1", 2),
+                plumbing.streams.sent_part(p, "r1", 3),
             ])
             .await
             .unwrap();

@@ -1,95 +1,61 @@
 //! The egress stage: how a batch of replies becomes outcomes for the runner.
 //!
-//! Per batch, one script looks at every reply's `sent:<id>` key (a
-//! redelivered reply already out is acknowledged and not sent again) and
-//! takes its `sending:<id>` lock (`SET NX PX`), so a consumer that took the
-//! entry over from a slow one does not send it too. Then each chat's
-//! replies go one after another in entry order, different chats at once, at
-//! most `max_in_flight` replies being sent. A delivered reply's outcome
-//! writes the sender's writes, `sent:<id>` and a receipt to `delivered`, all
-//! with the acknowledgement; the locks of replies not delivered are released
-//! together at the end of the batch.
+//! Per batch (one partition's; the runner hands each chat's replies out one
+//! at a time, in order, and at most `max_in_flight` at once), one script
+//! checks that this consumer still owns the partition, looks at every
+//! reply's `sent:<id>` key (a redelivered reply already out is acknowledged
+//! and not sent again) and takes its `sending:<id>` lock (`SET NX PX`), so
+//! a consumer that lost the partition while stalled does not send it too.
+//! Then each reply is sent. A delivered reply's outcome writes the
+//! sender's writes, `sent:<id>` and a receipt to the partition's
+//! `delivered`, all with the acknowledgement; the lock of a reply not
+//! delivered is released at once.
 
 use crate::config::EgressSettings;
 use crate::delivery::{self, Delivery, RetryPolicy};
 use crate::limits::Limiter;
 use crate::senders::Sender;
 use botline_shared::message::{Receipt, Reply};
-use botline_shared::order::{self, ChatOrder, ChatTurn, Turns};
-use botline_shared::runner::{Envelope, Input, Outcome, Plumbing, Stage, Write};
-use botline_shared::streams::{group, Streams};
+use botline_shared::runner::{Envelope, Fence, Outcome, Plumbing, Stage, Write};
+use botline_shared::streams::{group, Partition, Streams};
 use botline_shared::{now_ms, Error};
-use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-/// Takes each reply's sending lock unless it is already sent.
-/// KEYS: sent key, sending key, for each reply. ARGV: token, lock ms, then
-/// per reply 1 (lock) or 0 (only check `sent`).
-/// Returns per reply 2 sent, 1 taken, 0 held.
-static TAKE_LOCKS: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local taken = {}
-for i = 1, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    taken[#taken + 1] = 2
-  elseif ARGV[2 + (i + 1) / 2] == '0' or redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    taken[#taken + 1] = 1
-  else
-    taken[#taken + 1] = 0
-  end
-end
-return taken
-"#,
-    )
-});
+/// `egress/lua/take_locks.lua`: a batch's sending locks, fenced by the partition's owner.
+static TAKE_LOCKS: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("../lua/take_locks.lua")));
 
-/// Deletes each sending lock in KEYS that is still ours (ARGV[1]).
-static RELEASE_LOCKS: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local released = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    released = released + redis.call('DEL', key)
-  end
-end
-return released
-"#,
-    )
-});
+/// `egress/lua/release_locks.lua`: the locks still ours, deleted.
+static RELEASE_LOCKS: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("../lua/release_locks.lua")));
 
 /// How much longer than the send budget a sending lock lives: the time to
 /// write the outcome after the last attempt.
 const LOCK_MARGIN: Duration = Duration::from_secs(5);
 
 pub struct EgressStage {
-    /// The sender of each input stream, in the order they are read.
-    senders: Vec<(String, Arc<dyn Sender>)>,
+    /// The enabled senders, in the order their streams are read.
+    senders: Vec<Arc<dyn Sender>>,
     settings: EgressSettings,
     policy: RetryPolicy,
     /// The platforms' rate limits, shared with every replica.
     limiter: Limiter,
-    /// Each chat's replies in the order respond wrote them, across egress consumers.
-    order: ChatOrder,
     /// For the sending locks (the runner makes the ack).
     commands: redis::aio::ConnectionManager,
     streams: Streams,
     delivered_max_len: usize,
     /// This process's value in the locks it holds, so it releases only its own.
     lock_token: String,
-    in_flight: Arc<Semaphore>,
     /// Cuts retry waits short so the batch in hand finishes quickly on shutdown.
     shutdown: CancellationToken,
 }
 
 /// Whether a reply may be sent now.
-enum Lock {
+pub enum Lock {
     Taken,
     AlreadySent,
     Held,
@@ -110,10 +76,7 @@ impl EgressStage {
         }
         let streams = plumbing.streams.clone();
         Ok(EgressStage {
-            senders: senders
-                .into_iter()
-                .map(|sender| (streams.outbound(sender.platform()), sender))
-                .collect(),
+            senders,
             policy: RetryPolicy {
                 max_attempts: settings.max_attempts,
                 backoff_base: settings.backoff_base(),
@@ -121,8 +84,6 @@ impl EgressStage {
                 budget: settings.send_budget(),
             },
             limiter: Limiter::new(plumbing.pool.clone(), streams.clone()),
-            order: ChatOrder::new(plumbing.pool.clone(), group::EGRESS, &plumbing.runner),
-            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             commands: plumbing.commands.clone(),
             streams,
@@ -132,144 +93,33 @@ impl EgressStage {
         })
     }
 
+    /// The sender of an `out:<platform>` stream.
     fn sender(&self, stream: &str) -> Option<&Arc<dyn Sender>> {
+        let platform = self.streams.short(stream).0.strip_prefix("out:")?;
         self.senders
             .iter()
-            .find(|(key, _)| key == stream)
-            .map(|(_, sender)| sender)
+            .find(|sender| sender.platform() == platform)
     }
 
-    async fn handle_batch(&self, batch: Vec<Envelope<Reply>>) -> Vec<Outcome> {
-        // Entry indexes per chat, in entry order.
-        let mut chats: Vec<Vec<usize>> = Vec::new();
-        let mut chat_of: HashMap<(&str, &str), usize> = HashMap::new();
-        for (index, envelope) in batch.iter().enumerate() {
-            let key = (envelope.stream.as_str(), envelope.record.chat.id.as_str());
-            let chat = *chat_of.entry(key).or_insert_with(|| {
-                chats.push(Vec::new());
-                chats.len() - 1
-            });
-            chats[chat].push(index);
-        }
-        let turns: Vec<ChatTurn> = chats
-            .iter()
-            .map(|indexes| ChatTurn {
-                key: self.order_key(&batch[indexes[0]].record),
-                members: indexes
-                    .iter()
-                    .map(|index| batch[*index].record.id.clone())
-                    .collect(),
-            })
-            .collect();
-        let looked = match self.order.turns(&turns).await {
-            Ok(looked) => looked,
-            Err(error) => {
-                let reason = format!("reading chat order: {error}");
-                return batch
-                    .iter()
-                    .map(|_| Outcome::Retry(reason.clone()))
-                    .collect();
-            }
-        };
-        let batch = &batch;
-        let per_chat = chats
-            .into_iter()
-            .zip(looked)
-            .map(|(indexes, turns)| self.handle_chat(batch, indexes, turns));
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-        for (index, outcome) in join_all(per_chat).await.into_iter().flatten() {
-            outcomes[index] = Some(match outcome {
-                Outcome::Done(mut writes) => {
-                    writes.push(self.unorder(&batch[index].record));
-                    Outcome::Done(writes)
-                }
-                other => other,
-            });
-        }
-        outcomes
-            .into_iter()
-            .map(|outcome| outcome.expect("every reply has an outcome"))
-            .collect()
-    }
-
-    /// One chat of a batch: the sending locks of the replies whose turn it
-    /// is, and those replies sent one after another. Outcomes by batch index.
-    async fn handle_chat(
+    /// Each reply's lock, taken unless the reply is already sent, in one
+    /// script that first checks the partition is still ours; by reply id.
+    async fn take_locks(
         &self,
+        fence: &Fence,
         batch: &[Envelope<Reply>],
-        indexes: Vec<usize>,
-        turns: Turns,
-    ) -> Vec<(usize, Outcome)> {
-        let retry_all = |reason: String| {
-            indexes
-                .iter()
-                .map(|index| (*index, Outcome::Retry(reason.clone())))
-                .collect::<Vec<_>>()
-        };
-        let ready: Vec<&Envelope<Reply>> =
-            turns.ready.iter().map(|i| &batch[indexes[*i]]).collect();
-        let locks = match self.take_locks(&ready).await {
-            Ok(locks) => locks,
-            Err(error) => {
-                warn!(message = "could not take the sending locks", %error);
-                return retry_all(format!("could not take the sending locks: {error}"));
-            }
-        };
-        let mut outcomes = Vec::with_capacity(indexes.len());
-        let mut unsent = Vec::new();
-        // Once a reply of this chat is not out, the later ones wait for it.
-        let mut waiting_for: Option<&str> = None;
-        for (envelope, (i, lock)) in ready.iter().zip(turns.ready.iter().zip(&locks)) {
-            let outcome = match waiting_for {
-                Some(earlier) => Outcome::Retry(format!(
-                    "an earlier reply to this chat ({earlier}) is not delivered yet"
-                )),
-                None => self.deliver_one(envelope, lock).await,
-            };
-            if matches!(outcome, Outcome::Retry(_)) && waiting_for.is_none() {
-                waiting_for = Some(envelope.record.id.as_str());
-            }
-            if matches!(lock, Lock::Taken)
-                && !matches!(&outcome, Outcome::Done(writes) if !writes.is_empty())
-            {
-                unsent.push(&envelope.record);
-            }
-            outcomes.push((indexes[*i], outcome));
-        }
-        // Let another try start at once rather than when the lock expires.
-        self.release_locks(&unsent).await;
-        for later in &turns.later {
-            outcomes.push((indexes[*later], self.order.not_yet(&turns)));
-        }
-        outcomes
-    }
-
-    /// The reply's turn in its chat is over.
-    fn unorder(&self, reply: &Reply) -> Write {
-        Write::Unorder {
-            order: self.order_key(reply),
-            member: reply.id.clone(),
-        }
-    }
-
-    fn order_key(&self, reply: &Reply) -> String {
-        self.streams
-            .chat_order(order::LANE_OUT, &reply.platform, &reply.chat.id)
-    }
-
-    /// Each reply's lock, taken unless the reply is already sent, in one script.
-    async fn take_locks(&self, batch: &[&Envelope<Reply>]) -> Result<Vec<Lock>, Error> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
+    ) -> Result<HashMap<String, Lock>, String> {
         let lock_ms = (self.settings.send_budget() + LOCK_MARGIN).as_millis() as u64;
         let mut invocation = TAKE_LOCKS.prepare_invoke();
+        invocation.key(&fence.owner_key);
         for envelope in batch {
             invocation
-                .key(self.streams.sent(&envelope.record.id))
-                .key(self.streams.sending(&envelope.record.id));
+                .key(self.streams.sent(envelope.partition, &envelope.record.id))
+                .key(self.streams.sending(envelope.partition, &envelope.record.id));
         }
-        invocation.arg(&self.lock_token).arg(lock_ms);
+        invocation
+            .arg(&fence.consumer)
+            .arg(&self.lock_token)
+            .arg(lock_ms);
         for envelope in batch {
             let locks = self
                 .sender(&envelope.stream)
@@ -277,25 +127,35 @@ impl EgressStage {
             invocation.arg(if locks { "1" } else { "0" });
         }
         let mut connection = self.commands.clone();
-        let taken: Vec<i64> = invocation.invoke_async(&mut connection).await?;
-        Ok(taken
-            .into_iter()
-            .map(|taken| match taken {
-                2 => Lock::AlreadySent,
-                1 => Lock::Taken,
-                _ => Lock::Held,
+        let taken: redis::Value = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|error| format!("could not take the sending locks: {error}"))?;
+        let redis::Value::Array(taken) = taken else {
+            return Err("this consumer no longer owns the partition".into());
+        };
+        Ok(batch
+            .iter()
+            .zip(taken)
+            .map(|(envelope, taken)| {
+                let lock = match taken {
+                    redis::Value::Int(2) => Lock::AlreadySent,
+                    redis::Value::Int(1) => Lock::Taken,
+                    _ => Lock::Held,
+                };
+                (envelope.record.id.clone(), lock)
             })
             .collect())
     }
 
-    async fn release_locks(&self, replies: &[&Reply]) {
+    async fn release_locks(&self, replies: &[&Envelope<Reply>]) {
         if replies.is_empty() {
             return;
         }
         let released: Result<i64, Error> = async {
             let mut invocation = RELEASE_LOCKS.prepare_invoke();
-            for reply in replies {
-                invocation.key(self.streams.sending(&reply.id));
+            for envelope in replies {
+                invocation.key(self.streams.sending(envelope.partition, &envelope.record.id));
             }
             invocation.arg(&self.lock_token);
             let mut connection = self.commands.clone();
@@ -329,11 +189,6 @@ impl EgressStage {
                     .increment(1);
                 return Outcome::Done(Vec::new());
             }
-            let _permit = self
-                .in_flight
-                .acquire()
-                .await
-                .expect("the in-flight semaphore is never closed");
             let delivery =
                 delivery::deliver(
                     sender.as_ref(),
@@ -347,7 +202,14 @@ impl EgressStage {
                     attempts,
                     platform_message_id,
                     writes,
-                } => self.delivered(reply, platform, attempts, platform_message_id, writes),
+                } => self.delivered(
+                    envelope.partition,
+                    reply,
+                    platform,
+                    attempts,
+                    platform_message_id,
+                    writes,
+                ),
                 Delivery::Refused { attempts, reason } => {
                     warn!(message = "reply refused by the platform", attempts, %reason);
                     Outcome::Dead(reason)
@@ -372,6 +234,7 @@ impl EgressStage {
     /// The writes of a delivered reply: the sender's, `sent:<id>`, and a receipt.
     fn delivered(
         &self,
+        partition: Partition,
         reply: &Reply,
         platform: &'static str,
         attempts: u32,
@@ -384,7 +247,7 @@ impl EgressStage {
             .record(latency_ms.max(0) as f64 / 1000.0);
         debug!(message = "reply delivered", attempts, latency_ms);
         writes.push(Write::Set {
-            key: self.streams.sent(&reply.id),
+            key: self.streams.sent(partition, &reply.id),
             value: "1".into(),
             expire: self.settings.sent_ttl(),
         });
@@ -399,7 +262,7 @@ impl EgressStage {
             delivered_at_ms: now,
             trace_id: reply.trace_id.clone(),
         };
-        let mut add = Write::add(self.streams.delivered(), &receipt);
+        let mut add = Write::add(self.streams.delivered(partition), &receipt);
         if let Write::Add { cap, .. } = &mut add {
             *cap = Some(self.delivered_max_len);
         }
@@ -410,26 +273,63 @@ impl EgressStage {
 
 impl Stage for EgressStage {
     type In = Reply;
+    /// Each reply's sending lock by reply id, or why none could be taken.
+    type Prepared = Result<HashMap<String, Lock>, String>;
 
     fn group(&self) -> &'static str {
         group::EGRESS
     }
 
-    fn inputs(&self) -> Vec<Input> {
+    fn inputs(&self, streams: &Streams, p: Partition) -> Vec<String> {
         self.senders
             .iter()
-            .map(|(stream, _)| Input {
-                stream: stream.clone(),
-                weight: 1,
-            })
+            .map(|sender| streams.outbound(p, sender.platform()))
             .collect()
     }
 
-    async fn handle(&self, batch: Vec<Envelope<Reply>>) -> Vec<Outcome> {
-        self.handle_batch(batch).await
+    fn chat(&self, reply: &Reply) -> String {
+        format!("{}:{}", reply.platform, reply.chat.id)
     }
 
-    fn release(&self, reply: &Reply) -> Vec<Write> {
-        vec![self.unorder(reply)]
+    /// A reply is acknowledged (`sent:` written) as soon as it is out.
+    fn max_run(&self) -> usize {
+        1
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.settings.max_in_flight
+    }
+
+    async fn prepare(&self, fence: &Fence, batch: &[Envelope<Reply>]) -> Self::Prepared {
+        self.take_locks(fence, batch).await.inspect_err(|reason| {
+            warn!(message = "could not take the sending locks", %reason);
+        })
+    }
+
+    async fn handle_chat(&self, locks: &Self::Prepared, run: &[Envelope<Reply>]) -> Vec<Outcome> {
+        let locks = match locks {
+            Ok(locks) => locks,
+            Err(reason) => return vec![Outcome::Retry(reason.clone()); run.len()],
+        };
+        let mut outcomes = Vec::with_capacity(run.len());
+        let mut unsent = Vec::new();
+        for envelope in run {
+            let lock = locks.get(&envelope.record.id).unwrap_or(&Lock::Held);
+            let outcome = match outcomes.last() {
+                Some(Outcome::Retry(_)) => Outcome::Retry(
+                    "an earlier reply to this chat is not delivered yet".into(),
+                ),
+                _ => self.deliver_one(envelope, lock).await,
+            };
+            if matches!(lock, Lock::Taken)
+                && !matches!(&outcome, Outcome::Done(writes) if !writes.is_empty())
+            {
+                unsent.push(envelope);
+            }
+            outcomes.push(outcome);
+        }
+        // Let another try start at once rather than when the lock expires.
+        self.release_locks(&unsent).await;
+        outcomes
     }
 }

@@ -30,8 +30,16 @@ impl Backlog {
     }
 }
 
-/// Entries of `stream` the `classify` group has not been given yet.
-pub async fn read_backlog(pool: &Pool, stream: &str) -> Result<u64, Error> {
+/// Entries of every partition's `in` the `classify` group has not been given yet.
+pub async fn read_backlog(pool: &Pool, streams: &[String]) -> Result<u64, Error> {
+    let mut total = 0;
+    for stream in streams {
+        total += read_stream_backlog(pool, stream).await?;
+    }
+    Ok(total)
+}
+
+async fn read_stream_backlog(pool: &Pool, stream: &str) -> Result<u64, Error> {
     let mut connection = pool.get().await?;
     let lag = group_infos(&mut connection, stream)
         .await?
@@ -50,7 +58,7 @@ pub async fn read_backlog(pool: &Pool, stream: &str) -> Result<u64, Error> {
 /// Keep `backlog` current until `shutdown`. A failed read keeps the last value.
 pub async fn watch_backlog(
     pool: Pool,
-    stream: String,
+    streams: Vec<String>,
     backlog: Backlog,
     every: Duration,
     shutdown: CancellationToken,
@@ -62,7 +70,7 @@ pub async fn watch_backlog(
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match read_backlog(&pool, &stream).await {
+        match read_backlog(&pool, &streams).await {
             Ok(entries) => backlog.set(entries),
             Err(error) => warn!(message = "could not read the backlog of in", %error),
         }

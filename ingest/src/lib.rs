@@ -88,7 +88,7 @@ impl Ingest {
             schedules: ingest_settings.schedules()?,
             settings: ingest_settings,
             stream_settings: settings.section("streams")?,
-            streams: process.streams(),
+            streams: process.streams(settings)?,
             client: botline_shared::redis_conn::client(process)?,
             pool: botline_shared::redis_conn::pool(process, 16)?,
             jwt_secret,
@@ -213,7 +213,7 @@ pub async fn run(
     let state = AppState::new(&ingest, shutdown.clone());
     tokio::spawn(backlog::watch_backlog(
         ingest.pool.clone(),
-        ingest.streams.inbound(),
+        ingest.streams.all().map(|p| ingest.streams.inbound(p)).collect(),
         state.backlog.clone(),
         ingest.settings.backlog_poll(),
         shutdown.clone(),

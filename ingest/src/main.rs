@@ -30,7 +30,11 @@ async fn main() -> anyhow::Result<()> {
         telemetry::health_router(telemetry.health, ingest.pool.clone(), telemetry.prometheus);
     telemetry::serve(process.metrics_addr, health, shutdown.clone()).await?;
     let every = Duration::from_millis(ingest.stream_settings.metrics_interval_ms);
-    let watched = vec![ingest.streams.inbound()];
+    let watched = ingest
+        .streams
+        .all()
+        .map(|p| ingest.streams.inbound(p))
+        .collect();
     let watcher = telemetry::watch_streams(
         ingest.pool.clone(),
         ingest.streams.clone(),

@@ -1,5 +1,5 @@
-//! respond reads classified messages from `q:urgent`, `q:normal` and
-//! `q:batch` (group `respond`, urgent first without starving the others),
+//! respond reads classified messages from each partition's `q` (group
+//! `respond`; urgent chats first without starving the others),
 //! keeps each conversation's turns in `ctx:<platform>:<chat>` (capped,
 //! expiring after the last turn), and writes replies to `out:<platform>`.
 //! Replies come from [`backend::ReplyBackend`]s in order, then a fallback
@@ -18,15 +18,13 @@ use botline_shared::codec;
 use botline_shared::config::{Env, ProcessEnv, Settings};
 use botline_shared::keywords::Audit;
 use botline_shared::message::{
-    ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn, UnifiedMessage,
+    ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn,
 };
 use botline_shared::now_ms;
-use botline_shared::order::{self, ChatOrder, ChatTurn, Turns};
 use botline_shared::redis_conn::{self, Pool};
-use botline_shared::runner::{self, Envelope, Input, Outcome, Plumbing, Stage, Write};
-use botline_shared::streams::{group, Streams};
+use botline_shared::runner::{self, Envelope, Fence, Outcome, Plumbing, Stage, Write};
+use botline_shared::streams::{group, Partition, Streams};
 use botline_shared::Error;
-use futures_util::future::join_all;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -112,8 +110,9 @@ pub struct RespondStage {
     audit: Audit,
     streams: Streams,
     pool: Pool,
-    /// Each chat's messages in arrival order across respond consumers.
-    order: ChatOrder,
+    /// How many messages may be answered at once (the LLM's in-flight cap
+    /// when a backend generates, else the runner's batch twice over).
+    max_in_flight: usize,
 }
 
 /// Why a backend named in the settings is not there.
@@ -151,7 +150,7 @@ impl RespondStage {
         local_model: Option<local::LocalModel>,
         streams: Streams,
         pool: Pool,
-        order: ChatOrder,
+        batch_size: usize,
     ) -> Result<Self, Error> {
         for (name, weight) in [
             ("respond.weights.urgent", settings.weights.urgent),
@@ -228,6 +227,15 @@ impl RespondStage {
             .collect::<Result<HashMap<_, _>, Error>>()?;
         let audit = Audit::new(sensitive_words)
             .map_err(|reason| Error::config("classify.sensitive_words", reason))?;
+        let generates = backends
+            .iter()
+            .chain(routes.values().flatten())
+            .any(|backend| backend.generates());
+        let max_in_flight = if generates {
+            settings.llm.max_in_flight.max(1)
+        } else {
+            batch_size * 2
+        };
         Ok(RespondStage {
             settings,
             backends,
@@ -236,8 +244,16 @@ impl RespondStage {
             templates,
             streams,
             pool,
-            order,
+            max_in_flight,
         })
+    }
+
+    /// Whether any backend in use writes its own text (an LLM).
+    fn generates(&self) -> bool {
+        self.backends
+            .iter()
+            .chain(self.routes.values().flatten())
+            .any(|backend| backend.generates())
     }
 
     /// Whether any backend in use reads the chat's earlier turns.
@@ -378,13 +394,15 @@ impl RespondStage {
     }
 
     /// One chat's messages, in order: each sees the turns before it.
-    async fn handle_chat(
+    async fn answer_chat(
         &self,
         mut context: Vec<Turn>,
-        messages: Vec<&ClassifiedMessage>,
+        run: &[Envelope<ClassifiedMessage>],
     ) -> Vec<Outcome> {
-        let mut outcomes = Vec::with_capacity(messages.len());
-        for classified in messages {
+        let mut outcomes = Vec::with_capacity(run.len());
+        for envelope in run {
+            let classified = &envelope.record;
+            let partition = envelope.partition;
             let message = &classified.message;
             let ctx_key = self.streams.context(&message.platform, &message.chat.id);
             let cap = self.settings.context_max_turns;
@@ -446,157 +464,92 @@ impl RespondStage {
                     at_ms: reply.created_at_ms,
                     attachments: reply.attachments.clone(),
                 };
-                writes.push(Write::AddOrdered {
-                    stream: self.streams.outbound(&reply.platform),
-                    fields: codec::encode(&reply),
-                    order: self.streams.chat_order(
-                        order::LANE_OUT,
-                        &reply.platform,
-                        &reply.chat.id,
-                    ),
-                    member: reply.id.clone(),
-                    order_ttl: order::ORDER_TTL,
-                });
+                writes.push(Write::add(
+                    self.streams.outbound(partition, &reply.platform),
+                    &reply,
+                ));
                 if backend != "reset" {
                     writes.push(Write::add_capped(&ctx_key, &turn, cap, self.context_ttl()));
                     context.push(turn);
                 }
             }
-            writes.push(self.unorder(message));
             outcomes.push(Outcome::Done(writes));
         }
         outcomes
-    }
-
-    /// The message's turn in its chat is over.
-    fn unorder(&self, message: &UnifiedMessage) -> Write {
-        Write::Unorder {
-            order: self.order_key(message),
-            member: message.id.clone(),
-        }
-    }
-
-    fn order_key(&self, message: &UnifiedMessage) -> String {
-        self.streams
-            .chat_order(order::LANE_IN, &message.platform, &message.chat.id)
     }
 }
 
 impl Stage for RespondStage {
     type In = ClassifiedMessage;
+    /// The context of every chat of the batch, by context key, or why it
+    /// could not be read.
+    type Prepared = Result<HashMap<String, Vec<Turn>>, String>;
 
     fn group(&self) -> &'static str {
         group::RESPOND
     }
 
-    /// A batch handled before the previous one's turns are written would
-    /// read a stale context, so only when no backend reads the context.
-    fn overlap_batches(&self) -> bool {
-        !self.wants_context()
+    fn inputs(&self, streams: &Streams, p: Partition) -> Vec<String> {
+        vec![streams.queue(p)]
     }
 
-    fn inputs(&self) -> Vec<Input> {
+    fn chat(&self, classified: &ClassifiedMessage) -> String {
+        let message = &classified.message;
+        format!("{}:{}", message.platform, message.chat.id)
+    }
+
+    fn priority(&self, classified: &ClassifiedMessage) -> Priority {
+        classified.priority
+    }
+
+    fn weights(&self) -> [usize; 3] {
         let weights = &self.settings.weights;
-        [
-            (Priority::Urgent, weights.urgent),
-            (Priority::Normal, weights.normal),
-            (Priority::Batch, weights.batch),
-        ]
-        .into_iter()
-        .map(|(priority, weight)| Input {
-            stream: self.streams.queue(priority),
-            weight,
-        })
-        .collect()
+        [weights.urgent, weights.normal, weights.batch]
     }
 
-    async fn handle(&self, batch: Vec<Envelope<ClassifiedMessage>>) -> Vec<Outcome> {
-        // Group by chat, keeping each chat's messages in the order read.
-        let mut chats: Vec<(String, Vec<usize>)> = Vec::new();
-        for (index, envelope) in batch.iter().enumerate() {
-            let message = &envelope.record.message;
-            let key = self.streams.context(&message.platform, &message.chat.id);
-            match chats.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, indexes)) => indexes.push(index),
-                None => chats.push((key, vec![index])),
-            }
+    /// A generated answer takes seconds: a chat's next message should not
+    /// wait in the same batch for it, so one message per chat at a time.
+    fn max_run(&self) -> usize {
+        if self.generates() {
+            1
+        } else {
+            usize::MAX
         }
-        let turns: Vec<ChatTurn> = chats
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    async fn prepare(&self, _fence: &Fence, batch: &[Envelope<ClassifiedMessage>]) -> Self::Prepared {
+        let mut keys: Vec<String> = batch
             .iter()
-            .map(|(_, indexes)| ChatTurn {
-                key: self.order_key(&batch[indexes[0]].record.message),
-                members: indexes
-                    .iter()
-                    .map(|i| batch[*i].record.message.id.clone())
-                    .collect(),
+            .map(|envelope| {
+                let message = &envelope.record.message;
+                self.streams.context(&message.platform, &message.chat.id)
             })
             .collect();
-        let looked = match self.order.turns(&turns).await {
-            Ok(looked) => looked,
-            Err(error) => {
-                return vec![Outcome::Retry(format!("reading chat order: {error}")); batch.len()]
-            }
-        };
-        // Contexts of the chats with messages to answer now, in one read.
-        let answering: Vec<String> = chats
-            .iter()
-            .zip(&looked)
-            .filter(|(_, turns)| !turns.ready.is_empty())
-            .map(|((key, _), _)| key.clone())
-            .collect();
-        let mut contexts = match self.contexts(&answering).await {
-            Ok(contexts) => contexts,
-            Err(error) => {
-                return vec![Outcome::Retry(format!("reading context: {error}")); batch.len()]
-            }
-        };
-        let handled = join_all(chats.iter().zip(looked).map(|((key, indexes), turns)| {
-            let context = contexts.remove(key).unwrap_or_default();
-            self.handle_turns(indexes, &batch, turns, context)
-        }))
-        .await;
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-        for chat_outcomes in handled {
-            for (index, outcome) in chat_outcomes {
-                outcomes[index] = Some(outcome);
-            }
-        }
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("every message handled"))
-            .collect()
+        keys.dedup();
+        self.contexts(&keys)
+            .await
+            .map_err(|error| format!("reading context: {error}"))
     }
 
-    fn release(&self, classified: &ClassifiedMessage) -> Vec<Write> {
-        vec![self.unorder(&classified.message)]
-    }
-}
-
-impl RespondStage {
-    /// One chat of a batch: answer the messages whose turn it is in arrival
-    /// order; the rest wait for a later batch. Outcomes by batch index.
-    async fn handle_turns(
+    async fn handle_chat(
         &self,
-        indexes: &[usize],
-        batch: &[Envelope<ClassifiedMessage>],
-        turns: Turns,
-        context: Vec<Turn>,
-    ) -> Vec<(usize, Outcome)> {
-        let ready: Vec<&ClassifiedMessage> = turns
-            .ready
-            .iter()
-            .map(|i| &batch[indexes[*i]].record)
-            .collect();
-        let mut outcomes: Vec<(usize, Outcome)> = turns
-            .ready
-            .iter()
-            .map(|i| indexes[*i])
-            .zip(self.handle_chat(context, ready).await)
-            .collect();
-        for later in &turns.later {
-            outcomes.push((indexes[*later], self.order.not_yet(&turns)));
-        }
-        outcomes
+        prepared: &Self::Prepared,
+        run: &[Envelope<ClassifiedMessage>],
+    ) -> Vec<Outcome> {
+        let contexts = match prepared {
+            Ok(contexts) => contexts,
+            Err(reason) => return vec![Outcome::Retry(reason.clone()); run.len()],
+        };
+        let message = &run[0].record.message;
+        let context = contexts
+            .get(&self.streams.context(&message.platform, &message.chat.id))
+            .cloned()
+            .unwrap_or_default();
+        self.answer_chat(context, run).await
     }
 }
 
@@ -617,41 +570,6 @@ pub async fn run_with_env(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let respond: RespondSettings = settings.section("respond")?;
-    // The backends of one route are tried in turn, each within its budget.
-    let lists = std::iter::once(("respond.backends".to_string(), &respond.backends)).chain(
-        respond
-            .routes
-            .iter()
-            .map(|(intent, names)| (format!("respond.routes.{intent}"), names)),
-    );
-    for (list, names) in lists {
-        let budgets: Vec<(&str, u64)> = names
-            .iter()
-            .filter_map(|name| match name.as_str() {
-                "llm" if respond.llm.enabled() => {
-                    Some(("respond.llm.budget_ms", respond.llm.budget_ms))
-                }
-                "local" => Some(("respond.local.budget_ms", respond.local.budget_ms)),
-                _ => None,
-            })
-            .collect();
-        let total: u64 = budgets.iter().map(|(_, budget)| budget).sum();
-        // Templates and FAQ answers take no time worth checking.
-        if !budgets.is_empty() && total + 5_000 >= plumbing.runner.claim_idle_ms {
-            let setting = budgets
-                .iter()
-                .map(|(setting, _)| *setting)
-                .collect::<Vec<_>>()
-                .join(" + ");
-            return Err(Error::config(
-                setting,
-                format!(
-                    "({list}, tried in turn) plus 5 s must stay under runner.claim_idle_ms ({} ms), or a slow answer gets its message taken over by another consumer",
-                    plumbing.runner.claim_idle_ms
-                ),
-            ));
-        }
-    }
     let classify: ClassifyShared = settings.section("classify")?;
     let local_model = if respond.names_backend("local") {
         plumbing.health.set("local_model", false);
@@ -669,7 +587,7 @@ pub async fn run_with_env(
         local_model,
         plumbing.streams.clone(),
         plumbing.pool.clone(),
-        ChatOrder::new(plumbing.pool.clone(), group::RESPOND, &plumbing.runner),
+        plumbing.runner.batch_size,
     )?;
     runner::run(stage, plumbing, shutdown).await
 }

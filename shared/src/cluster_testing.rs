@@ -122,6 +122,10 @@ impl RedisCluster {
             NODE_TIMEOUT_MS,
             "--cluster-port",
             &bus_port.to_string(),
+            // A replica's first sync starts at once, not after the default 5 s
+            // a master waits for more replicas to share one transfer.
+            "--repl-diskless-sync-delay",
+            "0",
         ]
         .iter()
         .map(|arg| arg.to_string())
@@ -252,9 +256,10 @@ impl RedisCluster {
     }
 
     /// Why the cluster is not ready yet, or nothing: every running node
-    /// says `cluster_state:ok`, knows every node, and sees all 16384 slots
-    /// served by running masters none of which it thinks failed; and every
-    /// running replica's link to its master is up.
+    /// says `cluster_state:ok`, knows every node, sees all 16384 slots
+    /// served by three running masters none of which it thinks failed, and
+    /// every other running node as a replica; and every running replica's
+    /// link to its master is up.
     fn not_ready(&self) -> Option<String> {
         for node in self.running() {
             let info = match Self::query_text(node, &["CLUSTER", "INFO"]) {
@@ -298,6 +303,27 @@ impl RedisCluster {
                     ));
                 }
             }
+            // `redis-cli` makes the replicas replicas last; until every node
+            // heard, one sees them as masters without slots.
+            let serving = view.iter().filter(|seen| !seen.slots.is_empty()).count();
+            if serving != MASTERS {
+                return Some(format!(
+                    "node {} sees {serving} masters serving slots, not {MASTERS}",
+                    node.port()
+                ));
+            }
+            let unsettled = view.iter().find(|seen| {
+                !self.killed.contains(&seen.port)
+                    && seen.slots.is_empty()
+                    && !seen.has_flag("slave")
+            });
+            if let Some(seen) = unsettled {
+                return Some(format!(
+                    "node {} sees node {} neither serving slots nor a replica",
+                    node.port(),
+                    seen.port
+                ));
+            }
             let is_replica = view
                 .iter()
                 .any(|seen| seen.has_flag("myself") && seen.has_flag("slave"));
@@ -329,9 +355,10 @@ impl RedisCluster {
     }
 
     /// Wait until every running node says `cluster_state:ok`, sees all
-    /// slots served by running masters it does not think failed, and every
-    /// replica is in sync; after [`RedisCluster::kill_master_of_slot`], that
-    /// is once a replica took over the killed master's slots.
+    /// slots served by three running masters it does not think failed and
+    /// the other nodes as their replicas, and every replica is in sync;
+    /// after [`RedisCluster::kill_master_of_slot`], that is once a replica
+    /// took over the killed master's slots.
     pub fn wait_ok(&self, within: Duration) {
         if let Err(error) = self.wait_state_ok(within) {
             panic!("{error}");
@@ -423,12 +450,12 @@ impl RedisCluster {
         self.running().next().expect("a running cluster node").url()
     }
 
-    /// `redis://127.0.0.1:<port>` of every master the cluster has now (a
+    /// `redis://127.0.0.1:<port>` of every master serving slots now (a
     /// promoted replica, after a failover, not the killed master).
     pub fn urls(&self) -> Vec<String> {
         self.view()
             .iter()
-            .filter(|seen| seen.has_flag("master") && !self.killed.contains(&seen.port))
+            .filter(|seen| !seen.slots.is_empty() && !self.killed.contains(&seen.port))
             .map(|seen| self.node(seen.port).url())
             .collect()
     }

@@ -398,6 +398,56 @@ pub fn read_stream<R: crate::codec::Record>(
         .collect()
 }
 
+/// The keys of stream `name` (`in`, `q`, `out:web`, `delivered`, `dead`)
+/// in every partition of the default layout.
+pub fn partitioned(name: &str) -> Vec<String> {
+    let streams = crate::streams::Streams::default();
+    streams
+        .all()
+        .map(|p| format!("{{{}:p{p}}}:{name}", streams.prefix()))
+        .collect()
+}
+
+/// Every record of stream `name` over every partition, in entry id order
+/// (arrival order across partitions, within a millisecond by partition).
+pub fn read_partitioned<R: crate::codec::Record>(
+    connection: &mut redis::Connection,
+    name: &str,
+) -> Vec<R> {
+    let mut entries = Vec::new();
+    for key in partitioned(name) {
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .query(connection)
+            .expect("XRANGE");
+        entries.extend(crate::redis_conn::parse_entries(&key, reply).expect("entries"));
+    }
+    entries.sort_by_key(|entry| crate::redis_conn::id_order(&entry.id));
+    entries
+        .into_iter()
+        .map(|entry| {
+            let fields = entry.fields.expect("entry has fields");
+            crate::codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .expect("entry decodes")
+        })
+        .collect()
+}
+
+/// How many entries stream `name` holds over every partition.
+pub fn partitioned_len(connection: &mut redis::Connection, name: &str) -> usize {
+    partitioned(name)
+        .iter()
+        .map(|key| {
+            redis::cmd("XLEN")
+                .arg(key)
+                .query::<usize>(connection)
+                .expect("XLEN")
+        })
+        .sum()
+}
+
 /// `XADD stream * fields`.
 pub fn add_entry(
     connection: &mut redis::Connection,

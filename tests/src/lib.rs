@@ -359,13 +359,8 @@ impl Drop for Pipeline {
 /// A bearer token for the generic API, valid for an hour.
 /// Wait until `delivered` holds one receipt (a reply out, once).
 pub async fn one_receipt(redis: &RedisServer) {
-    let delivered = botline_shared::streams::Streams::default().delivered();
     wait_for("the receipt", Duration::from_secs(60), || {
-        redis::cmd("XLEN")
-            .arg(&delivered)
-            .query::<usize>(&mut redis.connection())
-            .unwrap_or(0)
-            == 1
+        botline_shared::testing::partitioned_len(&mut redis.connection(), "delivered") == 1
     })
     .await;
 }

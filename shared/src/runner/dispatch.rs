@@ -11,7 +11,7 @@
 use super::ack::{AckCall, Acked};
 use super::ownership::{Change, Ownership};
 use super::read::{Read, Reader};
-use super::{count, Envelope, Outcome, Plumbing, Stage, Write};
+use super::{count, Envelope, Fence, Outcome, Plumbing, Stage, Write};
 use crate::codec::{self, Fields};
 use crate::message::{DeadLetter, Priority};
 use crate::streams::Partition;
@@ -397,12 +397,16 @@ impl<S: Stage> Dispatcher<'_, S> {
         let stage = self.stage.clone();
         let events = self.events.clone();
         let group = self.group;
+        let fence = Fence {
+            owner_key: self.plumbing.streams.owner(partition, group),
+            consumer: self.consumer.to_string(),
+        };
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             metrics::histogram!("botline_stage_batch_size", "stage" => group).record(batch.len() as f64);
             let (envelopes, fields): (Vec<Envelope<S::In>>, Vec<Fields>) =
                 batch.into_iter().map(|held| (held.envelope, held.fields)).unzip();
-            let prepared = stage.prepare(&envelopes).await;
+            let prepared = stage.prepare(&fence, &envelopes).await;
             let mut start = 0;
             let mut slices = Vec::new();
             for (chat, len) in runs {

@@ -156,9 +156,12 @@ pub trait Stage: Send + Sync + 'static {
     fn max_in_flight(&self) -> usize;
 
     /// Batch-wide work before the chats are handled (one Redis round trip
-    /// for every chat's context, a model run over every text).
+    /// for every chat's context, a model run over every text). A stage
+    /// whose work leaves Redis (egress's sends) checks `fence` first, in the
+    /// same script as its locks.
     fn prepare(
         &self,
+        fence: &Fence,
         batch: &[Envelope<Self::In>],
     ) -> impl Future<Output = Self::Prepared> + Send;
 
@@ -169,6 +172,13 @@ pub trait Stage: Send + Sync + 'static {
         prepared: &Self::Prepared,
         run: &[Envelope<Self::In>],
     ) -> impl Future<Output = Vec<Outcome>> + Send;
+}
+
+/// Who may write for a batch's partition: its owner key must hold `consumer`.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub owner_key: String,
+    pub consumer: String,
 }
 
 /// What a runner needs from outside: connections, names and settings.
