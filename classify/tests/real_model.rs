@@ -183,7 +183,9 @@ async fn the_stage_queues_the_models_intent_and_faq_answer() {
 
     use botline_shared::message::{ClassifiedMessage, Priority};
 
-    use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
+    use botline_shared::testing::{
+        add_entry, read_partitioned, sample_message, wait_for, RedisServer,
+    };
     use std::time::Duration;
     use tokio_util::sync::CancellationToken;
 
@@ -198,10 +200,12 @@ async fn the_stage_queues_the_models_intent_and_faq_answer() {
         "服务器好像崩了，大家都连不上",
     ];
     for (n, text) in texts.iter().enumerate() {
+        let message = sample_message(n, text);
+        let p = streams.partition_of(&message.platform, &message.chat.id);
         add_entry(
             &mut connection,
-            &streams.inbound(),
-            &codec::encode(&sample_message(n, text)),
+            &streams.inbound(p),
+            &codec::encode(&message),
         );
     }
     let shutdown = CancellationToken::new();
@@ -211,11 +215,12 @@ async fn the_stage_queues_the_models_intent_and_faq_answer() {
         plumbing,
         shutdown.clone(),
     ));
+    // One queue per partition: the priority is in the message.
     let queued = |connection: &mut redis::Connection| {
-        let normal: Vec<ClassifiedMessage> =
-            read_stream(connection, &streams.queue(Priority::Normal));
-        let urgent: Vec<ClassifiedMessage> =
-            read_stream(connection, &streams.queue(Priority::Urgent));
+        let classified: Vec<ClassifiedMessage> = read_partitioned(connection, "q");
+        let (urgent, normal): (Vec<_>, Vec<_>) = classified
+            .into_iter()
+            .partition(|c| c.priority == Priority::Urgent);
         (normal, urgent)
     };
     wait_for("both messages classified", Duration::from_secs(60), || {

@@ -131,8 +131,7 @@ impl IngestError {
 
     /// A Redis failure: OOM is back-pressure, anything else is unavailability.
     pub fn from_redis(cause: botline_shared::Error, retry_after_secs: u64) -> Self {
-        let oom =
-            matches!(&cause, botline_shared::Error::Redis(error) if error.code() == Some("OOM"));
+        let oom = matches!(&cause, botline_shared::Error::Redis(error) if is_oom(error));
         if oom {
             IngestError::StorageFull { retry_after_secs }
         } else {
@@ -142,6 +141,16 @@ impl IngestError {
             }
         }
     }
+}
+
+/// Redis answered OOM, to a command or to one of a pipeline's (whose error
+/// has no code of its own).
+fn is_oom(error: &redis::RedisError) -> bool {
+    error.code() == Some("OOM")
+        || error
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == "OOM"))
 }
 
 /// An HTTP refusal on its way out, for [`count_refusals`] to record.

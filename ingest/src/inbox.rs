@@ -13,7 +13,7 @@ use botline_shared::config::StreamSettings;
 use botline_shared::message::{Turn, UnifiedMessage};
 use botline_shared::redis_conn::Pool;
 use botline_shared::streams::{Partition, Streams};
-use redis::Value;
+use redis::{ErrorKind, ServerErrorKind, Value};
 use std::sync::LazyLock;
 
 /// `ingest/lua/accept.lua`: messages of one partition into its `in`.
@@ -75,27 +75,35 @@ impl Inbox {
         let mut by_partition: Vec<(Partition, Vec<usize>)> = Vec::new();
         for (index, submission) in submissions.iter().enumerate() {
             let message = &submission.message;
-            let p = self.streams.partition_of(&message.platform, &message.chat.id);
+            let p = self
+                .streams
+                .partition_of(&message.platform, &message.chat.id);
             match by_partition.iter_mut().find(|(q, _)| *q == p) {
                 Some((_, indexes)) => indexes.push(index),
                 None => by_partition.push((p, vec![index])),
             }
         }
-        let mut pipe = redis::pipe();
-        for (p, indexes) in &by_partition {
-            pipe.invoke_script(&self.script(*p, indexes.iter().map(|i| &submissions[*i])));
-        }
         let redis_error =
             |error: botline_shared::Error| IngestError::from_redis(error, self.retry_after_secs);
-        let mut connection = self
+        let pooled = self
             .pool
             .get()
             .await
             .map_err(|error| redis_error(error.into()))?;
-        let replies: Vec<Vec<Value>> = pipe
-            .query_async(&mut connection)
-            .await
-            .map_err(|error| redis_error(error.into()))?;
+        // One multiplexed connection: the partitions' scripts go out at once.
+        let connection: redis::aio::MultiplexedConnection = (*pooled).clone();
+        let invocations: Vec<_> = by_partition
+            .iter()
+            .map(|(p, indexes)| self.script(*p, indexes.iter().map(|i| &submissions[*i])))
+            .collect();
+        let replies: Vec<Vec<Value>> = futures_util::future::try_join_all(
+            invocations.iter().map(|invocation| {
+                let mut connection = connection.clone();
+                async move { invocation.invoke_async(&mut connection).await }
+            }),
+        )
+        .await
+        .map_err(|error| redis_error(error.into()))?;
         let mut admissions = vec![Admission::Duplicate; submissions.len()];
         for ((_, indexes), reply) in by_partition.iter().zip(replies) {
             for (index, value) in indexes.iter().zip(reply) {

@@ -20,7 +20,7 @@ use axum::extract::State as AxumState;
 use axum::routing::post;
 use axum::Json;
 use botline_ingest::platforms::dingtalk::SESSION_WEBHOOK;
-use botline_shared::message::{ChatKind, UnifiedMessage};
+use botline_shared::message::ChatKind;
 use botline_shared::testing::RedisServer;
 use common::connections::{
     expect_backed_off, expect_texts, texts, with_storm_backoff, Behaviour, Command, Protocol,
@@ -171,7 +171,7 @@ const SECRET_ENV: (&str, &str) = ("BOTLINE_DINGTALK_APP_SECRET", APP_SECRET);
 async fn callbacks_flow_are_acknowledged_and_survive_a_disconnect_and_a_drop() {
     let dingtalk = DingTalk::start().await;
     let harness = start_configured(&settings(&dingtalk), &[SECRET_ENV]).await;
-    let key = harness.streams.inbound();
+    let key = INBOUND.to_string();
     let redis = &harness.redis;
     dingtalk.check_inbound(redis, &key);
 
@@ -187,7 +187,7 @@ async fn callbacks_flow_are_acknowledged_and_survive_a_disconnect_and_a_drop() {
     let mut expected = vec!["你好", "second"];
     expect_texts(redis, &key, &expected).await;
     dingtalk.wait_all_answered(&["m1", "p1", "m2"]).await;
-    let first = &read_stream::<UnifiedMessage>(redis, &key)[0];
+    let first = &read_inbound(redis)[0];
     assert_eq!(first.platform, "dingtalk");
     assert_eq!(first.bot, "dingrobot");
     assert_eq!(first.chat.id, "cidGroup==");
@@ -295,7 +295,7 @@ async fn a_quiet_stream_is_kept_and_a_silent_one_is_replaced_within_the_idle_tim
         settings(&dingtalk)
     );
     let harness = start_configured(&overlay, &[SECRET_ENV]).await;
-    let key = harness.streams.inbound();
+    let key = INBOUND.to_string();
     let redis = &harness.redis;
     dingtalk.check_inbound(redis, &key);
 

@@ -11,7 +11,7 @@
 
 mod common;
 
-use botline_shared::message::{ChatKind, UnifiedMessage};
+use botline_shared::message::ChatKind;
 use botline_shared::testing::RedisServer;
 use common::connections::{expect_backed_off, expect_texts, with_storm_backoff, WAIT};
 use common::*;
@@ -344,7 +344,7 @@ async fn messages_flow_through_drops_resumes_reconnects_and_a_zombie() {
     let gateway = Gateway::start().await;
     let harness =
         start_configured(&settings(&gateway), &[("BOTLINE_DISCORD_BOT_TOKEN", TOKEN)]).await;
-    let key = harness.streams.inbound();
+    let key = INBOUND.to_string();
     let redis = &harness.redis;
 
     // IDENTIFY → READY, then messages.
@@ -355,7 +355,7 @@ async fn messages_flow_through_drops_resumes_reconnects_and_a_zombie() {
     // What `in` holds, growing with each step.
     let mut expected = vec!["first @123456789", "second"];
     expect_texts(redis, &key, &expected).await;
-    let first = &read_stream::<UnifiedMessage>(redis, &key)[0];
+    let first = &read_inbound(redis)[0];
     assert_eq!(first.platform, "discord");
     assert_eq!(first.bot, BOT);
     assert_eq!(first.chat.id, "500");
@@ -420,7 +420,7 @@ async fn the_bots_own_messages_are_not_added_and_the_webhook_is_off() {
     let gateway = Gateway::start().await;
     let harness =
         start_configured(&settings(&gateway), &[("BOTLINE_DISCORD_BOT_TOKEN", TOKEN)]).await;
-    let key = harness.streams.inbound();
+    let key = INBOUND.to_string();
     gateway.wait_established(1).await;
     let mut own = message(2001, "my own reply");
     own["author"] = json!({"id": BOT, "username": "support", "bot": true});
@@ -429,7 +429,7 @@ async fn the_bots_own_messages_are_not_added_and_the_webhook_is_off() {
     direct.as_object_mut().unwrap().remove("guild_id");
     gateway.command(Command::Dispatch(direct));
     expect_texts(&harness.redis, &key, &["a direct message"]).await;
-    let direct = &read_stream::<UnifiedMessage>(&harness.redis, &key)[0];
+    let direct = &read_inbound(&harness.redis)[0];
     assert_eq!(direct.chat.kind, ChatKind::Direct);
 
     let answer = post_hook(&harness, "discord", "{}", &[]).await;

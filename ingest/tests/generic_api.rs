@@ -58,7 +58,7 @@ async fn an_accepted_message_lands_in_in_and_decodes() {
     assert!(ulid::Ulid::from_string(&message.id).is_ok());
     assert!((botline_shared::now_ms() - message.received_at_ms).abs() < 60_000);
     let ttl: i64 =
-        harness.redis_cmd(redis::cmd("PTTL").arg(harness.streams.dedup("telegram", "evt-1")));
+        harness.redis_cmd(redis::cmd("PTTL").arg(harness.streams.dedup("telegram", "c1", "evt-1")));
     assert!(ttl > 0, "dedup key expires: {ttl}");
 }
 
@@ -322,11 +322,13 @@ async fn a_long_backlog_is_pushed_back_with_retry_after() {
     assert_eq!(headers["retry-after"], "7");
     assert_eq!(answer["error"], "ingest is busy, retry in 7 s");
     let admitted = harness.inbound().len();
-    // classify catching up (its group's lag, not the stream's length) lifts it.
+    // classify catching up (its group's lag, not the stream's length) lifts
+    // it: every message is of chat c1, in its partition's `in`.
+    let partition = harness.streams.partition_of("telegram", "c1");
     let _: () = harness.redis_cmd(
         redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(harness.streams.inbound())
+            .arg(harness.streams.inbound(partition))
             .arg("classify")
             .arg("$"),
     );

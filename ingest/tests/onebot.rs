@@ -67,8 +67,11 @@ async fn a_private_string_message_lands_in_in_once() {
     assert_eq!(message.platform_message_id.as_deref(), Some("12"));
     assert_eq!(message.platform_ts_ms, Some(1_515_204_254_000));
     assert_eq!(message.raw.as_deref(), Some(body.as_str()));
-    let dedup: i64 =
-        harness.redis_cmd(redis::cmd("EXISTS").arg(harness.streams.dedup("onebot", "10001000:12")));
+    let dedup: i64 = harness.redis_cmd(redis::cmd("EXISTS").arg(harness.streams.dedup(
+        "onebot",
+        "12345678",
+        "10001000:12",
+    )));
     assert_eq!(dedup, 1);
 }
 

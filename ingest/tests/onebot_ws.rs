@@ -150,7 +150,9 @@ async fn forward_events_and_replies_flow_and_a_dropped_connection_loses_and_doub
     assert_eq!(first.chat.kind, ChatKind::Direct);
     assert_eq!(first.sender.name, "小不点");
     assert_eq!(first.platform_message_id.as_deref(), Some("1"));
-    let dedup_key = harness.streams.dedup("onebot", &format!("{SELF_ID}:1"));
+    let dedup_key = harness
+        .streams
+        .dedup("onebot", "12345678", &format!("{SELF_ID}:1"));
     assert_eq!(
         harness.redis_cmd::<i64>(redis::cmd("EXISTS").arg(dedup_key)),
         1

@@ -50,8 +50,7 @@ async fn replicas_firing_the_same_tick_add_one_message() {
         .filter(|admission| matches!(admission, Ok(Admission::Added(_))))
         .count();
     assert_eq!(added, 1, "{admissions:?}");
-    let messages: Vec<botline_shared::message::UnifiedMessage> =
-        read_stream(&redis, &replicas[0].streams.inbound());
+    let messages = read_inbound(&redis);
     assert_eq!(messages.len(), 1);
     let message = &messages[0];
     assert_eq!(
@@ -90,14 +89,10 @@ async fn two_running_schedulers_add_one_message_per_tick() {
     let redis = RedisServer::start();
     let shutdown = CancellationToken::new();
     let first = replica(&redis);
-    let inbound = first.streams.inbound();
     scheduler::start(schedules(EVERY_SECOND), first, shutdown.clone());
     scheduler::start(schedules(EVERY_SECOND), replica(&redis), shutdown.clone());
     let length = |redis: &RedisServer| -> usize {
-        redis::cmd("XLEN")
-            .arg(&inbound)
-            .query(&mut redis.connection())
-            .unwrap()
+        botline_shared::testing::partitioned_len(&mut redis.connection(), INBOUND)
     };
     wait_for(Duration::from_secs(10), "three ticks", || {
         let ready = length(&redis) >= 3;
@@ -105,7 +100,7 @@ async fn two_running_schedulers_add_one_message_per_tick() {
     })
     .await;
     shutdown.cancel();
-    let messages: Vec<botline_shared::message::UnifiedMessage> = read_stream(&redis, &inbound);
+    let messages = read_inbound(&redis);
     let ticks: BTreeSet<i64> = messages.iter().filter_map(|m| m.platform_ts_ms).collect();
     assert_eq!(
         ticks.len(),

@@ -19,7 +19,7 @@ use axum::extract::State as AxumState;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::Json;
-use botline_shared::message::{ChatKind, UnifiedMessage};
+use botline_shared::message::ChatKind;
 use botline_shared::testing::RedisServer;
 use common::connections::{
     expect_backed_off, expect_texts, texts, unreachable_base, with_storm_backoff, Behaviour,
@@ -136,7 +136,7 @@ async fn envelopes_flow_are_acknowledged_and_survive_a_refresh_and_a_drop() {
     // Every socket lasts (up 1 ms), so a refresh is a handover at once.
     let overlay = format!("{}stable_after_ms = 1\n", settings(&slack));
     let harness = start_configured(&overlay, &[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)]).await;
-    let key = harness.streams.inbound();
+    let key = INBOUND.to_string();
     let redis = &harness.redis;
     slack.check_inbound(redis, &key);
 
@@ -156,7 +156,7 @@ async fn envelopes_flow_are_acknowledged_and_survive_a_refresh_and_a_drop() {
     let mut expected = vec!["first @UBOT", "second"];
     expect_texts(redis, &key, &expected).await;
     slack.wait_all_answered(&["e1", "e2", "slash-1"]).await;
-    let first = &read_stream::<UnifiedMessage>(redis, &key)[0];
+    let first = &read_inbound(redis)[0];
     assert_eq!(first.platform, "slack");
     assert_eq!(first.bot, BOT);
     assert_eq!(first.chat.id, "C1");
@@ -290,7 +290,7 @@ async fn a_quiet_socket_is_kept_and_a_silent_one_is_replaced_within_the_idle_tim
         &[("BOTLINE_SLACK_APP_TOKEN", APP_TOKEN)],
     )
     .await;
-    let key = harness.streams.inbound();
+    let key = INBOUND.to_string();
     let redis = &harness.redis;
     slack.check_inbound(redis, &key);
 
@@ -399,7 +399,7 @@ async fn a_handover_socket_refreshed_at_once_backs_off_though_the_first_socket_l
         with_storm_backoff(&settings(&slack))
     );
     let harness = start_configured(&overlay, &[TOKEN_ENV]).await;
-    let key = harness.streams.inbound();
+    let key = INBOUND.to_string();
     slack.wait_accepted(1).await;
     // Answered, so `hello` (before it on the socket) was read: up by now.
     slack.command(Command::Send(envelope("l1", "1700000501.000100", "one")));
@@ -543,5 +543,5 @@ async fn readyz_and_the_connection_metrics_follow_a_drop() {
     let after = metric("botline_ingest_connection_reconnects_total").unwrap_or(0.0);
     assert!(after > reconnects, "reconnects {reconnects} then {after}");
     slack.command(Command::Send(envelope("v1", "1700000401.000100", "back")));
-    expect_texts(&harness.redis, &harness.streams.inbound(), &["back"]).await;
+    expect_texts(&harness.redis, INBOUND, &["back"]).await;
 }

@@ -348,10 +348,9 @@ async fn get_updates(
     Json(answer)
 }
 
-/// An ingest replica: its address, key names, and what `/readyz` reads.
+/// An ingest replica: its address, and what `/readyz` reads.
 struct Replica {
     url: String,
-    streams: botline_shared::streams::Streams,
     health: botline_shared::telemetry::Health,
     pool: botline_shared::redis_conn::Pool,
 }
@@ -379,17 +378,11 @@ async fn start_poller_every(
         None,
     )
     .unwrap();
-    let streams = ingest.streams.clone();
     let (health, pool) = (ingest.health.clone(), ingest.pool.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(botline_ingest::run(listener, ingest, shutdown.clone()));
-    Replica {
-        url,
-        streams,
-        health,
-        pool,
-    }
+    Replica { url, health, pool }
 }
 
 fn texts(messages: &[UnifiedMessage]) -> Vec<String> {
@@ -399,14 +392,13 @@ fn texts(messages: &[UnifiedMessage]) -> Vec<String> {
         .collect()
 }
 
-async fn wait_for_texts(redis: &RedisServer, replica: &Replica, expected: &[&str]) {
-    let key = replica.streams.inbound();
+async fn wait_for_texts(redis: &RedisServer, expected: &[&str]) {
     wait_for(WAIT, &format!("{expected:?} in `in`"), || {
-        let got = texts(&read_stream::<UnifiedMessage>(redis, &key));
+        let got = texts(&read_inbound(redis));
         async move { got.len() >= expected.len() }
     })
     .await;
-    assert_eq!(texts(&read_stream(redis, &key)), expected);
+    assert_eq!(texts(&read_inbound(redis)), expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,9 +410,9 @@ async fn polling_admits_updates_once_and_confirms_them_after() {
     let redis = RedisServer::start();
     let shutdown = CancellationToken::new();
     let replica = start_poller(&redis, &api_url, &shutdown).await;
-    wait_for_texts(&redis, &replica, &["first", "second"]).await;
+    wait_for_texts(&redis, &["first", "second"]).await;
     api.add(502, "third");
-    wait_for_texts(&redis, &replica, &["first", "second", "third"]).await;
+    wait_for_texts(&redis, &["first", "second", "third"]).await;
 
     let offsets = api.offsets.lock().unwrap().clone();
     assert_eq!(
@@ -429,7 +421,7 @@ async fn polling_admits_updates_once_and_confirms_them_after() {
     );
     assert!(offsets.contains(&Some(502)), "{offsets:?}");
     assert!(offsets.contains(&Some(503)), "{offsets:?}");
-    let message = &read_stream::<UnifiedMessage>(&redis, &replica.streams.inbound())[0];
+    let message = &read_inbound(&redis)[0];
     assert_eq!(message.chat.kind, ChatKind::Direct);
     assert_eq!(message.platform_message_id.as_deref(), Some("500"));
 
@@ -445,7 +437,7 @@ async fn one_replica_polls_at_a_time_and_another_takes_over() {
     let (api, api_url) = BotApi::start().await;
     let redis = RedisServer::start();
     let first_shutdown = CancellationToken::new();
-    let first = start_poller(&redis, &api_url, &first_shutdown).await;
+    let _first = start_poller(&redis, &api_url, &first_shutdown).await;
     wait_for(WAIT, "the first replica polling", || {
         let polled = !api.offsets.lock().unwrap().is_empty();
         async move { polled }
@@ -456,12 +448,12 @@ async fn one_replica_polls_at_a_time_and_another_takes_over() {
     for id in 0..5 {
         api.add(700 + id, &format!("m{id}"));
     }
-    wait_for_texts(&redis, &first, &["m0", "m1", "m2", "m3", "m4"]).await;
+    wait_for_texts(&redis, &["m0", "m1", "m2", "m3", "m4"]).await;
 
     // The first replica stops and gives the lease up: the second polls.
     first_shutdown.cancel();
     api.add(705, "after");
-    wait_for_texts(&redis, &first, &["m0", "m1", "m2", "m3", "m4", "after"]).await;
+    wait_for_texts(&redis, &["m0", "m1", "m2", "m3", "m4", "after"]).await;
     assert_eq!(
         api.most_in_flight.load(Ordering::SeqCst),
         1,
@@ -522,7 +514,7 @@ async fn a_failing_poller_backs_off_and_shows_in_readyz() {
     // Telegram is back: ready, and updates come in.
     api.broken.store(false, Ordering::SeqCst);
     api.add(900, "back");
-    wait_for_texts(&redis, &replica, &["back"]).await;
+    wait_for_texts(&redis, &["back"]).await;
     ready_is((200, Some(true))).await;
     shutdown.cancel();
 }

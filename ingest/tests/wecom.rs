@@ -148,8 +148,11 @@ async fn the_published_message_lands_in_in_once() {
     assert!(message.attachments.is_empty());
     let raw = message.raw.as_deref().unwrap();
     assert!(raw.contains("<MsgId>4561255354251345929</MsgId>"), "{raw}");
-    let dedup: i64 = harness
-        .redis_cmd(redis::cmd("EXISTS").arg(harness.streams.dedup("wecom", "4561255354251345929")));
+    let dedup: i64 = harness.redis_cmd(redis::cmd("EXISTS").arg(harness.streams.dedup(
+        "wecom",
+        "mycreate",
+        "4561255354251345929",
+    )));
     assert_eq!(dedup, 1);
 }
 

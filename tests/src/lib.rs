@@ -121,6 +121,11 @@ impl StageProcess {
         self.signal("STOP");
     }
 
+    /// Whether it was started and has not been killed or terminated since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn resume(&self) {
         self.signal("CONT");
     }

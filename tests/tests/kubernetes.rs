@@ -12,7 +12,6 @@
 //! user that may run every command the scaler sends.
 
 use botline_shared::config::{RunnerSettings, Settings};
-use botline_shared::message::Priority;
 use botline_shared::streams::{group, Streams};
 use botline_tests::redis_start::ScriptedRedis;
 use serde::Deserialize;
@@ -240,11 +239,14 @@ fn scaled_objects_scale_real_deployments_on_real_streams_and_groups() {
     let services: BTreeSet<&str> = of_kind(&objects, "Service").into_iter().map(name).collect();
     let streams = Streams::default();
     // The stream each group reads, from the names the stages use.
-    let mut reads: Vec<(String, &str)> = vec![(streams.inbound(), group::CLASSIFY)];
-    reads.extend(Priority::ALL.map(|priority| (streams.queue(priority), group::RESPOND)));
     // egress's senders today; a new platform adds its stream here and a trigger.
     let platforms = ["web", "webhook"];
-    reads.extend(platforms.map(|platform| (streams.outbound(platform), group::EGRESS)));
+    let mut reads: Vec<(String, &str)> = Vec::new();
+    for p in streams.all() {
+        reads.push((streams.inbound(p), group::CLASSIFY));
+        reads.push((streams.queue(p), group::RESPOND));
+        reads.extend(platforms.map(|platform| (streams.outbound(p, platform), group::EGRESS)));
+    }
 
     let scaled = of_kind(&objects, "ScaledObject");
     let mut covered = BTreeSet::new();
@@ -258,6 +260,11 @@ fn scaled_objects_scale_real_deployments_on_real_streams_and_groups() {
         assert!(
             object["spec"]["minReplicaCount"].as_u64().unwrap_or(0) >= 1,
             "{target}: never scaled to 0"
+        );
+        assert!(
+            object["spec"]["maxReplicaCount"].as_u64().unwrap_or(u64::MAX)
+                <= u64::from(streams.partitions()),
+            "{target}: more replicas than partitions would only stand by"
         );
         for trigger in object["spec"]["triggers"].as_array().unwrap() {
             assert_eq!(trigger["type"], "redis-streams", "{target}");
@@ -519,7 +526,12 @@ fn every_scaled_object_logs_in_through_a_trigger_authentication_of_the_secret() 
             );
         }
     }
-    assert_eq!(triggers, 6, "triggers");
+    // in, q, out:web and out:webhook, each in every partition.
+    assert_eq!(
+        triggers,
+        4 * Streams::default().partitions() as usize,
+        "triggers"
+    );
     let secret = named(&objects, "Secret", "botline-secrets");
     assert_eq!(
         secret["stringData"]["BOTLINE_REDIS_USERNAME"], "botline",

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Short timeouts and frequent stream metrics, so alerts move within seconds.
-const FAST: &str = "[runner]\nblock_ms = 200\nclaim_idle_ms = 3000\nclaim_interval_ms = 500\n\
+const FAST: &str = "[runner]\nblock_ms = 200\nlease_ttl_ms = 3000\n\
                     [streams]\nmetrics_interval_ms = 250\n";
 
 fn overlay(sink: &Sink) -> String {
@@ -396,7 +396,7 @@ fn compose_redis_starts_with_the_acl_and_only_the_logins_it_defines() {
     let mut botline = redis::Client::open(url).unwrap().get_connection().unwrap();
     let pong: String = redis::cmd("PING").query(&mut botline).unwrap();
     assert_eq!(pong, "PONG");
-    let inbound = Streams::default().inbound();
+    let inbound = Streams::default().inbound(0);
     let _: String = redis::cmd("XADD")
         .arg(&inbound)
         .arg("*")
@@ -744,7 +744,7 @@ async fn every_metric_the_rules_and_dashboard_use_is_exported() {
     let mut connection = redis.connection();
     add_entry(
         &mut connection,
-        &Streams::default().inbound(),
+        &Streams::default().inbound(0),
         &[
             ("v".to_string(), b"1".to_vec()),
             ("body".to_string(), b"\x93\xff garbage".to_vec()),

@@ -3,8 +3,9 @@
 //! (so a later message is often answered before an earlier one is), and
 //! every chat's replies still reach the platform in the order its messages
 //! arrived, each answered with all of the chat's earlier turns in context.
-//! Each chat's third message is urgent: classify queues it behind the chat's
-//! earlier unfinished ones, so respond neither waits for nor skips them.
+//! Each chat's third message is urgent: it is in its partition's one queue
+//! behind the chat's earlier ones, so it is answered after them. Each
+//! partition has exactly one owner per stage.
 
 use botline_shared::testing::{wait_for, RedisServer};
 use botline_tests::llm::SlowLlm;
@@ -30,7 +31,7 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
     let llm = SlowLlm::echoing().await;
     // Small batches spread each chat's messages over the consumers.
     let overlay = format!(
-        "[runner]\nbatch_size = 4\nblock_ms = 200\nclaim_idle_ms = 10000\nclaim_interval_ms = 500\norder_skip_ms = 60000\n\
+        "[runner]\nbatch_size = 4\nblock_ms = 200\nlease_ttl_ms = 3000\n\
          [egress.webhook]\nurl = \"{}\"\n\
          [respond]\nbackends = [\"llm\"]\n[respond.routes]\n\
          greeting = [\"llm\"]\ngoodbye = [\"llm\"]\nthanks = [\"llm\"]\nhelp = [\"llm\"]\n\
@@ -43,6 +44,26 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
         pipeline.add("egress");
     }
     pipeline.wait_ready(Duration::from_secs(60)).await;
+    // The consumers share the partitions before the messages come.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for process in pipeline
+        .processes
+        .iter()
+        .filter(|p| p.stage == "respond" || p.stage == "egress")
+    {
+        let series = format!(
+            "botline_stage_partitions_owned{{stage=\"{}\"}}",
+            process.stage
+        );
+        while process.metric(&series).await.unwrap_or(0.0) == 0.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never got a partition",
+                process.stage
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let client = ApiClient::new(&pipeline.base_url());
 
     // Each chat's messages one after another, the chats all at once.
@@ -108,11 +129,26 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
             busy >= 2,
             "{stage}: work went to {busy} consumer(s)\n{logs}"
         );
-        for process in pipeline.processes.iter().filter(|p| p.stage == stage) {
-            let skipped = process
-                .metric(&format!("botline_order_skipped_total{{stage=\"{stage}\"}}"))
-                .await;
-            assert_eq!(skipped, Some(0.0), "{stage}: no message skipped\n{logs}");
+        // Once the consumers have settled, each partition has one owner.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut owned = 0.0;
+            for process in pipeline.processes.iter().filter(|p| p.stage == stage) {
+                owned += process
+                    .metric(&format!(
+                        "botline_stage_partitions_owned{{stage=\"{stage}\"}}"
+                    ))
+                    .await
+                    .unwrap_or(0.0);
+            }
+            if owned == 16.0 {
+                break;
+            }
+            assert!(
+                owned < 16.0 && std::time::Instant::now() < deadline,
+                "{stage}: {owned} partitions owned, not one owner each\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

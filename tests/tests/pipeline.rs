@@ -3,9 +3,12 @@
 //! local webhook sink that checks signatures.
 
 use botline_shared::codec;
-use botline_shared::message::{DeadLetter, Priority};
+use botline_shared::message::DeadLetter;
 use botline_shared::streams::Streams;
-use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
+use botline_shared::testing::{
+    add_entry, partitioned, partitioned_len, read_partitioned, sample_message, wait_for,
+    RedisServer,
+};
 use botline_tests::sink::Sink;
 use botline_tests::{ApiClient, Pipeline, WEBHOOK_SECRET};
 use futures_util::stream::{self, StreamExt};
@@ -14,7 +17,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// Short timeouts so takeovers happen within a test's patience.
-const FAST: &str = "[runner]\nblock_ms = 200\nclaim_idle_ms = 3000\nclaim_interval_ms = 500\n";
+const FAST: &str = "[runner]\nblock_ms = 200\nlease_ttl_ms = 3000\n";
 
 fn overlay(sink: &Sink) -> String {
     format!("{FAST}[egress.webhook]\nurl = \"{}\"\n", sink.url)
@@ -104,7 +107,7 @@ async fn every_message_is_answered_once_in_order_per_chat() {
     assert_eq!(per_chat.len(), 10);
     let mut connection = redis.connection();
     let inbound: Vec<botline_shared::message::UnifiedMessage> =
-        read_stream(&mut connection, &Streams::default().inbound());
+        read_partitioned(&mut connection, "in");
     let event_order: HashMap<String, usize> = sent
         .iter()
         .enumerate()
@@ -132,7 +135,7 @@ async fn every_message_is_answered_once_in_order_per_chat() {
         assert_eq!(order, sorted, "replies of {chat} out of order");
     }
 
-    let delivered: usize = connection.xlen(Streams::default().delivered()).unwrap();
+    let delivered = partitioned_len(&mut connection, "delivered");
     assert_eq!(delivered, 200, "a receipt per delivery");
     let metrics = pipeline.stage("egress").metrics().await;
     assert!(
@@ -145,12 +148,11 @@ async fn every_message_is_answered_once_in_order_per_chat() {
         let status = process.terminate(Duration::from_secs(15));
         assert!(status.success(), "{} exited with {status}", process.stage);
     }
-    let streams = Streams::default();
-    for (stream, group) in [
-        (streams.inbound(), "classify"),
-        (streams.queue(Priority::Normal), "respond"),
-        (streams.outbound("webhook"), "egress"),
-    ] {
+    let streams = ["in", "q", "out:webhook"]
+        .into_iter()
+        .zip(["classify", "respond", "egress"])
+        .flat_map(|(name, group)| partitioned(name).into_iter().map(move |key| (key, group)));
+    for (stream, group) in streams {
         let pending: redis::streams::StreamPendingReply =
             connection.xpending(&stream, group).unwrap();
         assert_eq!(
@@ -198,7 +200,7 @@ async fn kill_nine_of_each_stage_loses_nothing_and_doubles_nothing() {
         sink.replies_per_message().len(),
         sink.repeated_keys()
     );
-    let dead: usize = redis.connection().xlen(Streams::default().dead()).unwrap();
+    let dead = partitioned_len(&mut redis.connection(), "dead");
     assert_eq!(dead, 0, "nothing dead-lettered");
 }
 
@@ -232,14 +234,15 @@ async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
             .unwrap();
     }
     let mut connection = redis.connection();
-    let streams = Streams::default();
     wait_for(
         "entries pending with the stopped consumer",
         Duration::from_secs(10),
         || {
-            let pending: redis::streams::StreamPendingReply =
-                connection.xpending(streams.inbound(), "classify").unwrap();
-            pending.count() > 0
+            partitioned("in").iter().any(|key| {
+                let pending: redis::streams::StreamPendingReply =
+                    connection.xpending(key, "classify").unwrap();
+                pending.count() > 0
+            })
         },
     )
     .await;
@@ -251,26 +254,27 @@ async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
     )
     .await;
     const CLAIMED: &str = r#"botline_stage_messages_total{stage="classify",outcome="claimed"}"#;
-    const STALE: &str = r#"botline_stage_messages_total{stage="classify",outcome="stale"}"#;
+    const LOST: &str = r#"botline_stage_partitions_lost_total{stage="classify"}"#;
     let claimed = pipeline.processes[second].metric(CLAIMED).await;
     assert!(
         claimed.unwrap_or(0.0) > 0.0,
         "the second consumer took entries over: {claimed:?}"
     );
 
-    // The stopped one wakes up with entries already handled: it must not forward them again.
+    // The stopped one wakes up having lost its partitions (their leases ran
+    // out): it must not forward what it held.
     pipeline.stage("classify").resume();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while pipeline
         .stage("classify")
-        .metric(STALE)
+        .metric(LOST)
         .await
         .unwrap_or(0.0)
         == 0.0
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "the resumed consumer never reported its stale entries"
+            "the resumed consumer never noticed it lost its partitions"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -299,9 +303,9 @@ async fn poison_entries_go_to_dead_and_every_stage_keeps_going() {
     let mut future = codec::encode(&sample_message(1, "from a newer botline"));
     future[0].1 = b"99".to_vec();
     for stream in [
-        streams.inbound(),
-        streams.queue(Priority::Normal),
-        streams.outbound("webhook"),
+        streams.inbound(0),
+        streams.queue(0),
+        streams.outbound(0, "webhook"),
     ] {
         add_entry(&mut connection, &stream, &garbage);
         add_entry(&mut connection, &stream, &future);
@@ -317,10 +321,10 @@ async fn poison_entries_go_to_dead_and_every_stage_keeps_going() {
     })
     .await;
     wait_for("six dead letters", Duration::from_secs(30), || {
-        connection.xlen::<_, usize>(streams.dead()).unwrap() == 6
+        connection.xlen::<_, usize>(streams.dead(0)).unwrap() == 6
     })
     .await;
-    let dead: Vec<DeadLetter> = read_stream(&mut connection, &streams.dead());
+    let dead: Vec<DeadLetter> = read_partitioned(&mut connection, "dead");
     let mut seen: Vec<(String, bool)> = dead
         .iter()
         .map(|d| {

@@ -32,10 +32,7 @@ fn start(redis: &RedisServer, overlay: &str) -> Pipeline {
 }
 
 fn receipts(redis: &RedisServer) -> usize {
-    redis
-        .connection()
-        .xlen(Streams::default().delivered())
-        .unwrap()
+    botline_shared::testing::partitioned_len(&mut redis.connection(), "delivered")
 }
 
 /// Send a private message over the implementation's connection; wait for

@@ -96,10 +96,7 @@ async fn the_published_wecom_callback_becomes_one_message_send() {
     })
     .await;
     // WeCom's retry of the callback added nothing to `in`.
-    let inbound: u64 = redis::cmd("XLEN")
-        .arg(Streams::default().inbound())
-        .query(&mut redis.connection())
-        .unwrap();
+    let inbound = botline_shared::testing::partitioned_len(&mut redis.connection(), "in");
     assert_eq!(inbound, 1);
     let sends = sends.lock().unwrap().clone();
     assert_eq!(sends.len(), 1, "{sends:?}");

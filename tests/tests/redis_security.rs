@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const PASSWORD: &str = "botline-acl-password-4f1c9e";
 const ADMIN_PASSWORD: &str = "botline-admin-password-77d2";
 
-const FAST: &str = "[runner]\nblock_ms = 200\nclaim_idle_ms = 3000\nclaim_interval_ms = 500\n";
+const FAST: &str = "[runner]\nblock_ms = 200\nlease_ttl_ms = 3000\n";
 
 /// The shipped ACL with the test's password, plus an administrator for the
 /// test's own look at the ACL LOG; the tests and binaries log in as `botline`.
@@ -169,7 +169,7 @@ async fn the_pipeline_and_the_cli_run_as_the_shipped_acl_user_alone() {
     // An undecodable entry: classify dead-letters it, the CLI requeues it.
     let mut connection = redis.connection();
     let _: String = redis::cmd("XADD")
-        .arg(Streams::default().inbound())
+        .arg(Streams::default().inbound(0))
         .arg("*")
         .arg("v")
         .arg("1")
@@ -177,7 +177,7 @@ async fn the_pipeline_and_the_cli_run_as_the_shipped_acl_user_alone() {
         .arg("not msgpack")
         .query(&mut connection)
         .unwrap();
-    let dead = Streams::default().dead();
+    let dead = Streams::default().dead(0);
     wait_for("the poison entry in dead", Duration::from_secs(30), || {
         redis::cmd("XLEN")
             .arg(&dead)

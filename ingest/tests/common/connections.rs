@@ -8,7 +8,7 @@
 //! answer comes only once its message is in `in`); its [`Protocol`] says
 //! what is the platform's own.
 
-use super::{accept_each, read_json, read_stream, wait_until, ServerSocket};
+use super::{accept_each, read_json, wait_until, ServerSocket};
 use botline_shared::message::UnifiedMessage;
 use botline_shared::testing::RedisServer;
 use futures_util::SinkExt;
@@ -23,21 +23,27 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 /// How long a test waits for what should happen.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// The texts of the messages in `key`, in order.
-pub fn texts(redis: &RedisServer, key: &str) -> Vec<String> {
-    read_stream::<UnifiedMessage>(redis, key)
+/// The texts of the messages in stream `name` (`in`) over every
+/// partition, in order.
+pub fn texts(redis: &RedisServer, name: &str) -> Vec<String> {
+    botline_shared::testing::read_partitioned::<UnifiedMessage>(&mut redis.connection(), name)
         .into_iter()
         .map(|message| message.text)
         .collect()
 }
 
-/// Wait until `key` holds `expected` (or more), then check it holds exactly that.
-pub async fn expect_texts(redis: &RedisServer, key: &str, expected: &[&str]) {
+/// Wait until stream `name` (`in`, every partition) holds `expected` (or
+/// more), then check it holds exactly that.
+pub async fn expect_texts(redis: &RedisServer, name: &str, expected: &[&str]) {
     wait_until(WAIT, &format!("{expected:?} in `in`"), || {
-        texts(redis, key).len() >= expected.len()
+        texts(redis, name).len() >= expected.len()
     })
     .await;
-    assert_eq!(texts(redis, key), expected, "nothing lost, nothing doubled");
+    assert_eq!(
+        texts(redis, name),
+        expected,
+        "nothing lost, nothing doubled"
+    );
 }
 
 /// How a [`StandIn`] treats the sockets ingest opens from now on.
@@ -239,9 +245,10 @@ impl<P: Protocol> StandIn<P> {
         self.state.lock().unwrap()
     }
 
-    /// Check, at each answer, that the message is in `key` on `redis` already.
-    pub fn check_inbound(&self, redis: &RedisServer, key: &str) {
-        self.state().inbound = Some((redis.url(), key.to_string()));
+    /// Check, at each answer, that the message is in stream `name` (`in`,
+    /// any partition) on `redis` already.
+    pub fn check_inbound(&self, redis: &RedisServer, name: &str) {
+        self.state().inbound = Some((redis.url(), name.to_string()));
     }
 
     /// Tell the connection of the moment.
@@ -405,7 +412,7 @@ impl<P: Protocol> StandIn<P> {
         {
             let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
             let messages: Vec<UnifiedMessage> =
-                botline_shared::testing::read_stream(&mut redis, &key);
+                botline_shared::testing::read_partitioned(&mut redis, &key);
             if !messages
                 .iter()
                 .any(|message| message.platform_message_id.as_deref() == Some(message_id.as_str()))

@@ -18,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 
+/// The name of `in`, which [`read_inbound`] and the helpers of
+/// [`connections`] read in every partition.
+pub const INBOUND: &str = "in";
+
 pub struct Harness {
     pub redis: RedisServer,
     pub addr: SocketAddr,
@@ -154,14 +158,14 @@ impl Replicas {
         }
     }
 
-    /// One on the test's runtime, until `shutdown`; the key of `in`.
+    /// One on the test's runtime, until `shutdown`; the name of `in`.
     pub fn start(&self, shutdown: &CancellationToken) -> String {
         self.start_on(&tokio::runtime::Handle::current(), shutdown)
     }
 
     /// One on a runtime of its own, which it dies with:
     /// `shutdown_background()` on that runtime is a death without a word
-    /// (no lease given up, no socket closed). The runtime, and the key of
+    /// (no lease given up, no socket closed). The runtime, and the name of
     /// `in`.
     pub fn start_doomed(&self) -> (tokio::runtime::Runtime, String) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -174,7 +178,7 @@ impl Replicas {
     }
 
     /// One served on `runtime`'s threads until `shutdown` (or until the
-    /// runtime is dropped); the key of `in`.
+    /// runtime is dropped); the name of `in`.
     fn start_on(&self, runtime: &tokio::runtime::Handle, shutdown: &CancellationToken) -> String {
         let env: Vec<(&str, &str)> = self
             .env
@@ -182,7 +186,7 @@ impl Replicas {
             .map(|(name, value)| (name.as_str(), value.as_str()))
             .collect();
         let ingest = configured_ingest(&self.url, Some(&self.overlay), &env, None).unwrap();
-        let key = ingest.streams.inbound();
+        let key = INBOUND.to_string();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let shutdown = shutdown.clone();
@@ -225,9 +229,9 @@ impl Harness {
         base
     }
 
-    /// Every entry of `in`, decoded.
+    /// Every entry of `in` over every partition, decoded.
     pub fn inbound(&self) -> Vec<UnifiedMessage> {
-        read_stream(&self.redis, &self.streams.inbound())
+        read_inbound(&self.redis)
     }
 
     pub fn redis_cmd<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
@@ -237,6 +241,11 @@ impl Harness {
 
 pub fn read_stream<R: codec::Record>(redis: &RedisServer, key: &str) -> Vec<R> {
     botline_shared::testing::read_stream(&mut redis.connection(), key)
+}
+
+/// Every message in `in` over every partition, in arrival order.
+pub fn read_inbound(redis: &RedisServer) -> Vec<UnifiedMessage> {
+    botline_shared::testing::read_partitioned(&mut redis.connection(), INBOUND)
 }
 
 /// A token signed like a real client's: HS256, `exp` in an hour.

@@ -70,7 +70,7 @@ impl Ops {
         for p in self.streams.all() {
             found.extend(self.dead_list_of(&self.streams.dead(p), count, stage).await?);
         }
-        found.sort_by(|a, b| id_order(&b.id).cmp(&id_order(&a.id)));
+        found.sort_by_key(|entry| std::cmp::Reverse(id_order(&entry.id)));
         found.truncate(count);
         Ok(found)
     }

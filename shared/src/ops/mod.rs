@@ -119,6 +119,43 @@ impl Ops {
         Ok(keys)
     }
 
+    /// The pipeline's streams in pipeline order (`in`, `q`, every
+    /// `out:<platform>` of which any partition's exists, `delivered`,
+    /// `dead`), each with every partition's key, in partition order.
+    pub async fn logical_streams(&self) -> Result<Vec<(String, Vec<String>)>, OpsError> {
+        let mut names = vec!["in".to_string(), "q".to_string()];
+        for key in self.outbound_streams().await? {
+            let name = self.streams.short(&key).0.to_string();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names.extend(["delivered".to_string(), "dead".to_string()]);
+        Ok(names
+            .into_iter()
+            .map(|name| {
+                let keys = self.resolve(&name);
+                (name, keys)
+            })
+            .collect())
+    }
+
+    /// The partition count this deployment's processes recorded
+    /// (`{prefix}:partitions`), if one has started.
+    pub async fn recorded_partitions(&self) -> Result<Option<u32>, OpsError> {
+        let mut connection = self.pool.get().await?;
+        Ok(redis::cmd("GET")
+            .arg(format!("{{{}}}:partitions", self.streams.prefix()))
+            .query_async(&mut connection)
+            .await?)
+    }
+
+    /// The same Redis with `partitions` partitions.
+    pub fn with_partitions(self, partitions: u32) -> Ops {
+        let streams = Streams::new(self.streams.prefix(), partitions);
+        Ops::new(self.pool, streams)
+    }
+
     /// Every `out:<platform>` stream of every partition, found with `SCAN …
     /// TYPE stream`, by platform, then partition.
     pub async fn outbound_streams(&self) -> Result<Vec<String>, OpsError> {
@@ -143,7 +180,10 @@ impl Ops {
             }
             cursor = next;
         }
-        keys.retain(|key| matches!(self.streams.short(key), (_, Some(_))));
+        // Only this deployment's partitions: `p*` matches more than numbers.
+        keys.retain(|key| {
+            matches!(self.streams.short(key), (_, Some(p)) if p < self.streams.partitions())
+        });
         keys.sort_by_key(|key| {
             let (name, p) = self.streams.short(key);
             (name.to_string(), p)

@@ -1,40 +1,57 @@
 //! `botline status`: every pipeline stream and each of its groups, the
 //! numbers `XINFO GROUPS`, `XPENDING` and `XINFO CONSUMERS` give, plus the
 //! ages Redis does not compute (oldest pending, oldest undelivered).
+//!
+//! A stream (`in`, `q`, `out:web`, …) is one key per partition; the status
+//! of the stream sums its partitions' (lengths, lag, pending), takes their
+//! oldest ages and the union of their consumers, and keeps each
+//! partition's own status in [`StreamStatus::partitions`].
 
 use super::{age_ms, format_age, Ops, OpsError};
-use crate::redis_conn::{self};
+use crate::redis_conn::{self, id_order};
+use crate::streams::Partition;
 use crate::telemetry::{first_undelivered_id, group_infos};
 use redis::Value;
 use serde_json::{json, Value as Json};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
+    /// One per stream, in pipeline order.
     pub streams: Vec<StreamStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamStatus {
-    /// Short name (`in`, `q:normal`, `out:web`).
+    /// Short name (`in`, `q`, `out:web`) of a stream over its partitions;
+    /// the full key (`{botline:p3}:in`) of one partition's.
     pub stream: String,
+    /// The partition of one partition's status; `None` for a stream's.
+    pub partition: Option<Partition>,
+    /// Whether the key (any partition's) exists.
     pub exists: bool,
     pub length: u64,
     pub groups: Vec<GroupStatus>,
+    /// Each partition's status, in partition order (empty in those).
+    pub partitions: Vec<StreamStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupStatus {
     pub name: String,
     /// `None` when `XINFO GROUPS` says nil: entries were deleted or trimmed
-    /// ahead of the group, and Redis cannot count what is left to read.
+    /// ahead of the group, and Redis cannot count what is left to read. Over
+    /// partitions: the sum, `None` if any partition's is.
     pub lag: Option<u64>,
     pub pending: u64,
+    /// Over partitions: the newest.
     pub last_delivered_id: String,
     /// Age of the oldest entry read but not acknowledged.
     pub oldest_pending_age_ms: Option<i64>,
     /// Age of the oldest entry not yet read by the group: time-based lag,
     /// known even when `lag` is not.
     pub oldest_undelivered_age_ms: Option<i64>,
+    /// Over partitions: each consumer once, its pending summed, its idle
+    /// time the shortest.
     pub consumers: Vec<ConsumerStatus>,
 }
 
@@ -49,8 +66,12 @@ pub struct ConsumerStatus {
 impl Ops {
     pub async fn status(&self) -> Result<Status, OpsError> {
         let mut streams = Vec::new();
-        for key in self.pipeline_streams().await? {
-            streams.push(self.stream_status(&key).await?);
+        for (short, keys) in self.logical_streams().await? {
+            let mut partitions = Vec::new();
+            for key in &keys {
+                partitions.push(self.stream_status(key).await?);
+            }
+            streams.push(StreamStatus::over(short, partitions));
         }
         Ok(Status { streams })
     }
@@ -89,10 +110,65 @@ impl Ops {
         }
         Ok(StreamStatus {
             stream: key.to_string(),
+            partition: self.streams.short(key).1,
             exists,
             length,
             groups,
+            partitions: Vec::new(),
         })
+    }
+}
+
+impl StreamStatus {
+    /// The status of stream `short` from its partitions'.
+    fn over(short: String, partitions: Vec<StreamStatus>) -> StreamStatus {
+        let mut groups: Vec<GroupStatus> = Vec::new();
+        for group in partitions.iter().flat_map(|p| &p.groups) {
+            match groups.iter_mut().find(|g| g.name == group.name) {
+                Some(sum) => sum.add(group),
+                None => groups.push(group.clone()),
+            }
+        }
+        StreamStatus {
+            stream: short,
+            partition: None,
+            exists: partitions.iter().any(|p| p.exists),
+            length: partitions.iter().map(|p| p.length).sum(),
+            groups,
+            partitions,
+        }
+    }
+}
+
+impl GroupStatus {
+    /// Adds another partition's numbers of the same group.
+    fn add(&mut self, other: &GroupStatus) {
+        self.lag = self.lag.zip(other.lag).map(|(a, b)| a + b);
+        self.pending += other.pending;
+        if id_order(&other.last_delivered_id) > id_order(&self.last_delivered_id) {
+            self.last_delivered_id = other.last_delivered_id.clone();
+        }
+        self.oldest_pending_age_ms = oldest(self.oldest_pending_age_ms, other.oldest_pending_age_ms);
+        self.oldest_undelivered_age_ms = oldest(
+            self.oldest_undelivered_age_ms,
+            other.oldest_undelivered_age_ms,
+        );
+        for consumer in &other.consumers {
+            match self.consumers.iter_mut().find(|c| c.name == consumer.name) {
+                Some(sum) => {
+                    sum.pending += consumer.pending;
+                    sum.idle_ms = sum.idle_ms.min(consumer.idle_ms);
+                }
+                None => self.consumers.push(consumer.clone()),
+            }
+        }
+    }
+}
+
+fn oldest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -127,9 +203,11 @@ fn age(ms: Option<i64>) -> String {
 }
 
 impl Status {
-    /// One line per group (a stream without groups gets one line of its
-    /// own); with `consumers`, each consumer below its group.
-    pub fn table(&self, consumers: bool) -> String {
+    /// One line per stream and group (a stream without groups gets one
+    /// line of its own), over every partition; with `consumers`, each
+    /// consumer below its group; with `partitions`, each partition's lines
+    /// (full key names) below its stream's.
+    pub fn table(&self, consumers: bool, partitions: bool) -> String {
         let mut rows: Vec<[String; 8]> = vec![[
             "STREAM",
             "LENGTH",
@@ -143,52 +221,10 @@ impl Status {
         .map(String::from)];
         let mut notes: Vec<(usize, Vec<String>)> = Vec::new();
         for stream in &self.streams {
-            let length = if stream.exists {
-                stream.length.to_string()
-            } else {
-                "(none)".into()
-            };
-            if stream.groups.is_empty() {
-                rows.push([
-                    stream.stream.clone(),
-                    length.clone(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                ]);
-            }
-            for group in &stream.groups {
-                rows.push([
-                    stream.stream.clone(),
-                    length.clone(),
-                    group.name.clone(),
-                    group
-                        .lag
-                        .map_or_else(|| "unknown".into(), |lag| lag.to_string()),
-                    group.pending.to_string(),
-                    age(group.oldest_pending_age_ms),
-                    age(group.oldest_undelivered_age_ms),
-                    group.consumers.len().to_string(),
-                ]);
-                if consumers {
-                    notes.push((
-                        rows.len() - 1,
-                        group
-                            .consumers
-                            .iter()
-                            .map(|consumer| {
-                                format!(
-                                    "    {}  pending {}  idle {}",
-                                    consumer.name,
-                                    consumer.pending,
-                                    format_age(consumer.idle_ms as i64)
-                                )
-                            })
-                            .collect(),
-                    ));
+            stream.rows(consumers, &mut rows, &mut notes);
+            if partitions {
+                for partition in &stream.partitions {
+                    partition.rows(consumers, &mut rows, &mut notes);
                 }
             }
         }
@@ -226,32 +262,106 @@ impl Status {
         out
     }
 
-    pub fn json(&self) -> Json {
+    /// One object per stream; with `partitions`, each with its partitions'
+    /// objects (full key names, and `partition`) as `partitions`.
+    pub fn json(&self, partitions: bool) -> Json {
         Json::Array(
             self.streams
                 .iter()
                 .map(|stream| {
-                    json!({
-                        "stream": stream.stream,
-                        "exists": stream.exists,
-                        "length": stream.length,
-                        "groups": stream.groups.iter().map(|group| json!({
-                            "group": group.name,
-                            "lag": group.lag,
-                            "lag_known": group.lag.is_some(),
-                            "pending": group.pending,
-                            "last_delivered_id": group.last_delivered_id,
-                            "oldest_pending_age_ms": group.oldest_pending_age_ms,
-                            "oldest_undelivered_age_ms": group.oldest_undelivered_age_ms,
-                            "consumers": group.consumers.iter().map(|consumer| json!({
-                                "name": consumer.name,
-                                "pending": consumer.pending,
-                                "idle_ms": consumer.idle_ms,
-                            })).collect::<Vec<_>>(),
-                        })).collect::<Vec<_>>(),
-                    })
+                    let mut json = stream.json();
+                    if partitions {
+                        json["partitions"] =
+                            Json::Array(stream.partitions.iter().map(StreamStatus::json).collect());
+                    }
+                    json
                 })
                 .collect(),
         )
+    }
+}
+
+impl StreamStatus {
+    /// This stream's table rows, and its groups' consumers as notes below them.
+    fn rows(
+        &self,
+        consumers: bool,
+        rows: &mut Vec<[String; 8]>,
+        notes: &mut Vec<(usize, Vec<String>)>,
+    ) {
+        let length = if self.exists {
+            self.length.to_string()
+        } else {
+            "(none)".into()
+        };
+        if self.groups.is_empty() {
+            rows.push([
+                self.stream.clone(),
+                length.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for group in &self.groups {
+            rows.push([
+                self.stream.clone(),
+                length.clone(),
+                group.name.clone(),
+                group
+                    .lag
+                    .map_or_else(|| "unknown".into(), |lag| lag.to_string()),
+                group.pending.to_string(),
+                age(group.oldest_pending_age_ms),
+                age(group.oldest_undelivered_age_ms),
+                group.consumers.len().to_string(),
+            ]);
+            if consumers {
+                notes.push((
+                    rows.len() - 1,
+                    group
+                        .consumers
+                        .iter()
+                        .map(|consumer| {
+                            format!(
+                                "    {}  pending {}  idle {}",
+                                consumer.name,
+                                consumer.pending,
+                                format_age(consumer.idle_ms as i64)
+                            )
+                        })
+                        .collect(),
+                ));
+            }
+        }
+    }
+
+    fn json(&self) -> Json {
+        let mut json = json!({
+            "stream": self.stream,
+            "exists": self.exists,
+            "length": self.length,
+            "groups": self.groups.iter().map(|group| json!({
+                "group": group.name,
+                "lag": group.lag,
+                "lag_known": group.lag.is_some(),
+                "pending": group.pending,
+                "last_delivered_id": group.last_delivered_id,
+                "oldest_pending_age_ms": group.oldest_pending_age_ms,
+                "oldest_undelivered_age_ms": group.oldest_undelivered_age_ms,
+                "consumers": group.consumers.iter().map(|consumer| json!({
+                    "name": consumer.name,
+                    "pending": consumer.pending,
+                    "idle_ms": consumer.idle_ms,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        if let Some(partition) = self.partition {
+            json["partition"] = json!(partition);
+        }
+        json
     }
 }

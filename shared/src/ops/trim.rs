@@ -1,5 +1,6 @@
 //! `botline trim`: the runner's trimming rule ([`lease::trim_stream`]) on
-//! every pipeline stream at once: `XTRIM MINID ~` below the oldest entry any
+//! every pipeline stream of every partition at once (one line per key):
+//! `XTRIM MINID ~` below the oldest entry any
 //! group still needs (not yet delivered, or delivered and pending), and
 //! never within the retention window. Streams without a group (`delivered`,
 //! `dead`: capped by length instead) are left alone.
@@ -10,7 +11,8 @@ use crate::redis_conn::id_order;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrimLine {
-    /// Short name.
+    /// Full key (`{botline:p3}:in`): each partition's stream is trimmed
+    /// on its own.
     pub stream: String,
     /// Entries below `keep_from` (`None`: no group, left alone).
     pub below: Option<u64>,

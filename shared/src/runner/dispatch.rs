@@ -352,8 +352,14 @@ impl<S: Stage> Dispatcher<'_, S> {
                 }
                 let mut batch: Vec<Held<S::In>> = Vec::new();
                 let mut runs: Vec<(String, usize)> = Vec::new();
-                for chat in pick(&mut owned.ready, &weights, room) {
+                let mut picked = pick(&mut owned.ready, &weights, room).into_iter();
+                for chat in picked.by_ref() {
                     let Some(state) = owned.chats.get_mut(&chat) else { continue };
+                    // A chat is in the ready queues at most once, and only
+                    // when none of its messages is out; checked again here.
+                    if state.in_stage || state.unacknowledged > 0 || state.retry_at.is_some() {
+                        continue;
+                    }
                     let Some(head) = state.queue.front() else { continue };
                     if head.envelope.deliveries > max_deliveries {
                         let head = state.queue.pop_front().expect("a head");
@@ -373,12 +379,20 @@ impl<S: Stage> Dispatcher<'_, S> {
                         });
                         continue;
                     }
-                    let take = state.queue.len().min(max_run).min(room.saturating_sub(batch.len()).max(1));
+                    let take = state.queue.len().min(max_run).min(room - batch.len());
                     state.in_stage = true;
                     runs.push((chat, take));
                     batch.extend(state.queue.drain(..take));
                     if batch.len() >= room {
                         break;
+                    }
+                }
+                // Chats picked but not reached keep their place, first in line.
+                let unreached: Vec<String> = picked.collect();
+                for chat in unreached.into_iter().rev() {
+                    if let Some(head) = owned.chats.get(&chat).and_then(|state| state.queue.front()) {
+                        let index = priority_index(self.stage.priority(&head.envelope.record));
+                        owned.ready[index].push_front(chat);
                     }
                 }
                 if batch.is_empty() {
@@ -470,11 +484,12 @@ impl<S: Stage> Dispatcher<'_, S> {
         state.in_stage = false;
         let mut again: Vec<Held<S::In>> = Vec::new();
         for (mut held, outcome) in results {
-            let outcome = match outcome {
-                // Once one is left for a retry, the ones after it wait too.
-                _ if !again.is_empty() => Outcome::Retry("an earlier message of this chat is left for a retry".into()),
-                outcome => outcome,
-            };
+            // Once one is left for a retry, the ones after it wait too: they
+            // were not tried, so their delivery count stays.
+            if !again.is_empty() {
+                again.push(held);
+                continue;
+            }
             match outcome {
                 Outcome::Done(writes) => {
                     state.unacknowledged += 1;
@@ -612,14 +627,14 @@ impl<S: Stage> Dispatcher<'_, S> {
                     count(self.group, kind, n);
                 }
                 owned.window.add_permits(finished.len());
-                let mut chats = Vec::new();
+                let mut chats: HashSet<String> = HashSet::new();
                 for entry in finished {
                     owned.known.remove(&entry.entry_id);
                     if let Some(chat) = entry.chat {
                         if let Some(state) = owned.chats.get_mut(&chat) {
                             state.unacknowledged -= 1;
                         }
-                        chats.push(chat);
+                        chats.insert(chat);
                     }
                 }
                 for chat in chats {

@@ -61,10 +61,10 @@ pub fn assignment(
     let share = partitions / n + usize::from(rank < partitions % n);
     let mut take = Vec::new();
     let mut release = Vec::new();
-    if held.len() > share {
-        let keep: Vec<Partition> = held.difference(releasing).copied().collect();
-        let excess = held.len() - share;
-        release.extend(keep.iter().rev().take(excess.min(keep.len())));
+    // What is already being given up counts as given up.
+    let keep: Vec<Partition> = held.difference(releasing).copied().collect();
+    if keep.len() > share {
+        release.extend(keep.iter().rev().take(keep.len() - share));
     } else if held.len() < share {
         // Start looking at a place of its own, so members seldom race.
         let start = rank * partitions / n;
@@ -95,6 +95,13 @@ pub struct Ownership {
 
 impl Ownership {
     pub async fn run(mut self) {
+        // Exported from the start, so the first of each is a rate, not a new series.
+        for counter in [
+            "botline_stage_partitions_taken_total",
+            "botline_stage_partitions_lost_total",
+        ] {
+            metrics::counter!(counter, "stage" => self.group).increment(0);
+        }
         let mut held = BTreeSet::new();
         let mut releasing = BTreeSet::new();
         let mut tick = tokio::time::interval(self.lease / 3);
@@ -107,6 +114,8 @@ impl Ownership {
                     self.give_up(p).await;
                     held.remove(&p);
                     releasing.remove(&p);
+                    metrics::gauge!("botline_stage_partitions_owned", "stage" => self.group)
+                        .set(held.len() as f64);
                 }
                 _ = tick.tick() => {
                     match self.step(&mut held, &mut releasing).await {
@@ -150,20 +159,24 @@ impl Ownership {
         let mut connection = self.pool.get().await?;
         // Renew what is held; whatever is no longer ours is lost.
         let ttl = self.lease.as_millis() as u64;
-        let mut renewals = redis::pipe();
-        for p in held.iter() {
-            renewals.invoke_script(
-                scripts::LEASE
+        let renewals: Vec<_> = held
+            .iter()
+            .map(|p| {
+                let mut renewal = scripts::LEASE.prepare_invoke();
+                renewal
                     .key(self.streams.owner(*p, self.group))
                     .arg(&self.consumer)
-                    .arg(ttl),
-            );
-        }
-        let renewed: Vec<i64> = if held.is_empty() {
-            Vec::new()
-        } else {
-            renewals.query_async(&mut connection).await?
-        };
+                    .arg(ttl);
+                renewal
+            })
+            .collect();
+        // Each in its own partition's slot; all at once over one connection.
+        let multiplexed: redis::aio::MultiplexedConnection = (*connection).clone();
+        let renewed: Vec<i64> = futures_util::future::try_join_all(renewals.iter().map(|renewal| {
+            let mut connection = multiplexed.clone();
+            async move { renewal.invoke_async(&mut connection).await }
+        }))
+        .await?;
         for (p, renewed) in held.clone().into_iter().zip(renewed) {
             if renewed == 0 {
                 warn!(message = "partition lost: its lease ran out", stage = self.group, partition = p);

@@ -1,7 +1,7 @@
 //! `scripts/bench`: the whole pipeline on this machine. Starts a
 //! redis-server and the four release binaries, pushes N unique messages
-//! (straight into `in` as ingest adds them, or through the HTTP API; as fast as it can, or
-//! paced with `--rate`), waits for every delivery receipt, and prints a
+//! (straight into each chat's partition's `in` as ingest adds them, or through the HTTP
+//! API; as fast as it can, or paced with `--rate`), waits for every delivery receipt, and prints a
 //! table, then one JSON line:
 //! `{"messages":N,"lost":L,"duplicated":D,"throughput_msgs_per_s":T,"p50_ms":…,"p99_ms":…,"via":"stream|http"}`.
 //!
@@ -10,14 +10,19 @@
 //! classify/eval/messages.tsv, each made unique. `--scale classify=2`
 //! starts that many replicas of a stage (one of each by default).
 //!
+//! Receipts are read from every partition's `delivered`; lost, duplicated
+//! and out-of-order replies are counted per chat (a chat lives in one
+//! partition, so its receipts keep their order there).
+//!
 //! Replies go to the web chat platform (delivered inside Redis), so what is
 //! measured is botline, not an HTTP receiver; `--platform webhook` sends
 //! them to a local signed-webhook sink instead.
 
 use botline_ingest::inbox::{Inbox, Submission};
+use botline_shared::codec;
 use botline_shared::message::Receipt;
-use botline_shared::streams::Streams;
-use botline_shared::testing::{read_stream, sample_message, RedisServer};
+use botline_shared::streams::{Streams, DEFAULT_PARTITIONS, DEFAULT_PREFIX};
+use botline_shared::testing::{sample_message, RedisServer};
 use botline_tests::llm::SlowLlm;
 use botline_tests::sink::Sink;
 use botline_tests::{token, Pipeline, WEBHOOK_SECRET};
@@ -127,6 +132,42 @@ async fn pace(started: Instant, index: usize, rate: Option<f64>) {
     }
 }
 
+/// The key layout the stages use with `overlay`: its `[streams] partitions`
+/// (the default otherwise) under `BOTLINE_PREFIX` (inherited by the stages).
+fn streams_of(overlay: &str) -> Streams {
+    let partitions = overlay
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|settings| settings.get("streams")?.get("partitions")?.as_integer())
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or(DEFAULT_PARTITIONS);
+    let prefix = std::env::var("BOTLINE_PREFIX").unwrap_or_else(|_| DEFAULT_PREFIX.into());
+    Streams::new(prefix, partitions)
+}
+
+/// Every receipt in every partition's `delivered`, in entry id order per
+/// partition (so each chat's in the order delivered).
+fn read_receipts(connection: &mut redis::Connection, streams: &Streams) -> Vec<Receipt> {
+    let mut receipts = Vec::new();
+    for p in streams.all() {
+        let key = streams.delivered(p);
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .query(connection)
+            .expect("XRANGE delivered");
+        for entry in botline_shared::redis_conn::parse_entries(&key, reply).expect("entries") {
+            let fields = entry.fields.expect("a receipt has fields");
+            receipts.push(
+                codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                    .expect("a receipt decodes"),
+            );
+        }
+    }
+    receipts
+}
+
 fn percentile(sorted: &[i64], p: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
@@ -181,7 +222,7 @@ async fn main() {
         }
     }
     pipeline.wait_ready(Duration::from_secs(60)).await;
-    let streams = Streams::default();
+    let streams = streams_of(&overlay);
     let client = redis.client();
 
     eprintln!(
@@ -191,8 +232,9 @@ async fn main() {
     let started = Instant::now();
     match options.via.as_str() {
         "stream" => {
-            // Added as ingest adds them (its script: `in` and the chat's
-            // order set), without HTTP in front.
+            // Added as ingest adds them (its script, one call per
+            // partition: each message to its chat's partition's `in`),
+            // without HTTP in front.
             let inbox = Inbox {
                 pool: deadpool_redis::Config::from_url(redis.url())
                     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
@@ -280,18 +322,26 @@ async fn main() {
         .await
         .expect("redis");
     let deadline = Instant::now() + options.timeout;
+    // XLENs the bench itself sends, left out of `--redis-stats`.
+    let mut own_xlen: u64 = 0;
     loop {
-        let delivered: usize = redis::cmd("XLEN")
-            .arg(streams.delivered())
-            .query_async(&mut connection)
-            .await
-            .expect("XLEN");
+        let mut count = redis::pipe();
+        for p in streams.all() {
+            count.cmd("XLEN").arg(streams.delivered(p));
+        }
+        let lengths: Vec<usize> = count.query_async(&mut connection).await.expect("XLEN");
+        own_xlen += lengths.len() as u64;
+        let delivered: usize = lengths.iter().sum();
         if delivered >= options.messages || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let receipts: Vec<Receipt> = read_stream(&mut redis.connection(), &streams.delivered());
+    // Taken before the bench reads the receipts back.
+    let redis_stats = options
+        .redis_stats
+        .then(|| command_stats(&mut redis.connection(), own_xlen));
+    let receipts = read_receipts(&mut redis.connection(), &streams);
     let elapsed_ms = receipts
         .iter()
         .map(|r| r.delivered_at_ms)
@@ -378,8 +428,8 @@ async fn main() {
             "out_of_order": out_of_order,
         })
     );
-    if options.redis_stats {
-        print_redis_stats(&mut redis.connection());
+    if let Some(rows) = &redis_stats {
+        print_redis_stats(rows, options.messages);
     }
     drop(pipeline);
     if lost > 0 || duplicated > 0 {
@@ -387,9 +437,10 @@ async fn main() {
     }
 }
 
-/// Where Redis spent its time, by command (from `INFO commandstats`), to
-/// the standard error, busiest first.
-fn print_redis_stats(connection: &mut redis::Connection) {
+/// Redis's calls and time by command (from `INFO commandstats`), busiest
+/// first, without the `own_xlen` XLENs the bench sent to wait for the
+/// receipts (their time taken out at the command's mean).
+fn command_stats(connection: &mut redis::Connection, own_xlen: u64) -> Vec<(String, u64, u64)> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query(connection)
@@ -403,17 +454,40 @@ fn print_redis_stats(connection: &mut redis::Connection) {
                     .split(',')
                     .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
             };
-            Some((name.to_string(), field("calls")?, field("usec")?))
+            let (mut calls, mut usec) = (field("calls")?, field("usec")?);
+            if name == "xlen" && calls > 0 {
+                let own = own_xlen.min(calls);
+                usec -= usec * own / calls;
+                calls -= own;
+            }
+            Some((name.to_string(), calls, usec))
         })
+        .filter(|(_, calls, _)| *calls > 0)
         .collect();
     rows.sort_by_key(|(_, _, usec)| std::cmp::Reverse(*usec));
-    eprintln!("| redis command | calls | total ms | µs per call |");
-    eprintln!("| --- | --- | --- | --- |");
+    rows
+}
+
+/// Where Redis spent its time, by command, to the standard error, busiest
+/// first, with calls per message pushed.
+fn print_redis_stats(rows: &[(String, u64, u64)], messages: usize) {
+    let messages = messages.max(1) as f64;
+    eprintln!("| redis command | calls | per message | total ms | µs per call |");
+    eprintln!("| --- | --- | --- | --- | --- |");
     for (name, calls, usec) in rows.iter().take(15) {
         eprintln!(
-            "| {name} | {calls} | {} | {:.1} |",
+            "| {name} | {calls} | {:.2} | {} | {:.1} |",
+            *calls as f64 / messages,
             usec / 1000,
             *usec as f64 / (*calls).max(1) as f64
         );
     }
+    let calls: u64 = rows.iter().map(|(_, calls, _)| calls).sum();
+    let usec: u64 = rows.iter().map(|(_, _, usec)| usec).sum();
+    eprintln!(
+        "| **all** | {calls} | {:.2} | {} | {:.1} |",
+        calls as f64 / messages,
+        usec / 1000,
+        usec as f64 / calls.max(1) as f64
+    );
 }

@@ -25,9 +25,9 @@
 //! record of it), which a receiver drops by the key.
 
 use botline_shared::codec;
-use botline_shared::message::{ClassifiedMessage, DeadLetter, Priority, Reply, UnifiedMessage};
-use botline_shared::streams::Streams;
-use botline_shared::testing::{add_entry, read_stream, RedisServer};
+use botline_shared::message::{ClassifiedMessage, DeadLetter, Reply, UnifiedMessage};
+use botline_shared::streams::{Streams, DEFAULT_PARTITIONS, DEFAULT_PREFIX};
+use botline_shared::testing::{add_entry, RedisServer};
 use botline_tests::sink::{Answer, Received, Sink};
 use botline_tests::{token, Pipeline, StageProcess, WEBHOOK_SECRET};
 use rand::Rng;
@@ -262,14 +262,21 @@ async fn send(
 // ---------------------------------------------------------------- the setup
 
 /// redis-server with AOF, the sink, the four stages and a second classify,
-/// respond and egress. `streams_extra` goes into the `[streams]` table.
-/// The pipeline with `streams_extra` in its `[streams]`, and `config` (the
-/// `--config` file) laid over it all.
-async fn start(streams_extra: &str, config: Option<&str>) -> (RedisServer, Sink, Pipeline) {
+/// respond and egress: the pipeline with `streams_extra` in its
+/// `[streams]`, and `config` (the `--config` file) laid over it all; and
+/// the key layout the stages use with those settings.
+///
+/// A message left for a retry (the sink failing) is tried again after
+/// 10 s (`retry_ms`); a killed or frozen owner's partitions pass to the
+/// other replica after `lease_ttl_ms` (the default, 6 s).
+async fn start(
+    streams_extra: &str,
+    config: Option<&str>,
+) -> (RedisServer, Sink, Pipeline, Streams) {
     let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
     let sink = Sink::start(WEBHOOK_SECRET).await;
     let overlay = format!(
-        "[runner]\nclaim_idle_ms = 10000\nclaim_interval_ms = 1000\n\
+        "[runner]\nretry_ms = 10000\n\
          [streams]\ndelivered_max_len = 2000000\n{streams_extra}\
          [egress.webhook]\nurl = \"{}\"\ntimeout_ms = 2000\n",
         sink.url
@@ -284,7 +291,36 @@ async fn start(streams_extra: &str, config: Option<&str>) -> (RedisServer, Sink,
         pipeline.add(stage);
     }
     pipeline.wait_ready(Duration::from_secs(120)).await;
-    (redis, sink, pipeline)
+    let streams = streams_of(&overlay);
+    (redis, sink, pipeline, streams)
+}
+
+/// The key layout the stages use with `overlay`: its `[streams] partitions`
+/// (the default otherwise) under `BOTLINE_PREFIX` (inherited by the stages).
+fn streams_of(overlay: &str) -> Streams {
+    let partitions = overlay
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|settings| settings.get("streams")?.get("partitions")?.as_integer())
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or(DEFAULT_PARTITIONS);
+    let prefix = std::env::var("BOTLINE_PREFIX").unwrap_or_else(|_| DEFAULT_PREFIX.into());
+    Streams::new(prefix, partitions)
+}
+
+/// Every entry of `key`, as read.
+fn entries_of(
+    connection: &mut redis::Connection,
+    key: &str,
+) -> Vec<botline_shared::redis_conn::RawEntry> {
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(connection)
+        .unwrap_or_else(|error| panic!("XRANGE {key}: {error}"));
+    botline_shared::redis_conn::parse_entries(key, reply)
+        .unwrap_or_else(|error| panic!("entries of {key}: {error}"))
 }
 
 fn signal(pid: u32, signal: &str) {
@@ -300,17 +336,21 @@ fn label(process: &StageProcess, index: usize) -> String {
     format!("{}#{index}", process.stage)
 }
 
-/// The group and streams a stage reads (none for ingest).
+/// The group and streams a stage reads, in every partition (none for ingest).
 fn reads(stage: &str, streams: &Streams) -> Option<(&'static str, Vec<String>)> {
     match stage {
-        "classify" => Some(("classify", vec![streams.inbound()])),
-        "respond" => Some((
-            "respond",
-            [Priority::Urgent, Priority::Normal, Priority::Batch]
-                .map(|p| streams.queue(p))
-                .to_vec(),
+        "classify" => Some((
+            "classify",
+            streams.all().map(|p| streams.inbound(p)).collect(),
         )),
-        "egress" => Some(("egress", vec![streams.outbound("webhook")])),
+        "respond" => Some(("respond", streams.all().map(|p| streams.queue(p)).collect())),
+        "egress" => Some((
+            "egress",
+            streams
+                .all()
+                .map(|p| streams.outbound(p, "webhook"))
+                .collect(),
+        )),
         _ => None,
     }
 }
@@ -397,7 +437,7 @@ impl Fault {
             Fault::Sink500 => "sink answers 500",
             Fault::Sink429 => "sink answers 429 + Retry-After: 1",
             Fault::SinkHang => "sink hangs (past egress timeout)",
-            Fault::Poison => "poison entry in in, q:normal, out:webhook",
+            Fault::Poison => "poison entry in in, q, out:webhook",
             Fault::RedisOom => "Redis out of memory",
         }
     }
@@ -549,14 +589,19 @@ impl Chaos<'_> {
                     ("v".to_string(), b"1".to_vec()),
                     ("body".to_string(), b"\x93\xff chaos poison".to_vec()),
                 ];
+                // Each in a partition of its own choosing: every
+                // partition has an owner that must dead-letter it.
+                let p = rand::rng().random_range(self.streams.all());
+                let partitions = self.streams.partitions();
                 for stream in [
-                    self.streams.inbound(),
-                    self.streams.queue(Priority::Normal),
-                    self.streams.outbound("webhook"),
+                    self.streams.inbound(p),
+                    self.streams.queue((p + 1) % partitions),
+                    self.streams.outbound((p + 2) % partitions, "webhook"),
                 ] {
                     phase
                         .poison
                         .push(add_entry(&mut connection, &stream, &garbage));
+                    phase.notes.push(format!("poison entry in {stream}"));
                 }
                 phase.fault_end = Instant::now();
                 tokio::time::sleep(length).await;
@@ -607,15 +652,10 @@ fn read_outcome(redis: &RedisServer, sink: &Sink, ledger: &[Sent], streams: &Str
         .iter()
         .filter_map(|s| Some((s.message_id.clone()?, s.event_id.clone())))
         .collect();
-    let inbound: redis::Value = redis::cmd("XRANGE")
-        .arg(streams.inbound())
-        .arg("-")
-        .arg("+")
-        .query(&mut connection)
-        .expect("XRANGE in");
-    for entry in botline_shared::redis_conn::parse_entries(&streams.inbound(), inbound)
-        .expect("entries of in")
-    {
+    let inbound = streams
+        .all()
+        .flat_map(|p| entries_of(&mut connection, &streams.inbound(p)));
+    for entry in inbound.collect::<Vec<_>>() {
         let Some(fields) = entry.fields else { continue };
         let Ok(message) =
             codec::decode::<UnifiedMessage>(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
@@ -634,16 +674,25 @@ fn read_outcome(redis: &RedisServer, sink: &Sink, ledger: &[Sent], streams: &Str
     }
     let mut dead: HashMap<String, Vec<String>> = HashMap::new();
     let mut undecodable = Vec::new();
-    for letter in read_stream::<DeadLetter>(&mut connection, &streams.dead()) {
+    let letters = streams
+        .all()
+        .flat_map(|p| entries_of(&mut connection, &streams.dead(p)))
+        .collect::<Vec<_>>();
+    for entry in letters {
+        let fields = entry.fields.expect("a dead letter has fields");
+        let letter: DeadLetter =
+            codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .expect("a dead letter decodes");
         let fields = || {
             letter
                 .fields
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_slice()))
         };
-        let message_id = if letter.stream == streams.inbound() {
+        let (stream, _) = streams.short(&letter.stream);
+        let message_id = if stream == "in" {
             codec::decode::<UnifiedMessage>(fields()).map(|m| m.id).ok()
-        } else if letter.stream.contains(":q:") {
+        } else if stream == "q" {
             codec::decode::<ClassifiedMessage>(fields())
                 .map(|m| m.message.id)
                 .ok()
@@ -773,8 +822,7 @@ fn ms(duration: Option<Duration>) -> String {
 // ---------------------------------------------------------------- chaos
 
 async fn chaos(options: Options) -> i32 {
-    let (mut redis, sink, mut pipeline) = start("", options.config.as_deref()).await;
-    let streams = Streams::default();
+    let (mut redis, sink, mut pipeline, streams) = start("", options.config.as_deref()).await;
     eprintln!(
         "pipeline ready (logs in {}); load {}/s over {} chats; {} faults × ({:?} + {:?} settle)",
         pipeline.dir.display(),
@@ -1015,14 +1063,20 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// How many keys Redis holds (DBSIZE), and entries `delivered` (XLEN).
-fn key_count(redis: &RedisServer) -> (u64, u64) {
+/// How many keys Redis holds (DBSIZE), and entries in every partition's
+/// `delivered` (XLEN).
+fn key_count(redis: &RedisServer, streams: &Streams) -> (u64, u64) {
     let mut connection = redis.connection();
     let keys = redis::cmd("DBSIZE").query(&mut connection).unwrap_or(0);
-    let receipts = redis::cmd("XLEN")
-        .arg(Streams::default().delivered())
-        .query(&mut connection)
-        .unwrap_or(0);
+    let receipts = streams
+        .all()
+        .map(|p| {
+            redis::cmd("XLEN")
+                .arg(streams.delivered(p))
+                .query::<u64>(&mut connection)
+                .unwrap_or(0)
+        })
+        .sum();
     (keys, receipts)
 }
 
@@ -1036,8 +1090,8 @@ fn sample(redis: &RedisServer, pipeline: &Pipeline) -> Vec<(String, u64)> {
 
 async fn soak(options: Options) -> i32 {
     // Streams kept 10 minutes, so Redis's own memory can level off within the hour.
-    let (redis, sink, pipeline) = start("retention_ms = 600000\n", options.config.as_deref()).await;
-    let streams = Streams::default();
+    let (redis, sink, pipeline, streams) =
+        start("retention_ms = 600000\n", options.config.as_deref()).await;
     let total = Duration::from_secs_f64(options.minutes * 60.0);
     let window = Duration::from_secs_f64(options.window_minutes * 60.0);
     eprintln!(
@@ -1050,14 +1104,14 @@ async fn soak(options: Options) -> i32 {
     let started = Instant::now();
     let mut samples: Vec<(Duration, Vec<(String, u64)>)> =
         vec![(Duration::ZERO, sample(&redis, &pipeline))];
-    let mut keys = vec![key_count(&redis)];
+    let mut keys = vec![key_count(&redis, &streams)];
     let load = Load::start(&pipeline.base_url(), options.rate, options.chats);
     let mut windows = 1;
     loop {
         let next = (window * windows as u32).min(total);
         tokio::time::sleep_until((started + next).into()).await;
         samples.push((started.elapsed(), sample(&redis, &pipeline)));
-        keys.push(key_count(&redis));
+        keys.push(key_count(&redis, &streams));
         eprintln!(
             "{:.1} min: {} delivered",
             started.elapsed().as_secs_f64() / 60.0,
