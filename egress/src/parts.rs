@@ -131,7 +131,7 @@ impl Parts {
         let mut connection = self.pool.get().await?;
         let ids: Vec<Option<String>> = redis::cmd("MGET")
             .arg(keys)
-            .query_async(&mut *connection)
+            .query_async(&mut connection)
             .await?;
         Ok(ids)
     }
@@ -143,7 +143,7 @@ impl Parts {
             .arg(id)
             .arg("PX")
             .arg(self.ttl.as_millis() as u64)
-            .query_async(&mut *connection)
+            .query_async(&mut connection)
             .await?;
         Ok(())
     }

@@ -45,7 +45,7 @@ pub struct EgressStage {
     /// The platforms' rate limits, shared with every replica.
     limiter: Limiter,
     /// For the sending locks (the runner makes the ack).
-    commands: redis::aio::ConnectionManager,
+    commands: botline_shared::redis_conn::Connection,
     streams: Streams,
     delivered_max_len: usize,
     /// This process's value in the locks it holds, so it releases only its own.

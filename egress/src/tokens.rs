@@ -74,7 +74,7 @@ impl TokenCache {
                 .arg("NX")
                 .arg("PX")
                 .arg(FETCH_LOCK.as_millis() as u64)
-                .query_async::<Option<String>>(&mut *connection)
+                .query_async::<Option<String>>(&mut connection)
                 .await?
                 .is_some();
             if locked {

@@ -17,7 +17,7 @@ use botline_shared::message::{
     Attachment, Chat, ChatKind, DeadLetter, Priority, Receipt, Reply, Role, Turn,
 };
 use botline_shared::runner::Plumbing;
-use botline_shared::streams::Streams;
+use botline_shared::streams::{Partition, Streams};
 use botline_shared::telemetry::Health;
 use botline_shared::testing::RedisServer;
 use botline_shared::{now_ms, Error};
@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "test-secret-0123456789";
-const PREFIX: &str = "{t}";
+const PREFIX: &str = "t";
 const WAIT: Duration = Duration::from_secs(20);
 
 // ---- the webhook receiver ----
@@ -174,7 +174,7 @@ impl Egress {
         )
         .unwrap();
         let settings = Settings::from_overlay(Some(
-            "[runner]\nblock_ms = 100\nclaim_idle_ms = 1000\nclaim_interval_ms = 200\n",
+            "[runner]\nblock_ms = 100\nretry_ms = 1000\nlease_ttl_ms = 3000\n",
         ))
         .unwrap();
         let egress = EgressSettings::from_overlay(&format!(
@@ -199,7 +199,7 @@ impl Egress {
         let task = tokio::spawn(botline_egress::run(stage, plumbing, shutdown.clone()));
         Egress {
             redis,
-            streams: process.streams(),
+            streams: process.streams(&settings).unwrap(),
             connection,
             shutdown,
             task,
@@ -219,10 +219,24 @@ impl Egress {
     async fn send(&self, reply: &Reply) -> String {
         add(
             self.connection.clone(),
-            &self.streams.outbound(&reply.platform),
+            &outbound(&self.streams, reply),
             reply,
         )
         .await
+    }
+
+    /// The partition of `chat` on `platform`.
+    fn partition(&self, platform: &str, chat: &str) -> Partition {
+        self.streams.partition_of(platform, chat)
+    }
+
+    /// Every record of the stream `key` names, over every partition.
+    async fn read_partitioned<R: Record>(&self, key: impl Fn(Partition) -> String) -> Vec<R> {
+        let mut records = Vec::new();
+        for p in self.streams.all() {
+            records.extend(self.read(&key(p)).await);
+        }
+        records
     }
 
     async fn read<R: Record>(&self, stream: &str) -> Vec<R> {
@@ -230,11 +244,11 @@ impl Egress {
     }
 
     async fn receipts(&self) -> Vec<Receipt> {
-        self.read(&self.streams.delivered()).await
+        self.read_partitioned(|p| self.streams.delivered(p)).await
     }
 
     async fn dead(&self) -> Vec<DeadLetter> {
-        self.read(&self.streams.dead()).await
+        self.read_partitioned(|p| self.streams.dead(p)).await
     }
 
     /// Whether group `egress` has read and acknowledged everything in `stream`.
@@ -276,6 +290,12 @@ impl Egress {
             .await
             .unwrap()
     }
+}
+
+/// The `out:<platform>` of `reply`'s chat's partition.
+fn outbound(streams: &Streams, reply: &Reply) -> String {
+    let p = streams.partition_of(&reply.platform, &reply.chat.id);
+    streams.outbound(p, &reply.platform)
 }
 
 async fn add(mut connection: MultiplexedConnection, stream: &str, reply: &Reply) -> String {
@@ -392,8 +412,9 @@ async fn a_webhook_reply_is_delivered_once_signed_with_the_documented_json() {
     assert_eq!(receipt.platform_message_id.as_deref(), Some("pm-1"));
     assert_eq!(receipt.trace_id, "trace-r-1");
     assert!(receipt.latency_ms >= 50, "{}", receipt.latency_ms);
-    assert!(egress.exists(&egress.streams.sent("r-1")).await);
-    let out = egress.streams.outbound("webhook");
+    let p = egress.partition("webhook", "c1");
+    assert!(egress.exists(&egress.streams.sent(p, "r-1")).await);
+    let out = egress.streams.outbound(p, "webhook");
     eventually("the entry acknowledged", || egress.all_acknowledged(&out)).await;
     egress.stop().await;
 }
@@ -404,13 +425,14 @@ async fn a_reply_already_sent_is_not_sent_again() {
     // A reply whose sent key is there before egress reads it (sent by an
     // earlier run whose acknowledgement was lost).
     let redis = RedisServer::start();
-    let streams = Streams::new(PREFIX);
+    let streams = Streams::new(PREFIX, 16);
     let early = reply("r-early", "webhook", "c1", "one");
+    let p = streams.partition_of("webhook", "c1");
     let egress = Egress::start_on(redis, &webhook(&url), |mut connection| {
         let (key, early, stream) = (
-            streams.sent("r-early"),
+            streams.sent(p, "r-early"),
             early.clone(),
-            streams.outbound("webhook"),
+            streams.outbound(p, "webhook"),
         );
         async move {
             let _: () = redis::cmd("SET")
@@ -423,7 +445,8 @@ async fn a_reply_already_sent_is_not_sent_again() {
         }
     })
     .await;
-    let out = egress.streams.outbound("webhook");
+    assert_eq!(egress.streams, streams);
+    let out = egress.streams.outbound(p, "webhook");
     eventually("the early entry acknowledged", || {
         egress.all_acknowledged(&out)
     })
@@ -525,15 +548,16 @@ async fn a_bad_request_goes_to_dead_with_the_reason() {
     let dead = egress.dead().await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].stage, "egress");
-    assert_eq!(dead[0].stream, egress.streams.outbound("webhook"));
+    let p = egress.partition("webhook", "c1");
+    assert_eq!(dead[0].stream, egress.streams.outbound(p, "webhook"));
     assert_eq!(
         dead[0].error,
         "webhook answered 400: field `text` is required"
     );
     assert_eq!(sink.count(), 1);
     assert!(egress.receipts().await.is_empty());
-    assert!(!egress.exists(&egress.streams.sent("r-1")).await);
-    assert!(!egress.exists(&egress.streams.sending("r-1")).await);
+    assert!(!egress.exists(&egress.streams.sent(p, "r-1")).await);
+    assert!(!egress.exists(&egress.streams.sending(p, "r-1")).await);
     egress.stop().await;
 }
 
@@ -559,7 +583,7 @@ async fn without_a_webhook_url_its_replies_go_to_dead_saying_so() {
 async fn each_chat_keeps_its_order_while_chats_go_at_once() {
     let (sink, url) = Sink::start(|_| ok(), 15).await;
     let redis = RedisServer::start();
-    let out = Streams::new(PREFIX).outbound("webhook");
+    let streams = Streams::new(PREFIX, 16);
     let replies: Vec<Reply> = (0..50)
         .map(|n| {
             reply(
@@ -570,12 +594,13 @@ async fn each_chat_keeps_its_order_while_chats_go_at_once() {
             )
         })
         .collect();
-    // All 50 are in the stream before egress starts, so they come in one batch.
+    // All 50 are in their partitions' streams before egress starts, so
+    // each partition's come in one batch.
     let egress = Egress::start_on(redis, &webhook(&url), |connection| {
-        let (replies, out) = (replies.clone(), out.clone());
+        let (replies, streams) = (replies.clone(), streams.clone());
         async move {
             for reply in &replies {
-                add(connection.clone(), &out, reply).await;
+                add(connection.clone(), &outbound(&streams, reply), reply).await;
             }
         }
     })
@@ -654,7 +679,7 @@ async fn replayed_replies_are_acknowledged_unsent() {
     let mut replayed = reply("r-1", "webhook", "c1", "again");
     replayed.replay = true;
     egress.send(&replayed).await;
-    let out = egress.streams.outbound("webhook");
+    let out = outbound(&egress.streams, &replayed);
     eventually("the entry acknowledged", || egress.all_acknowledged(&out)).await;
     assert_eq!(sink.count(), 0);
     assert!(egress.receipts().await.is_empty());

@@ -387,8 +387,9 @@ async fn a_retry_after_part_two_failed_never_sends_part_one_again() {
     );
     // The part records went with the acknowledgement.
     let mut connection = egress.redis.connection();
+    let p = egress.streams.partition_of("telegram", "1111111");
     for part in 0..3 {
-        let key = egress.streams.sent_part("r-long", part);
+        let key = egress.streams.sent_part(p, "r-long", part);
         let exists: bool = redis::cmd("EXISTS")
             .arg(&key)
             .query(&mut connection)

@@ -91,7 +91,7 @@ impl Inbox {
             .await
             .map_err(|error| redis_error(error.into()))?;
         // One multiplexed connection: the partitions' scripts go out at once.
-        let connection: redis::aio::MultiplexedConnection = (*pooled).clone();
+        let connection = pooled.shared();
         let invocations: Vec<_> = by_partition
             .iter()
             .map(|(p, indexes)| self.script(*p, indexes.iter().map(|i| &submissions[*i])))

@@ -151,12 +151,15 @@ impl Setup {
         };
         adjust(&mut classified);
         let mut connection = self.redis.connection();
+        let p = self
+            .streams
+            .partition_of(&classified.message.platform, &classified.message.chat.id);
         add_entry(
             &mut connection,
-            &self.streams.queue(Priority::Normal),
+            &self.streams.queue(p),
             &codec::encode(&classified),
         );
-        let out = self.streams.outbound("web");
+        let out = self.streams.outbound(p, "web");
         let id = classified.message.id.clone();
         let mut found = None;
         wait_for("the reply", Duration::from_secs(20), || {

@@ -5,7 +5,11 @@ use botline_shared::message::{
     ChatKind, ClassifiedMessage, Intent, Origin, Priority, Reply, Role, Turn,
 };
 use botline_shared::runner::Plumbing;
-use botline_shared::testing::{add_entry, read_stream, sample_message, wait_for, RedisServer};
+use botline_shared::streams::Streams;
+use botline_shared::testing::{
+    add_entry, partitioned, partitioned_len, read_partitioned, read_stream, sample_message,
+    wait_for, RedisServer,
+};
 use redis::Commands;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +29,11 @@ fn classified(n: usize, chat: &str, text: &str, intent: &str) -> ClassifiedMessa
         audit: vec![],
         faq: None,
     }
+}
+
+/// The queue of web chat `chat`'s partition.
+fn queue_of(streams: &Streams, chat: &str) -> String {
+    streams.queue(streams.partition_of("web", chat))
 }
 
 const OVERLAY: &str = r#"
@@ -54,64 +63,73 @@ async fn replies_follow_the_conversation_and_groups_need_a_mention() {
     let mut connection = redis.connection();
     let (plumbing, shutdown, task) = start(&redis).await;
     let streams = plumbing.streams.clone();
-    let normal = streams.queue(Priority::Normal);
+    let (a, b, g) = (
+        queue_of(&streams, "a"),
+        queue_of(&streams, "b"),
+        queue_of(&streams, "g"),
+    );
 
     add_entry(
         &mut connection,
-        &normal,
+        &a,
         &codec::encode(&classified(1, "a", "hello", "greeting")),
     );
     add_entry(
         &mut connection,
-        &normal,
+        &a,
         &codec::encode(&classified(2, "a", "hello again", "greeting")),
     );
     add_entry(
         &mut connection,
-        &normal,
+        &b,
         &codec::encode(&classified(3, "b", "你好", "greeting")),
     );
     add_entry(
         &mut connection,
-        &normal,
+        &b,
         &codec::encode(&classified(4, "b", "blah", "unknown")),
     );
     let mut group = classified(5, "g", "hello all", "greeting");
     group.message.chat.kind = ChatKind::Group;
-    add_entry(&mut connection, &normal, &codec::encode(&group));
+    add_entry(&mut connection, &g, &codec::encode(&group));
     let mut mentioned = classified(6, "g", "hello bot", "greeting");
     mentioned.message.chat.kind = ChatKind::Group;
     mentioned.message.mentions.bot = true;
-    add_entry(&mut connection, &normal, &codec::encode(&mentioned));
+    add_entry(&mut connection, &g, &codec::encode(&mentioned));
     let mut from_bot = classified(7, "a", "hello", "greeting");
     from_bot.message.sender.is_bot = true;
-    add_entry(&mut connection, &normal, &codec::encode(&from_bot));
+    add_entry(&mut connection, &a, &codec::encode(&from_bot));
     let mut announcement = classified(8, "a", "Maintenance at 22:00", "unknown");
     announcement.message.origin = Origin::Scheduled {
         job: "notice".into(),
     };
     announcement.priority = Priority::Batch;
-    add_entry(
-        &mut connection,
-        &streams.queue(Priority::Batch),
-        &codec::encode(&announcement),
-    );
+    // One queue for every priority: the batch message keeps its place in
+    // its chat's order.
+    add_entry(&mut connection, &a, &codec::encode(&announcement));
 
-    let out = streams.outbound("web");
     wait_for("six replies", Duration::from_secs(20), || {
-        connection.xlen::<_, usize>(&out).unwrap() == 6
+        partitioned_len(&mut connection, "out:web") == 6
     })
     .await;
     wait_for("all acknowledged", Duration::from_secs(20), || {
-        let pending: redis::streams::StreamPendingReply =
-            connection.xpending(&normal, "respond").unwrap();
-        pending.count() == 0
+        [&a, &b, &g].iter().all(|queue| {
+            let pending: redis::streams::StreamPendingReply =
+                connection.xpending(*queue, "respond").unwrap();
+            pending.count() == 0
+        })
     })
     .await;
     shutdown.cancel();
     task.await.unwrap().unwrap();
 
-    let replies: Vec<Reply> = read_stream(&mut connection, &out);
+    let replies: Vec<Reply> = read_partitioned(&mut connection, "out:web");
+    // Each in its chat's partition.
+    for reply in &replies {
+        let p = streams.partition_of("web", &reply.chat.id);
+        let there: Vec<Reply> = read_stream(&mut connection, &streams.outbound(p, "web"));
+        assert!(there.iter().any(|r| r.id == reply.id), "{reply:?}");
+    }
     let text_for = |id: &str| {
         replies
             .iter()
@@ -193,12 +211,21 @@ async fn a_bad_template_is_named_at_start() {
     );
 }
 
+/// Urgent is served first among what an owner has read ahead (its
+/// `window`), and batch is not starved: one partition (so one queue holds
+/// the whole backlog, in the order it came: normal, then batch, then
+/// urgent), read in batches of 40.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn urgent_is_served_first_and_batch_is_not_starved() {
     let redis = RedisServer::start();
     let mut connection = redis.connection();
-    let streams = botline_shared::streams::Streams::default();
-    // Backlogs in all three queues before respond starts.
+    let (settings, plumbing) = redis.plumbing(
+        "[runner]\nbatch_size = 40\nblock_ms = 100\nwindow = 1000\n[streams]\npartitions = 1\n",
+    );
+    let streams = plumbing.streams.clone();
+    assert_eq!(streams.partitions(), 1);
+    let queue = streams.queue(0);
+    // A backlog of every priority before respond starts.
     for (priority, count) in [
         (Priority::Normal, 300),
         (Priority::Batch, 30),
@@ -213,17 +240,12 @@ async fn urgent_is_served_first_and_batch_is_not_starved() {
             );
             message.message.id = format!("{}-{n}", priority.as_str());
             message.priority = priority;
-            add_entry(
-                &mut connection,
-                &streams.queue(priority),
-                &codec::encode(&message),
-            );
+            add_entry(&mut connection, &queue, &codec::encode(&message));
         }
     }
-    let (settings, plumbing) = redis.plumbing("[runner]\nbatch_size = 40\nblock_ms = 100\n");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(respond::run(settings, plumbing, shutdown.clone()));
-    let out = streams.outbound("web");
+    let out = streams.outbound(0, "web");
     wait_for("every reply", Duration::from_secs(30), || {
         connection.xlen::<_, usize>(&out).unwrap() == 360
     })
@@ -246,13 +268,15 @@ async fn urgent_is_served_first_and_batch_is_not_starved() {
     let last_urgent = *positions("urgent-").last().unwrap();
     let first_batch = positions("batch-")[0];
     let last_normal = *positions("normal-").last().unwrap();
+    // The urgent messages came last, behind 330 others: read within the
+    // window, they overtake most of the normal backlog.
     assert!(
-        last_urgent < 60,
-        "all urgent replies within the first two reads, the last at {last_urgent}"
+        last_urgent < 200,
+        "urgent replies overtake the normal backlog, the last at {last_urgent}"
     );
     assert!(
-        first_batch < 40,
-        "batch gets its share from the first read, first at {first_batch}"
+        first_batch < 300,
+        "batch gets its share before normal is done, first at {first_batch}"
     );
     assert!(
         last_normal > 300,

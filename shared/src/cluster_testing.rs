@@ -460,6 +460,19 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The environment the binaries need to use this cluster:
+    /// `BOTLINE_REDIS_URL=redis+cluster://` and every running node.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let nodes: Vec<String> = self
+            .running()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        vec![(
+            "BOTLINE_REDIS_URL".to_string(),
+            format!("redis+cluster://{}/", nodes.join(",")),
+        )]
+    }
+
     /// Stop every node and remove its folder (as dropping it does).
     pub fn stop(self) {}
 }

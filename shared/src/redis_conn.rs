@@ -1,33 +1,68 @@
-//! The two kinds of Redis connection a stage holds: a pool for short
-//! commands, and one dedicated connection for blocking reads, whose response
-//! timeout is longer than its `BLOCK` so a slow reply never strands entries.
-//! Both come from one [`client`]: the URL's ACL user and password, and TLS
-//! for `rediss://`; [`check_at_start`] stops a binary whose Redis settings
-//! Redis refuses.
+//! The kinds of Redis connection a stage holds: a pool for short commands,
+//! one multiplexed connection for the hot path, and dedicated connections
+//! for blocking reads, whose response timeout is longer than their `BLOCK`
+//! so a slow reply never strands entries. All come from one [`Redis`]: the
+//! URL's ACL user and password, TLS for `rediss://`, and a Redis Cluster
+//! for `redis+cluster://host:port,host:port/` (the cluster client of the
+//! redis crate, which follows `MOVED`/`ASK` and failovers); [`check_at_start`]
+//! stops a binary whose Redis settings Redis refuses.
 
 use crate::config::{ProcessConfig, RedisTls};
 use crate::Error;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, IntoConnectionInfo, RedisFuture, Value,
+};
 use std::collections::HashMap;
 use std::time::Duration;
 use tracing::warn;
 
-pub type Pool = deadpool_redis::Pool;
-
 /// How long a short command may take before it counts as a failure.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The client every connection of a binary comes from: `BOTLINE_REDIS_URL`
-/// (its user and password included), with the TLS files for a `rediss://`
-/// URL. An error names the setting at fault and never shows the password.
+/// The scheme of a `BOTLINE_REDIS_URL` naming a Redis Cluster by some of
+/// its nodes: `redis+cluster://[user:password@]host:port,host:port/`
+/// (`rediss+cluster://` for TLS).
+const CLUSTER_SCHEMES: [(&str, &str); 2] = [
+    ("redis+cluster://", "redis://"),
+    ("rediss+cluster://", "rediss://"),
+];
+
+/// The node URLs of a cluster URL, each with the user and password; `None`
+/// for the URL of one server.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = CLUSTER_SCHEMES
+        .iter()
+        .find_map(|(cluster, node)| url.strip_prefix(cluster).map(|rest| (*node, rest)))?;
+    let (login, hosts) = match rest.rsplit_once('@') {
+        Some((login, hosts)) => (format!("{login}@"), hosts),
+        None => (String::new(), rest),
+    };
+    Some(
+        hosts
+            .trim_end_matches('/')
+            .split(',')
+            .filter(|host| !host.is_empty())
+            .map(|host| format!("{scheme}{login}{host}/"))
+            .collect(),
+    )
+}
+
+/// The client of one node: `BOTLINE_REDIS_URL` (its user and password
+/// included), with the TLS files for a `rediss://` URL; for a cluster URL,
+/// its first node. An error names the setting at fault and never shows the
+/// password.
 pub fn client(process: &ProcessConfig) -> Result<Client, Error> {
     let url_error = |error| Error::config("BOTLINE_REDIS_URL", error);
-    let info = process
-        .redis_url
-        .as_str()
-        .into_connection_info()
-        .map_err(url_error)?;
+    let url = match cluster_nodes(&process.redis_url) {
+        Some(nodes) => nodes.into_iter().next().ok_or_else(|| {
+            Error::config("BOTLINE_REDIS_URL", "a redis+cluster:// URL names no node")
+        })?,
+        None => process.redis_url.clone(),
+    };
+    let info = url.as_str().into_connection_info().map_err(url_error)?;
     // No `CLIENT SETINFO` on connecting: Redis 7.0 does not know it, and an
     // ACL user need not be allowed it.
     let redis_settings = info.redis_settings().clone().set_skip_set_lib_name();
@@ -47,13 +82,66 @@ pub fn client(process: &ProcessConfig) -> Result<Client, Error> {
     Client::build_with_tls(info, process.redis_tls.certificates()?).map_err(url_error)
 }
 
-/// A pool of multiplexed connections from [`client`].
-pub fn pool(process: &ProcessConfig, size: usize) -> Result<Pool, Error> {
-    let info = client(process)?.get_connection_info().clone();
-    let manager = deadpool_redis::Manager::new(info)
-        .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))?;
-    Pool::builder(manager)
-        .config(deadpool_redis::PoolConfig {
+/// Where the streams live: one server, or a Redis Cluster.
+#[derive(Clone)]
+pub struct Redis {
+    /// The server, or the cluster's first node (the start check, pub/sub:
+    /// a cluster delivers every message published to every node).
+    pub node: Client,
+    /// The cluster's nodes as `BOTLINE_REDIS_URL` names them.
+    cluster: Option<Vec<redis::ConnectionInfo>>,
+    tls: Option<redis::TlsCertificates>,
+}
+
+impl Redis {
+    pub fn connect(process: &ProcessConfig) -> Result<Redis, Error> {
+        let node = client(process)?;
+        let url_error = |error| Error::config("BOTLINE_REDIS_URL", error);
+        let cluster = match cluster_nodes(&process.redis_url) {
+            None => None,
+            Some(nodes) => Some(
+                nodes
+                    .iter()
+                    .map(|url| {
+                        let info = url.as_str().into_connection_info().map_err(url_error)?;
+                        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+                        Ok(info.set_redis_settings(settings))
+                    })
+                    .collect::<Result<Vec<_>, Error>>()?,
+            ),
+        };
+        let tls = match node.get_connection_info().addr() {
+            ConnectionAddr::TcpTls { .. } if cluster.is_some() => {
+                Some(process.redis_tls.certificates()?)
+            }
+            _ => None,
+        };
+        Ok(Redis { node, cluster, tls })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    fn cluster_client(&self, response_timeout: Duration) -> Option<Result<ClusterClient, Error>> {
+        let nodes = self.cluster.as_ref()?;
+        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+            .connection_timeout(COMMAND_TIMEOUT)
+            .response_timeout(response_timeout)
+            .retries(3);
+        if let Some(certificates) = &self.tls {
+            builder = builder.certs(certificates.clone());
+        }
+        Some(
+            builder
+                .build()
+                .map_err(|error| Error::config("BOTLINE_REDIS_URL", error)),
+        )
+    }
+
+    /// A pool of connections for short commands.
+    pub fn pool(&self, size: usize) -> Result<Pool, Error> {
+        let config = deadpool_redis::PoolConfig {
             max_size: size,
             timeouts: deadpool_redis::Timeouts {
                 wait: Some(COMMAND_TIMEOUT),
@@ -61,10 +149,209 @@ pub fn pool(process: &ProcessConfig, size: usize) -> Result<Pool, Error> {
                 recycle: Some(COMMAND_TIMEOUT),
             },
             ..Default::default()
+        };
+        let pool_error = |error: &dyn std::fmt::Display| Error::config("BOTLINE_REDIS_URL", error.to_string());
+        match self.cluster_client(COMMAND_TIMEOUT) {
+            None => {
+                let manager =
+                    deadpool_redis::Manager::new(self.node.get_connection_info().clone())
+                        .map_err(|error| pool_error(&error))?;
+                deadpool_redis::Pool::builder(manager)
+                    .config(config)
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map(Pool::Node)
+                    .map_err(|error| pool_error(&error))
+            }
+            // The cluster client's connection is multiplexed over every node
+            // and reconnects by itself: one is shared, no pool is needed
+            // (deadpool-redis's cluster pool cannot take our timeouts and TLS).
+            Some(client) => Ok(Pool::Cluster {
+                shared: LazyCluster::new(client?),
+                redis: Box::new(self.clone()),
+            }),
+        }
+    }
+
+    /// One multiplexed connection for the hot path's short commands (acks,
+    /// claims, locks): commands from many tasks share it and are pipelined,
+    /// with no checkout round trip; it reconnects by itself.
+    pub fn commands(&self) -> Result<Connection, Error> {
+        if let Some(client) = self.cluster_client(COMMAND_TIMEOUT) {
+            return Ok(Connection::Lazy(LazyCluster::new(client?)));
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(3);
+        Ok(Connection::Managed(ConnectionManager::new_lazy_with_config(
+            self.node.clone(),
+            config,
+        )?))
+    }
+
+    /// A connection of its own for `XREADGROUP … BLOCK block`.
+    pub async fn blocking(&self, block: Duration) -> Result<Connection, Error> {
+        if let Some(client) = self.cluster_client(block + COMMAND_TIMEOUT) {
+            return Ok(Connection::Cluster(client?.get_async_connection().await?));
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(block + COMMAND_TIMEOUT));
+        Ok(Connection::Node(
+            self.node
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        ))
+    }
+}
+
+/// A pool of connections from [`Redis::pool`], for `BOTLINE_REDIS_URL`.
+pub fn pool(process: &ProcessConfig, size: usize) -> Result<Pool, Error> {
+    Redis::connect(process)?.pool(size)
+}
+
+/// Connections for short commands: a pool of them to one server, or the
+/// one multiplexed connection to a cluster.
+#[derive(Clone)]
+pub enum Pool {
+    Node(deadpool_redis::Pool),
+    Cluster {
+        shared: LazyCluster,
+        /// For connections of their own ([`detached_connection`]).
+        redis: Box<Redis>,
+    },
+}
+
+impl Pool {
+    pub async fn get(&self) -> Result<Pooled, Error> {
+        Ok(match self {
+            Pool::Node(pool) => Pooled::Node(pool.get().await?),
+            Pool::Cluster { shared, .. } => Pooled::Cluster(shared.get().await?),
         })
-        .runtime(deadpool_redis::Runtime::Tokio1)
-        .build()
-        .map_err(|error| Error::config("BOTLINE_REDIS_URL", error))
+    }
+}
+
+/// A connection out of a [`Pool`] (back in it when dropped).
+pub enum Pooled {
+    Node(deadpool_redis::Connection),
+    Cluster(ClusterConnection),
+}
+
+impl Pooled {
+    /// The multiplexed connection underneath, to share among concurrent commands.
+    pub fn shared(&self) -> Connection {
+        match self {
+            Pooled::Node(connection) => Connection::Node((**connection).clone()),
+            Pooled::Cluster(connection) => Connection::Cluster(connection.clone()),
+        }
+    }
+}
+
+impl ConnectionLike for Pooled {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Pooled::Node(connection) => connection.req_packed_command(cmd),
+            Pooled::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Pooled::Node(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Pooled::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Pooled::Node(connection) => connection.get_db(),
+            Pooled::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// A cluster connection made on first use (as a [`ConnectionManager`] is),
+/// so a binary starts while Redis is still coming up.
+#[derive(Clone)]
+pub struct LazyCluster {
+    client: ClusterClient,
+    connection: std::sync::Arc<tokio::sync::OnceCell<ClusterConnection>>,
+}
+
+impl LazyCluster {
+    fn new(client: ClusterClient) -> Self {
+        LazyCluster {
+            client,
+            connection: Default::default(),
+        }
+    }
+
+    async fn get(&self) -> redis::RedisResult<ClusterConnection> {
+        self.connection
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+/// A multiplexed connection: to one server (made directly, or kept up by a
+/// [`ConnectionManager`]), or to a cluster.
+#[derive(Clone)]
+pub enum Connection {
+    Node(MultiplexedConnection),
+    Managed(ConnectionManager),
+    Cluster(ClusterConnection),
+    Lazy(LazyCluster),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Node(connection) => connection.req_packed_command(cmd),
+            Connection::Managed(connection) => connection.req_packed_command(cmd),
+            Connection::Cluster(connection) => connection.req_packed_command(cmd),
+            Connection::Lazy(lazy) => Box::pin(async move {
+                let mut connection = lazy.get().await?;
+                connection.req_packed_command(cmd).await
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Node(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Connection::Managed(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            Connection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            Connection::Lazy(lazy) => Box::pin(async move {
+                let mut connection = lazy.get().await?;
+                connection.req_packed_commands(pipeline, offset, count).await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Node(connection) => connection.get_db(),
+            Connection::Managed(connection) => connection.get_db(),
+            Connection::Cluster(connection) => connection.get_db(),
+            Connection::Lazy(_) => 0,
+        }
+    }
 }
 
 /// Connect once and `PING`, at start. What Redis refuses (the user or the
@@ -193,45 +480,23 @@ fn io_error(error: &redis::RedisError) -> Option<&std::io::Error> {
     })
 }
 
-/// One multiplexed connection for the hot path's short commands (acks,
-/// claims, locks): commands from many tasks share it and are pipelined,
-/// with no checkout round trip; it reconnects by itself.
-pub fn commands(client: &Client) -> Result<redis::aio::ConnectionManager, Error> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(COMMAND_TIMEOUT))
-        .set_response_timeout(Some(COMMAND_TIMEOUT))
-        .set_number_of_retries(3);
-    Ok(redis::aio::ConnectionManager::new_lazy_with_config(
-        client.clone(),
-        config,
-    )?)
-}
-
-/// A connection of its own for `XREADGROUP … BLOCK block`.
-pub async fn blocking_connection(
-    client: &Client,
-    block: Duration,
-) -> Result<MultiplexedConnection, Error> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(COMMAND_TIMEOUT))
-        .set_response_timeout(Some(block + COMMAND_TIMEOUT));
-    Ok(client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?)
-}
-
 /// A connection of its own for blocking commands of up to `block`
 /// (`XREADGROUP … BLOCK`, `BLMOVE`), for code that has only the pool: one
 /// taken out of `pool` for good (the pool makes another when it needs
-/// one), its response timeout `block` + [`COMMAND_TIMEOUT`].
-pub async fn detached_connection(
-    pool: &Pool,
-    block: Duration,
-) -> Result<MultiplexedConnection, Error> {
-    let connection = pool.get().await?;
-    let mut connection = deadpool_redis::Connection::take(connection);
-    connection.set_response_timeout(block + COMMAND_TIMEOUT);
-    Ok(connection)
+/// one), or a new one to a cluster, its response timeout `block` +
+/// [`COMMAND_TIMEOUT`].
+pub async fn detached_connection(pool: &Pool, block: Duration) -> Result<Connection, Error> {
+    match pool {
+        Pool::Node(_) => match pool.get().await? {
+            Pooled::Node(connection) => {
+                let mut connection = deadpool_redis::Connection::take(connection);
+                connection.set_response_timeout(block + COMMAND_TIMEOUT);
+                Ok(Connection::Node(connection))
+            }
+            Pooled::Cluster(connection) => Ok(Connection::Cluster(connection)),
+        },
+        Pool::Cluster { redis, .. } => redis.blocking(block).await,
+    }
 }
 
 /// One stream entry as read: its id and fields, or `None` when its payload

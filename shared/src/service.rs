@@ -42,7 +42,7 @@ impl Service {
             .with_context(|| format!("{name}: bad settings"))?;
         let plumbing = Plumbing::connect(&process, &settings, telemetry.health.clone())
             .with_context(|| format!("{name}: bad settings"))?;
-        crate::redis_conn::check_at_start(&plumbing.client)
+        crate::redis_conn::check_at_start(&plumbing.client.node)
             .await
             .with_context(|| format!("{name}: bad environment"))?;
         let shutdown = telemetry::shutdown_on_signal();

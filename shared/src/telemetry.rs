@@ -186,7 +186,7 @@ pub struct GroupInfo {
 
 /// The groups of `stream` (none if it does not exist), with their oldest pending entry.
 pub async fn group_infos(
-    connection: &mut deadpool_redis::Connection,
+    connection: &mut crate::redis_conn::Pooled,
     stream: &str,
 ) -> Result<Vec<GroupInfo>, Error> {
     let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO")
@@ -253,7 +253,7 @@ fn parse_groups(reply: Value) -> Result<Vec<GroupInfo>, Error> {
 /// The id of the oldest entry of `stream` that `group` has not been given
 /// yet (time-based lag), if there is one.
 pub async fn first_undelivered_id(
-    connection: &mut deadpool_redis::Connection,
+    connection: &mut crate::redis_conn::Pooled,
     stream: &str,
     group: &GroupInfo,
 ) -> Result<Option<String>, Error> {

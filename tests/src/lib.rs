@@ -15,6 +15,7 @@ pub mod redis_start;
 pub mod sink;
 
 use botline_shared::testing::{free_port, wait_for, RedisServer};
+use futures_util::stream::StreamExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -232,6 +233,16 @@ impl Pipeline {
     /// [`Pipeline::start`] with more environment variables for every stage
     /// (platform secrets, say).
     pub fn start_with_env(redis: &RedisServer, overlay: &str, extra_env: &[(&str, &str)]) -> Self {
+        Self::start_on(redis.env(), overlay, extra_env)
+    }
+
+    /// [`Pipeline::start_with_env`] on the Redis that `redis_env` names
+    /// (`BOTLINE_REDIS_URL` and its TLS files): a cluster, say.
+    pub fn start_on(
+        redis_env: Vec<(String, String)>,
+        overlay: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "botline-e2e-{}-{}",
             std::process::id(),
@@ -245,7 +256,7 @@ impl Pipeline {
             http_port: free_port(),
             processes: Vec::new(),
             config,
-            redis_env: redis.env(),
+            redis_env,
             extra_env: extra_env
                 .iter()
                 .map(|(name, value)| (name.to_string(), value.to_string()))
@@ -460,6 +471,55 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// `count` messages over `chats` chats, each chat's in order, chats concurrently.
+pub async fn send_all(
+    client: &ApiClient,
+    prefix: &str,
+    count: usize,
+    chats: usize,
+    pause: Duration,
+) -> Vec<(String, String)> {
+    let per_chat: Vec<Vec<(String, String)>> = (0..chats)
+        .map(|chat| {
+            (0..count)
+                .filter(|n| n % chats == chat)
+                .map(|n| (format!("{prefix}-{n}"), format!("{prefix}-chat-{chat}")))
+                .collect()
+        })
+        .collect();
+    futures_util::stream::iter(per_chat.clone())
+        .for_each_concurrent(None, |messages| async move {
+            for (event_id, chat) in messages {
+                client
+                    .send(
+                        &event_id,
+                        &chat,
+                        &format!("hello, message {event_id}"),
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(pause).await;
+            }
+        })
+        .await;
+    per_chat.into_iter().flatten().collect()
+}
+
+pub fn assert_each_answered_once(sink: &sink::Sink, expected: usize) {
+    let replies = sink.replies_per_message();
+    assert_eq!(replies.len(), expected, "messages answered");
+    let twice: Vec<_> = replies.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "messages answered more than once: {twice:?}"
+    );
+    assert!(
+        sink.received().iter().all(|r| r.signature_ok),
+        "every request is signed"
+    );
 }
 
 #[cfg(test)]

@@ -10,8 +10,7 @@ use botline_shared::testing::{
     RedisServer,
 };
 use botline_tests::sink::Sink;
-use botline_tests::{ApiClient, Pipeline, WEBHOOK_SECRET};
-use futures_util::stream::{self, StreamExt};
+use botline_tests::{assert_each_answered_once, send_all, ApiClient, Pipeline, WEBHOOK_SECRET};
 use redis::Commands;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,55 +30,6 @@ async fn setup() -> (RedisServer, Sink, Pipeline, ApiClient) {
     pipeline.wait_ready(Duration::from_secs(60)).await;
     let client = ApiClient::new(&pipeline.base_url());
     (redis, sink, pipeline, client)
-}
-
-/// `count` messages over `chats` chats, each chat's in order, chats concurrently.
-async fn send_all(
-    client: &ApiClient,
-    prefix: &str,
-    count: usize,
-    chats: usize,
-    pause: Duration,
-) -> Vec<(String, String)> {
-    let per_chat: Vec<Vec<(String, String)>> = (0..chats)
-        .map(|chat| {
-            (0..count)
-                .filter(|n| n % chats == chat)
-                .map(|n| (format!("{prefix}-{n}"), format!("{prefix}-chat-{chat}")))
-                .collect()
-        })
-        .collect();
-    stream::iter(per_chat.clone())
-        .for_each_concurrent(None, |messages| async move {
-            for (event_id, chat) in messages {
-                client
-                    .send(
-                        &event_id,
-                        &chat,
-                        &format!("hello, message {event_id}"),
-                        Duration::from_secs(60),
-                    )
-                    .await
-                    .unwrap();
-                tokio::time::sleep(pause).await;
-            }
-        })
-        .await;
-    per_chat.into_iter().flatten().collect()
-}
-
-fn assert_each_answered_once(sink: &Sink, expected: usize) {
-    let replies = sink.replies_per_message();
-    assert_eq!(replies.len(), expected, "messages answered");
-    let twice: Vec<_> = replies.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(
-        twice.is_empty(),
-        "messages answered more than once: {twice:?}"
-    );
-    assert!(
-        sink.received().iter().all(|r| r.signature_ok),
-        "every request is signed"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,7 +118,7 @@ impl Relay {
     /// never sent (cancelled now if no holder had claimed it).
     async fn settle(
         &self,
-        waiting: &mut redis::aio::MultiplexedConnection,
+        waiting: &mut botline_shared::redis_conn::Connection,
         echo: &str,
     ) -> Result<Option<Sent>, Error> {
         let mut connection = self.pool.get().await?;

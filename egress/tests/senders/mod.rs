@@ -16,7 +16,7 @@ use axum::Router;
 use botline_egress::EgressSettings;
 use botline_shared::message::{Chat, ChatKind, DeadLetter, Priority, Receipt, Reply};
 use botline_shared::streams::Streams;
-use botline_shared::testing::{add_entry, read_stream, RedisServer};
+use botline_shared::testing::{add_entry, read_partitioned, RedisServer};
 use botline_shared::{codec, now_ms, Error};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -60,7 +60,8 @@ pub struct Egress {
 
 impl Egress {
     /// Egress with the settings `overlay` (TOML: the platform's table) and
-    /// the environment `env` (its secrets); fast backoff and claims.
+    /// the environment `env` (its secrets); fast backoff, retries and
+    /// takeovers.
     pub fn start(overlay: &str, env: &[(&str, &str)]) -> Egress {
         Self::try_start(overlay, env).unwrap()
     }
@@ -87,17 +88,19 @@ impl Egress {
         stop(self.shutdown, self.task).await;
     }
 
-    /// Put `reply` into `out:<its platform>`.
+    /// Put `reply` into `out:<its platform>` of its chat's partition.
     pub fn send(&self, reply: &Reply) {
+        let p = self.streams.partition_of(&reply.platform, &reply.chat.id);
         add_entry(
             &mut self.redis.connection(),
-            &self.streams.outbound(&reply.platform),
+            &self.streams.outbound(p, &reply.platform),
             &codec::encode(reply),
         );
     }
 
+    /// The receipts of every partition.
     pub fn receipts(&self) -> Vec<Receipt> {
-        read_stream(&mut self.redis.connection(), &self.streams.delivered())
+        read_partitioned(&mut self.redis.connection(), "delivered")
     }
 
     /// The receipts once there are at least `count`.
@@ -109,8 +112,9 @@ impl Egress {
         self.receipts()
     }
 
+    /// The dead letters of every partition.
     pub fn dead(&self) -> Vec<DeadLetter> {
-        read_stream(&mut self.redis.connection(), &self.streams.dead())
+        read_partitioned(&mut self.redis.connection(), "dead")
     }
 }
 
@@ -126,7 +130,7 @@ impl Replica {
     }
 }
 
-/// Egress on `redis` with fast backoff and claims and the settings
+/// Egress on `redis` with fast backoff, retries and takeovers and the settings
 /// `overlay`: its streams and its running stage.
 fn launch(
     redis: &RedisServer,
@@ -134,7 +138,7 @@ fn launch(
     env: &[(&str, &str)],
 ) -> Result<(Streams, Replica), Error> {
     let (settings, plumbing) = redis.plumbing(&format!(
-        "[runner]\nblock_ms = 100\nclaim_idle_ms = 1000\nclaim_interval_ms = 200\n\
+        "[runner]\nblock_ms = 100\nretry_ms = 1000\nlease_ttl_ms = 3000\n\
          [egress]\nbackoff_base_ms = 10\nbackoff_cap_ms = 50\n{overlay}"
     ));
     let egress = EgressSettings::from_settings(&settings)?;

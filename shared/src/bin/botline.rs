@@ -20,11 +20,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Every stream and group: length, lag, pending, ages, consumers.
+    /// Every stream and group over all partitions: length, lag, pending, ages, consumers.
     Status {
         /// List each group's consumers with their pending count and idle time.
         #[arg(long)]
         consumers: bool,
+        /// Each partition's streams too (full key names).
+        #[arg(long)]
+        partitions: bool,
         /// Redraw every SECS seconds until Ctrl-C.
         #[arg(long, value_name = "SECS")]
         watch: Option<u64>,
@@ -32,7 +35,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Entries of a stream (`in`, `q:normal`, `out:web`, `dead`, …) decoded to JSON.
+    /// Entries of a stream decoded to JSON: `in`, `q`, `out:web`, `dead`, … (every
+    /// partition's, in entry id order) or one partition's key (`{botline:p3}:in`).
     Peek {
         stream: String,
         /// How many entries.
@@ -50,7 +54,8 @@ enum Command {
         #[arg(long, value_name = "N")]
         last: Option<usize>,
     },
-    /// Copy a range of `in`, `q:*` or `out:*` into a stage's input, marked as a replay.
+    /// Copy a range of `in`, `q` or `out:*` into a stage's input, marked as a replay.
+    /// Each partition's entries go into the same partition's stream.
     Replay {
         stream: String,
         /// First entry: an id, an RFC 3339 time or an age like -10m.
@@ -102,6 +107,9 @@ enum DeadCommand {
         /// The dead letter's id in `dead`.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         id: Option<String>,
+        /// The partition whose `dead` holds it (needed when several hold that id).
+        #[arg(long, value_name = "N", conflicts_with = "all")]
+        partition: Option<u32>,
         /// Every dead letter (of --stage).
         #[arg(long)]
         all: bool,
@@ -139,12 +147,33 @@ async fn main() -> ExitCode {
         .map_err(OpsError::from)
         .and_then(|()| Ops::connect(&process))
     {
-        Ok(ops) => run(cli.command, &ops, &process).await,
+        Ok(ops) => match with_recorded_partitions(ops).await {
+            Ok(ops) => run(cli.command, &ops, &process).await,
+            Err(error) => Err(error),
+        },
         Err(error) => Err(error),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(error, &where_),
+    }
+}
+
+/// The deployment's partition count as its processes recorded it: with
+/// another (BOTLINE_CONFIG unset or elsewhere), every command would miss or
+/// invent partitions.
+async fn with_recorded_partitions(ops: Ops) -> Result<Ops, OpsError> {
+    let configured = ops.streams().partitions();
+    match ops.recorded_partitions().await? {
+        Some(recorded) if recorded != configured && recorded > 0 => {
+            eprintln!(
+                "botline: this deployment has {recorded} partitions ({{{}}}:partitions), \
+                 not {configured} as configured here: using {recorded}",
+                ops.streams().prefix()
+            );
+            Ok(ops.with_partitions(recorded))
+        }
+        _ => Ok(ops),
     }
 }
 
@@ -160,9 +189,10 @@ async fn run(command: Command, ops: &Ops, process: &ProcessConfig) -> Result<(),
     match command {
         Command::Status {
             consumers,
+            partitions,
             watch,
             json,
-        } => status(ops, consumers, watch, json).await,
+        } => status(ops, consumers, partitions, watch, json).await,
         Command::Peek {
             stream,
             count,
@@ -235,14 +265,15 @@ async fn run(command: Command, ops: &Ops, process: &ProcessConfig) -> Result<(),
 async fn status(
     ops: &Ops,
     consumers: bool,
+    partitions: bool,
     watch: Option<u64>,
     json: bool,
 ) -> Result<(), OpsError> {
     let show = |status: &ops::Status| {
         if json {
-            println!("{}", status.json());
+            println!("{}", status.json(partitions));
         } else {
-            print!("{}", status.table(consumers));
+            print!("{}", status.table(consumers, partitions));
         }
     };
     let Some(seconds) = watch else {
@@ -280,14 +311,26 @@ async fn dead(ops: &Ops, command: DeadCommand) -> Result<(), OpsError> {
             }
             Ok(())
         }
-        DeadCommand::Requeue { id: Some(id), .. } => match ops.dead_requeue(&id).await? {
+        DeadCommand::Requeue {
+            id: Some(id),
+            partition,
+            ..
+        } => match ops.dead_requeue(&id, partition).await? {
             RequeueOutcome::Requeued { stream, new_id } => {
-                println!(
-                    "requeued {id} onto {} as {new_id}",
-                    stream
-                );
+                println!("requeued {id} onto {stream} as {new_id}");
                 Ok(())
             }
+            RequeueOutcome::Ambiguous(partitions) => Err(OpsError::bad(
+                "<id>",
+                format!(
+                    "{id} is in the dead letters of partitions {}; say which with --partition",
+                    partitions
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
             RequeueOutcome::Gone => Err(OpsError::bad(
                 "<id>",
                 format!("{id} is not in dead (already requeued or purged?)"),

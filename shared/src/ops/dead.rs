@@ -7,6 +7,7 @@ use super::{age_ms, format_age, Ops, OpsError};
 use crate::codec;
 use crate::message::DeadLetter;
 use crate::redis_conn::{id_order, RawEntry};
+use crate::streams::Partition;
 use serde_json::{json, Value as Json};
 
 /// `XDEL` the dead entry; only if that deleted it, `XADD` the original fields.
@@ -20,7 +21,11 @@ return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
 /// One entry of `dead`, decoded as far as it goes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadEntry {
-    /// The entry's id in `dead`.
+    /// The `dead` stream it is in (`{botline:p3}:dead`).
+    pub dead: String,
+    /// That stream's partition.
+    pub partition: Option<Partition>,
+    /// The entry's id in `dead` (unique in its partition only).
     pub id: String,
     /// `None` when the entry is not a dead letter this build can read.
     pub letter: Option<DeadLetter>,
@@ -32,6 +37,9 @@ pub enum RequeueOutcome {
     Requeued { stream: String, new_id: String },
     /// Not in `dead` (any more): never there, purged, or requeued by someone else.
     Gone,
+    /// In several partitions' `dead` (ids are unique in a stream only):
+    /// these; nothing was requeued.
+    Ambiguous(Vec<Partition>),
     /// Left in `dead`: its body is not a dead letter, or it holds no fields.
     Unreadable(String),
 }
@@ -44,11 +52,13 @@ pub struct RequeueReport {
 }
 
 impl DeadEntry {
-    fn from_raw(entry: &RawEntry) -> DeadEntry {
+    fn from_raw(streams: &crate::streams::Streams, entry: &RawEntry) -> DeadEntry {
         let letter = entry.fields.as_ref().and_then(|fields| {
             codec::decode(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).ok()
         });
         DeadEntry {
+            dead: entry.stream.clone(),
+            partition: streams.short(&entry.stream).1,
             id: entry.id.clone(),
             letter,
         }
@@ -68,7 +78,10 @@ impl Ops {
     ) -> Result<Vec<DeadEntry>, OpsError> {
         let mut found = Vec::new();
         for p in self.streams.all() {
-            found.extend(self.dead_list_of(&self.streams.dead(p), count, stage).await?);
+            found.extend(
+                self.dead_list_of(&self.streams.dead(p), count, stage)
+                    .await?,
+            );
         }
         found.sort_by_key(|entry| std::cmp::Reverse(id_order(&entry.id)));
         found.truncate(count);
@@ -97,7 +110,7 @@ impl Ops {
             let batch = crate::redis_conn::parse_entries(dead, reply)?;
             let full = batch.len() == super::SCAN_BATCH;
             for entry in &batch {
-                let entry = DeadEntry::from_raw(entry);
+                let entry = DeadEntry::from_raw(&self.streams, entry);
                 if stage.is_none() || entry.stage() == stage {
                     found.push(entry);
                     if found.len() == count {
@@ -112,15 +125,40 @@ impl Ops {
         }
     }
 
-    /// Put dead letter `id` back where it came from.
-    pub async fn dead_requeue(&self, id: &str) -> Result<RequeueOutcome, OpsError> {
+    /// Put dead letter `id` (of `partition`'s `dead`; without it, of
+    /// whichever partition's holds that id, if only one does) back where
+    /// it came from.
+    pub async fn dead_requeue(
+        &self,
+        id: &str,
+        partition: Option<Partition>,
+    ) -> Result<RequeueOutcome, OpsError> {
+        if partition.is_some_and(|p| p >= self.streams.partitions()) {
+            return Err(OpsError::bad(
+                "--partition",
+                format!(
+                    "this deployment has {} partitions",
+                    self.streams.partitions()
+                ),
+            ));
+        }
+        let mut found = Vec::new();
         for p in self.streams.all() {
+            if partition.is_some_and(|wanted| wanted != p) {
+                continue;
+            }
             let dead = self.streams.dead(p);
             if let Some(entry) = self.range(&dead, id, id, 1).await?.pop() {
-                return self.requeue_entry(&dead, &DeadEntry::from_raw(&entry)).await;
+                found.push((p, dead, DeadEntry::from_raw(&self.streams, &entry)));
             }
         }
-        Ok(RequeueOutcome::Gone)
+        match found.as_slice() {
+            [] => Ok(RequeueOutcome::Gone),
+            [(_, dead, entry)] => self.requeue_entry(dead, entry).await,
+            _ => Ok(RequeueOutcome::Ambiguous(
+                found.iter().map(|(p, _, _)| *p).collect(),
+            )),
+        }
     }
 
     /// Put `entry` of the `dead` stream `dead` back (into the same partition).
@@ -139,12 +177,18 @@ impl Ops {
                 "the original entry's fields were deleted before it died".into(),
             ));
         }
+        // One script touches one partition's keys (one cluster slot), and
+        // a chat's entries belong to its partition.
+        let partition = self.streams.short(dead).1;
+        if partition.is_none() || self.streams.short(&letter.stream).1 != partition {
+            return Ok(RequeueOutcome::Unreadable(format!(
+                "its stream {} is not of the partition of {dead}",
+                letter.stream
+            )));
+        }
         let script = redis::Script::new(REQUEUE_SCRIPT);
         let mut script = script.prepare_invoke();
-        script
-            .key(dead)
-            .key(&letter.stream)
-            .arg(&entry.id);
+        script.key(dead).key(&letter.stream).arg(&entry.id);
         for (name, value) in &letter.fields {
             script.arg(name).arg(value.as_slice());
         }
@@ -165,7 +209,7 @@ impl Ops {
         for p in self.streams.all() {
             let dead = self.streams.dead(p);
             self.scan(&dead, "-", "+", |entry| {
-                let entry = DeadEntry::from_raw(&entry);
+                let entry = DeadEntry::from_raw(&self.streams, &entry);
                 if stage.is_none() || entry.stage() == stage {
                     entries.push((dead.clone(), entry));
                 }
@@ -173,12 +217,16 @@ impl Ops {
             })
             .await?;
         }
+        // Oldest first over every partition, as they died.
+        entries.sort_by_key(|(_, entry)| id_order(&entry.id));
         let mut report = RequeueReport::default();
         for (dead, entry) in &entries {
             match self.requeue_entry(dead, entry).await? {
                 RequeueOutcome::Requeued { .. } => report.requeued += 1,
                 RequeueOutcome::Gone => report.gone += 1,
                 RequeueOutcome::Unreadable(_) => report.unreadable += 1,
+                // One entry of one `dead` stream is never in two.
+                RequeueOutcome::Ambiguous(_) => report.gone += 1,
             }
         }
         Ok(report)
@@ -238,26 +286,28 @@ impl Ops {
 
 impl DeadEntry {
     pub fn json(&self) -> Json {
-        match &self.letter {
-            Some(letter) => {
-                let mut json = letter_json(letter);
-                json["id"] = json!(self.id);
-                json
-            }
-            None => json!({"id": self.id, "error": "not a dead letter this botline can read"}),
-        }
+        let mut json = match &self.letter {
+            Some(letter) => letter_json(letter),
+            None => json!({"error": "not a dead letter this botline can read"}),
+        };
+        json["id"] = json!(self.id);
+        json["dead"] = json!(self.dead);
+        json["partition"] = json!(self.partition);
+        json
     }
 }
 
-/// A table of dead letters: id, age, stage, stream, deliveries, error.
+/// A table of dead letters: id, partition, age, stage, stream, deliveries, error.
 pub fn dead_table(entries: &[DeadEntry], streams: &crate::streams::Streams) -> String {
-    let mut out = String::from("ID  AGE  STAGE  STREAM  DELIVERIES  ERROR\n");
+    let mut out = String::from("ID  PARTITION  AGE  STAGE  STREAM  DELIVERIES  ERROR\n");
     for entry in entries {
         let age = age_ms(&entry.id).map_or("-".into(), format_age);
+        let partition = entry.partition.map_or("-".into(), |p| p.to_string());
         match &entry.letter {
             Some(letter) => out.push_str(&format!(
-                "{}  {}  {}  {}  {}  {}\n",
+                "{}  {}  {}  {}  {}  {}  {}\n",
                 entry.id,
+                partition,
                 age,
                 letter.stage,
                 streams.short(&letter.stream).0,
@@ -265,8 +315,8 @@ pub fn dead_table(entries: &[DeadEntry], streams: &crate::streams::Streams) -> S
                 letter.error.replace('\n', " ")
             )),
             None => out.push_str(&format!(
-                "{}  {}  ?  ?  ?  (unreadable entry)\n",
-                entry.id, age
+                "{}  {}  {}  ?  ?  ?  (unreadable entry)\n",
+                entry.id, partition, age
             )),
         }
     }

@@ -181,9 +181,9 @@ impl Ops {
             cursor = next;
         }
         // Only this deployment's partitions: `p*` matches more than numbers.
-        keys.retain(|key| {
-            matches!(self.streams.short(key), (_, Some(p)) if p < self.streams.partitions())
-        });
+        keys.retain(
+            |key| matches!(self.streams.short(key), (_, Some(p)) if p < self.streams.partitions()),
+        );
         keys.sort_by_key(|key| {
             let (name, p) = self.streams.short(key);
             (name.to_string(), p)

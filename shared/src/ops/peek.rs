@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value as Json};
 pub enum Kind {
     /// `in`
     Message,
-    /// `q:*`
+    /// `q`
     Classified,
     /// `out:*`
     Reply,
@@ -26,7 +26,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// From the short name (`in`, `q:normal`, …); `None` for keys that are
+    /// From the short name (`in`, `q`, …); `None` for keys that are
     /// not streams of records.
     pub fn of(short: &str) -> Option<Kind> {
         let head = short.split(':').next().unwrap_or(short);
@@ -63,7 +63,9 @@ pub enum PeekRange {
 }
 
 impl Ops {
-    /// Entries of `stream` (short or full name) as JSON, oldest first.
+    /// Entries of `stream` as JSON, oldest first: of one partition's
+    /// stream if named in full, else of every partition's, merged in entry
+    /// id order (each entry's `partition` says whose).
     pub async fn peek(&self, stream: &str, range: &PeekRange) -> Result<Vec<Json>, OpsError> {
         let mut entries = Vec::new();
         let mut short = String::new();
@@ -84,7 +86,13 @@ impl Ops {
         }
         Ok(entries
             .iter()
-            .map(|entry| decode_entry(&self.streams, &short, entry))
+            .map(|entry| {
+                let mut json = decode_entry(&self.streams, &short, entry);
+                if let Some(p) = self.streams.short(&entry.stream).1 {
+                    json["partition"] = json!(p);
+                }
+                json
+            })
             .collect())
     }
 }
@@ -193,7 +201,7 @@ mod tests {
     fn kinds_follow_stream_names() {
         for (short, kind) in [
             ("in", Some(Kind::Message)),
-            ("q:urgent", Some(Kind::Classified)),
+            ("q", Some(Kind::Classified)),
             ("out:web", Some(Kind::Reply)),
             ("delivered", Some(Kind::Receipt)),
             ("dead", Some(Kind::Dead)),

@@ -14,7 +14,7 @@ use crate::redis_conn::{id_order, RawEntry};
 
 #[derive(Debug, Clone, Default)]
 pub struct ReplayRequest {
-    /// Short or full name of the stream to copy from (`in`, `q:*`, `out:*`).
+    /// Short or full name of the stream to copy from (`in`, `q`, `out:*`).
     pub stream: String,
     /// Range bounds as given: ids, RFC 3339 times or ages (`-10m`).
     pub from: String,
@@ -41,14 +41,35 @@ pub struct ReplayReport {
 }
 
 impl Ops {
-    /// Copies each partition's range into the same partition's `into`
-    /// (a chat stays in its partition), or one full key into another.
+    /// Copies each partition's range into the same partition's `into`:
+    /// a chat stays in its partition. A source named in full (one
+    /// partition) goes into that partition's `into`, named short or in
+    /// full; a source named short (every partition) needs `into` short.
     pub async fn replay(&self, request: &ReplayRequest) -> Result<ReplayReport, OpsError> {
         let sources = self.resolve(&request.stream);
-        let intos = self.resolve(request.into.as_deref().unwrap_or(&request.stream));
         let short = |key: &str| self.streams.short(key).0.to_string();
         let kind = replayable(&short(&sources[0]), "<stream>")?;
-        let into_kind = replayable(&short(&intos[0]), "--into")?;
+        let intos = match &request.into {
+            None => sources.clone(),
+            Some(into) => {
+                let mut intos = self.resolve(into);
+                if sources.len() == 1 && intos.len() > 1 {
+                    // The source's partition of a stream named short.
+                    let p = self.streams.short(&sources[0]).1;
+                    intos.retain(|key| self.streams.short(key).1 == p);
+                }
+                intos
+            }
+        };
+        let into_kind = match intos.first() {
+            Some(into) => replayable(&short(into), "--into")?,
+            None => {
+                return Err(OpsError::bad(
+                    "--into",
+                    format!("{} is no partition's stream", sources[0]),
+                ))
+            }
+        };
         if into_kind != kind {
             return Err(OpsError::bad(
                 "--into",
@@ -64,9 +85,26 @@ impl Ops {
         if sources.len() != intos.len() {
             return Err(OpsError::bad(
                 "--into",
-                "name both streams short (every partition) or both in full (one partition each)",
+                "a stream of every partition (named short) goes into one of every partition: \
+                 name --into short too",
             ));
         }
+        for (source, into) in sources.iter().zip(&intos) {
+            let (from, to) = (self.streams.short(source).1, self.streams.short(into).1);
+            if from != to {
+                return Err(OpsError::bad(
+                    "--into",
+                    format!(
+                        "{into} is in another partition than {source}: its chats would be \
+                         handled out of their partition"
+                    ),
+                ));
+            }
+        }
+        // Once for every partition, so `-10m` means the same everywhere.
+        let now = crate::now_ms();
+        let from = parse_bound("--from", &request.from, End::Start, now)?;
+        let to = parse_bound("--to", &request.to, End::Stop, now)?;
         let mut report = ReplayReport {
             into: if intos.len() == 1 {
                 intos[0].clone()
@@ -76,23 +114,22 @@ impl Ops {
             ..ReplayReport::default()
         };
         for (source, into) in sources.iter().zip(&intos) {
-            self.replay_one(request, kind, source, into, &mut report)
+            self.replay_one(request, kind, (source, &from, &to), into, &mut report)
                 .await?;
         }
         Ok(report)
     }
 
+    /// Replays `source` from `from` to `to` into `into`.
     async fn replay_one(
         &self,
         request: &ReplayRequest,
         kind: Kind,
-        source: &str,
+        (source, from, to): (&str, &str, &str),
         into: &str,
         report: &mut ReplayReport,
     ) -> Result<(), OpsError> {
-        let now = crate::now_ms();
-        let from = parse_bound("--from", &request.from, End::Start, now)?;
-        let mut to = parse_bound("--to", &request.to, End::Stop, now)?;
+        let mut to = to.to_string();
         // Never past the stream's end as it is now: copies into the same
         // stream land after it and must not be copied again.
         match self.last(source, 1).await?.first() {
@@ -101,7 +138,7 @@ impl Ops {
             Some(_) => {}
         }
         let mut copies: Vec<Fields> = Vec::new();
-        self.scan(source, &from, &to, |entry| {
+        self.scan(source, from, &to, |entry| {
             match copy(kind, &entry, request.chat.as_deref()) {
                 Ok(Some(fields)) => {
                     report.matched += 1;

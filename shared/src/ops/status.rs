@@ -148,7 +148,8 @@ impl GroupStatus {
         if id_order(&other.last_delivered_id) > id_order(&self.last_delivered_id) {
             self.last_delivered_id = other.last_delivered_id.clone();
         }
-        self.oldest_pending_age_ms = oldest(self.oldest_pending_age_ms, other.oldest_pending_age_ms);
+        self.oldest_pending_age_ms =
+            oldest(self.oldest_pending_age_ms, other.oldest_pending_age_ms);
         self.oldest_undelivered_age_ms = oldest(
             self.oldest_undelivered_age_ms,
             other.oldest_undelivered_age_ms,

@@ -109,7 +109,7 @@ impl AckCall {
 
     pub async fn run(
         mut self,
-        connection: &mut redis::aio::ConnectionManager,
+        connection: &mut crate::redis_conn::Connection,
     ) -> Result<Acked, Error> {
         self.args[2] = self.entries.to_string().into_bytes();
         let mut invocation = scripts::ACK.prepare_invoke();

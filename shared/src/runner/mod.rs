@@ -184,9 +184,10 @@ pub struct Fence {
 /// What a runner needs from outside: connections, names and settings.
 #[derive(Clone)]
 pub struct Plumbing {
-    pub client: redis::Client,
+    /// Where the streams live: one server, or a cluster.
+    pub client: redis_conn::Redis,
     /// Short commands of the hot path (acks, claims, locks), multiplexed.
-    pub commands: redis::aio::ConnectionManager,
+    pub commands: redis_conn::Connection,
     /// Everything else.
     pub pool: Pool,
     pub streams: Streams,
@@ -206,11 +207,11 @@ impl Plumbing {
     ) -> Result<Self, Error> {
         let runner: RunnerSettings = settings.section("runner")?;
         runner.validate()?;
-        let client = redis_conn::client(process)?;
+        let client = redis_conn::Redis::connect(process)?;
         Ok(Plumbing {
-            commands: redis_conn::commands(&client)?,
+            commands: client.commands()?,
+            pool: client.pool(16)?,
             client,
-            pool: redis_conn::pool(process, 16)?,
             streams: process.streams(settings)?,
             runner,
             stream_settings: settings.section("streams")?,

@@ -171,7 +171,7 @@ impl Ownership {
             })
             .collect();
         // Each in its own partition's slot; all at once over one connection.
-        let multiplexed: redis::aio::MultiplexedConnection = (*connection).clone();
+        let multiplexed = connection.shared();
         let renewed: Vec<i64> = futures_util::future::try_join_all(renewals.iter().map(|renewal| {
             let mut connection = multiplexed.clone();
             async move { renewal.invoke_async(&mut connection).await }
@@ -187,11 +187,19 @@ impl Ownership {
                 let _ = self.changes.send(Change::Lost(p));
             }
         }
-        let mut owners = redis::pipe();
-        for p in self.streams.all() {
-            owners.get(self.streams.owner(p, self.group));
-        }
-        let owners: Vec<Option<String>> = owners.query_async(&mut connection).await?;
+        // Every partition's owner key is in a slot of its own: one GET each, at once.
+        let owners: Vec<Option<String>> =
+            futures_util::future::try_join_all(self.streams.all().map(|p| {
+                let mut connection = multiplexed.clone();
+                let key = self.streams.owner(p, self.group);
+                async move {
+                    redis::cmd("GET")
+                        .arg(key)
+                        .query_async::<Option<String>>(&mut connection)
+                        .await
+                }
+            }))
+            .await?;
         // A key with our name that we do not know of: an earlier run of this
         // consumer (same name, same pending entries) held it. Take it back.
         for (p, owner) in self.streams.all().zip(&owners) {

@@ -7,7 +7,6 @@ use crate::redis_conn::{self, id_order, Pool, RawEntry};
 use crate::scripts;
 use crate::streams::Partition;
 use crate::Error;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,8 +31,8 @@ pub struct Reader {
     pub inputs: Vec<String>,
     pub group: &'static str,
     pub consumer: String,
-    pub client: redis::Client,
-    pub commands: redis::aio::ConnectionManager,
+    pub client: redis_conn::Redis,
+    pub commands: redis_conn::Connection,
     pub batch_size: usize,
     pub block: Duration,
     /// One permit per entry the owner may hold unacknowledged.
@@ -65,7 +64,7 @@ impl Reader {
     }
 
     async fn read_until_stopped(&self) -> Result<(), Error> {
-        let mut connection = redis_conn::blocking_connection(&self.client, self.block).await?;
+        let mut connection = self.client.blocking(self.block).await?;
         for input in &self.inputs {
             self.take_pending(input).await?;
         }
@@ -125,7 +124,7 @@ impl Reader {
     /// New entries of every input, blocking until one has some.
     async fn read_new(
         &self,
-        connection: &mut MultiplexedConnection,
+        connection: &mut redis_conn::Connection,
         count: usize,
     ) -> Result<Vec<RawEntry>, Error> {
         let mut cmd = redis::cmd("XREADGROUP");
@@ -225,7 +224,7 @@ impl Reader {
 /// How many times each of `entries` (of one stream, in stream order) has
 /// been delivered to `consumer` (`XPENDING … IDLE` gives it).
 async fn delivery_counts(
-    connection: &mut redis::aio::ConnectionManager,
+    connection: &mut redis_conn::Connection,
     stream: &str,
     group: &str,
     consumer: &str,

@@ -236,9 +236,11 @@ async fn main() {
             // partition: each message to its chat's partition's `in`),
             // without HTTP in front.
             let inbox = Inbox {
-                pool: deadpool_redis::Config::from_url(redis.url())
-                    .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-                    .expect("redis pool"),
+                pool: botline_shared::redis_conn::Pool::Node(
+                    deadpool_redis::Config::from_url(redis.url())
+                        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+                        .expect("redis pool"),
+                ),
                 streams: streams.clone(),
                 dedup_ttl_ms: 0,
                 transcript_max_len: 0,

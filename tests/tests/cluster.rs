@@ -1,0 +1,77 @@
+//! The whole pipeline on a real three-master Redis Cluster on loopback
+//! (`BOTLINE_REDIS_URL=redis+cluster://…`): every message answered once, in
+//! order per chat, with `kill -9` of each stage in the middle; the
+//! partitions' keys spread over every master, each script in one slot.
+
+use botline_shared::testing::{partitioned, wait_for, RedisCluster};
+use botline_tests::sink::Sink;
+use botline_tests::{assert_each_answered_once, send_all, ApiClient, Pipeline, WEBHOOK_SECRET};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+const FAST: &str = "[runner]\nblock_ms = 200\nlease_ttl_ms = 3000\n";
+
+/// Each chat's replies answer its messages in the order they arrived: a
+/// chat's messages are sent one after another, milliseconds apart, so their
+/// ids (ULIDs, time first) rise.
+fn assert_in_order_per_chat(sink: &Sink) {
+    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
+    for reply in sink.received() {
+        per_chat.entry(reply.chat).or_default().push(reply.in_reply_to);
+    }
+    for (chat, answered) in per_chat {
+        let mut sorted = answered.clone();
+        sorted.sort();
+        assert_eq!(answered, sorted, "replies of {chat} out of order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_every_message_is_answered_once_in_order_through_kill_nine_of_each_stage() {
+    let cluster = RedisCluster::start();
+    let sink = Sink::start(WEBHOOK_SECRET).await;
+    let overlay = format!("{FAST}[egress.webhook]\nurl = \"{}\"\n", sink.url);
+    let mut pipeline = Pipeline::start_on(cluster.env(), &overlay, &[]);
+    pipeline.wait_ready(Duration::from_secs(60)).await;
+    let client = ApiClient::new(&pipeline.base_url());
+    const COUNT: usize = 300;
+
+    let sender = tokio::spawn({
+        let client = client.clone();
+        async move { send_all(&client, "c", COUNT, 12, Duration::from_millis(15)).await }
+    });
+    for (round, stage) in ["classify", "respond", "egress", "ingest"]
+        .into_iter()
+        .enumerate()
+    {
+        let progress = (round + 1) * COUNT / 6;
+        wait_for("progress before the next kill", Duration::from_secs(60), || {
+            sink.count() >= progress
+        })
+        .await;
+        let process = pipeline.stage(stage);
+        process.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        process.start_again();
+    }
+    sender.await.unwrap();
+    wait_for("every reply", Duration::from_secs(90), || {
+        sink.replies_per_message().len() == COUNT
+    })
+    .await;
+    assert_each_answered_once(&sink, COUNT);
+    assert_in_order_per_chat(&sink);
+
+    // The partitions' streams are spread over the masters.
+    let mut holders = BTreeSet::new();
+    for key in partitioned("in") {
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&key)
+            .query(&mut cluster.node(cluster.ports()[0]).connection())
+            .unwrap();
+        holders.insert(cluster.master_of_slot(slot));
+    }
+    assert_eq!(holders.len(), 3, "partitions on every master: {holders:?}");
+    drop(pipeline);
+}
