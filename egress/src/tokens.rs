@@ -62,7 +62,7 @@ impl TokenCache {
     {
         let key = self.streams.token(name);
         let lock = format!("{key}:lock");
-        let mut connection = self.pool.get().await.map_err(Error::from)?;
+        let mut connection = self.pool.get().await?;
         let give_up = Instant::now() + FETCH_LOCK;
         loop {
             if let Some(token) = connection.get::<_, Option<String>>(&key).await? {

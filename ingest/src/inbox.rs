@@ -13,7 +13,7 @@ use botline_shared::config::StreamSettings;
 use botline_shared::message::{Turn, UnifiedMessage};
 use botline_shared::redis_conn::Pool;
 use botline_shared::streams::{Partition, Streams};
-use redis::{ErrorKind, ServerErrorKind, Value};
+use redis::Value;
 use std::sync::LazyLock;
 
 /// `ingest/lua/accept.lua`: messages of one partition into its `in`.
@@ -85,11 +85,7 @@ impl Inbox {
         }
         let redis_error =
             |error: botline_shared::Error| IngestError::from_redis(error, self.retry_after_secs);
-        let pooled = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| redis_error(error.into()))?;
+        let pooled = self.pool.get().await.map_err(redis_error)?;
         // One multiplexed connection: the partitions' scripts go out at once.
         let connection = pooled.shared();
         let invocations: Vec<_> = by_partition

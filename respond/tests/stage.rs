@@ -7,8 +7,8 @@ use botline_shared::message::{
 use botline_shared::runner::Plumbing;
 use botline_shared::streams::Streams;
 use botline_shared::testing::{
-    add_entry, partitioned, partitioned_len, read_partitioned, read_stream, sample_message,
-    wait_for, RedisServer,
+    add_entry, partitioned_len, read_partitioned, read_stream, sample_message, wait_for,
+    RedisServer,
 };
 use redis::Commands;
 use std::time::Duration;

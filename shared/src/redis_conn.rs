@@ -280,14 +280,14 @@ impl ConnectionLike for Pooled {
 /// so a binary starts while Redis is still coming up.
 #[derive(Clone)]
 pub struct LazyCluster {
-    client: ClusterClient,
+    client: std::sync::Arc<ClusterClient>,
     connection: std::sync::Arc<tokio::sync::OnceCell<ClusterConnection>>,
 }
 
 impl LazyCluster {
     fn new(client: ClusterClient) -> Self {
         LazyCluster {
-            client,
+            client: std::sync::Arc::new(client),
             connection: Default::default(),
         }
     }

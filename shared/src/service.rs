@@ -42,6 +42,11 @@ impl Service {
             .with_context(|| format!("{name}: bad settings"))?;
         let plumbing = Plumbing::connect(&process, &settings, telemetry.health.clone())
             .with_context(|| format!("{name}: bad settings"))?;
+        info!(
+            message = "redis",
+            cluster = plumbing.client.is_cluster(),
+            partitions = plumbing.streams.partitions()
+        );
         crate::redis_conn::check_at_start(&plumbing.client.node)
             .await
             .with_context(|| format!("{name}: bad environment"))?;

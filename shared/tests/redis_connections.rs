@@ -53,13 +53,13 @@ async fn start_check_url(env: &[(String, String)], url: String) -> Result<(), St
 async fn every_connection_works(env: &[(String, String)]) {
     let process = process(env);
     start_check(env).await.unwrap();
-    let client = redis_conn::client(&process).unwrap();
-    let pool = redis_conn::pool(&process, 2).unwrap();
+    let client = redis_conn::Redis::connect(&process).unwrap();
+    let pool = client.pool(2).unwrap();
     let mut pooled = pool.get().await.unwrap();
     let _: () = redis::cmd("SET")
         .arg("{botline}:k")
         .arg("v")
-        .query_async(&mut *pooled)
+        .query_async(&mut pooled)
         .await
         .unwrap();
     drop(pooled);
@@ -67,16 +67,14 @@ async fn every_connection_works(env: &[(String, String)]) {
     let mut pooled = pool.get().await.unwrap();
     let value: String = redis::cmd("GET")
         .arg("{botline}:k")
-        .query_async(&mut *pooled)
+        .query_async(&mut pooled)
         .await
         .unwrap();
     assert_eq!(value, "v");
-    let mut commands = redis_conn::commands(&client).unwrap();
+    let mut commands = client.commands().unwrap();
     let pong: String = redis::cmd("PING").query_async(&mut commands).await.unwrap();
     assert_eq!(pong, "PONG");
-    let mut blocking = redis_conn::blocking_connection(&client, Duration::from_millis(200))
-        .await
-        .unwrap();
+    let mut blocking = client.blocking(Duration::from_millis(200)).await.unwrap();
     let nothing: redis::Value = redis::cmd("XREAD")
         .arg("BLOCK")
         .arg(200)
@@ -87,6 +85,16 @@ async fn every_connection_works(env: &[(String, String)]) {
         .await
         .unwrap();
     assert_eq!(nothing, redis::Value::Nil);
+}
+
+#[tokio::test]
+async fn every_connection_works_on_a_cluster() {
+    let cluster = botline_shared::testing::RedisCluster::start();
+    let env = cluster.env();
+    assert!(env[0].1.starts_with("redis+cluster://127.0.0.1:"), "{env:?}");
+    let process = process(&env);
+    assert!(redis_conn::Redis::connect(&process).unwrap().is_cluster());
+    every_connection_works(&env).await;
 }
 
 #[tokio::test]

@@ -6,11 +6,9 @@
 //! and messages keep flowing. Reverse: the implementation connects to
 //! ingest; a wrong token is refused with 401 and counted.
 
-use botline_shared::streams::Streams;
 use botline_shared::testing::{wait_for, RedisServer};
 use botline_tests::onebot::{private_message, OneBot, SELF_ID};
 use botline_tests::{metric_value, Pipeline};
-use redis::Commands;
 use std::time::Duration;
 
 const TOKEN: &str = "kSLuTF2GC2Q4q4ugm3";

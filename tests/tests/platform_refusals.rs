@@ -5,7 +5,6 @@
 //! `in`, and the configured secrets appear in no log, no metric and no
 //! stream entry.
 
-use botline_shared::streams::Streams;
 use botline_shared::testing::RedisServer;
 use botline_tests::Pipeline;
 use hmac::{Hmac, Mac};

@@ -5,7 +5,6 @@
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use botline_shared::streams::Streams;
 use botline_shared::testing::{wait_for, RedisServer};
 use botline_tests::Pipeline;
 use serde_json::{json, Value};

@@ -72,13 +72,27 @@ struct Owned<T> {
     in_stage: usize,
     window: Arc<Semaphore>,
     stop_reading: CancellationToken,
-    /// Being given up: nothing more is handed out.
+    /// Being given up to another consumer: nothing more is handed out (what
+    /// was read and not started stays pending for the next owner, who takes
+    /// it before anything new).
     releasing: bool,
+    /// Shutting down: nothing more is read, what was read is finished.
+    draining: bool,
 }
 
 impl<T> Owned<T> {
     fn idle(&self) -> bool {
         self.in_stage == 0 && self.finished.is_empty() && !self.acking
+    }
+
+    /// Nothing in hand but chats waiting for a retry.
+    fn drained(&self) -> bool {
+        self.idle() && self.ready.iter().all(VecDeque::is_empty)
+    }
+
+    /// Whether it can be given up now.
+    fn done(&self) -> bool {
+        (self.releasing && self.idle()) || (self.draining && self.drained())
     }
 }
 
@@ -157,19 +171,22 @@ pub async fn run<S: Stage>(
     let mut deadline: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() && deadline.is_none() {
-            info!(message = "stopping: finishing the messages in hand", stage = group);
+            info!(message = "stopping: finishing the messages read, then giving the partitions up", stage = group);
             deadline = Some(Instant::now() + plumbing.runner.shutdown_deadline());
             for owned in dispatcher.owned.values_mut() {
-                owned.releasing = true;
+                owned.draining = true;
                 owned.stop_reading.cancel();
             }
         }
-        if deadline.is_some() && dispatcher.owned.values().all(Owned::idle) {
-            break;
-        }
         dispatcher.hand_out();
         dispatcher.acknowledge();
-        let wake = dispatcher.next_wake().or(deadline);
+        if deadline.is_some() && dispatcher.owned.is_empty() {
+            break;
+        }
+        let wake = match (dispatcher.next_wake(), deadline) {
+            (Some(next), Some(deadline)) => Some(next.min(deadline)),
+            (next, deadline) => next.or(deadline),
+        };
         tokio::select! {
             _ = shutdown.cancelled(), if deadline.is_none() => {}
             _ = sleep_until(wake) => {
@@ -258,6 +275,7 @@ impl<S: Stage> Dispatcher<'_, S> {
                 window,
                 stop_reading,
                 releasing: false,
+                draining: false,
             },
         );
     }
@@ -586,7 +604,7 @@ impl<S: Stage> Dispatcher<'_, S> {
         let mut given_up = Vec::new();
         for (p, owned) in self.owned.iter_mut() {
             if owned.acking || owned.finished.is_empty() || owned.ack_again_at.is_some() {
-                if owned.releasing && owned.idle() {
+                if owned.done() {
                     given_up.push(*p);
                 }
                 continue;

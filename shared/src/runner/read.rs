@@ -90,12 +90,12 @@ impl Reader {
         }
     }
 
-    /// Up to a batch's worth of the window's free permits, taken now.
+    /// The rest of the window's free permits, taken now: a read takes as
+    /// much as the window has room for, so what waits at the end of a
+    /// backlog (an urgent message) is in hand early, and a backlog is read
+    /// in few commands.
     fn take_more_permits(&self) -> usize {
-        let more = self
-            .window
-            .available_permits()
-            .min(self.batch_size.saturating_sub(1));
+        let more = self.window.available_permits();
         if more > 0 {
             if let Ok(permits) = self.window.try_acquire_many(more as u32) {
                 permits.forget();
