@@ -346,6 +346,37 @@ impl Pipeline {
     }
 
     /// Every process's log, for a failing test.
+    /// Wait until the running consumers of each stage share its
+    /// `partitions` (as they report them), each owning some when there are
+    /// no more of them than partitions: a scaled stage is balanced.
+    pub async fn wait_balanced(&self, partitions: u32, within: Duration) {
+        let deadline = Instant::now() + within;
+        for stage in ["classify", "respond", "egress"] {
+            let series = format!("botline_stage_partitions_owned{{stage=\"{stage}\"}}");
+            loop {
+                let running: Vec<&StageProcess> = self
+                    .processes
+                    .iter()
+                    .filter(|p| p.stage == stage && p.is_running())
+                    .collect();
+                let mut owned = Vec::new();
+                for process in &running {
+                    owned.push(process.metric(&series).await.unwrap_or(0.0));
+                }
+                let total: f64 = owned.iter().sum();
+                let everyone = running.len() > partitions as usize || owned.iter().all(|n| *n > 0.0);
+                if total == f64::from(partitions) && everyone {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{stage}: partitions owned {owned:?}, not balanced over {partitions}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
     pub fn logs(&self) -> String {
         self.processes
             .iter()

@@ -45,25 +45,7 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
     }
     pipeline.wait_ready(Duration::from_secs(60)).await;
     // The consumers share the partitions before the messages come.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    for process in pipeline
-        .processes
-        .iter()
-        .filter(|p| p.stage == "respond" || p.stage == "egress")
-    {
-        let series = format!(
-            "botline_stage_partitions_owned{{stage=\"{}\"}}",
-            process.stage
-        );
-        while process.metric(&series).await.unwrap_or(0.0) == 0.0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} never got a partition",
-                process.stage
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    pipeline.wait_balanced(16, Duration::from_secs(30)).await;
     let client = ApiClient::new(&pipeline.base_url());
 
     // Each chat's messages one after another, the chats all at once.

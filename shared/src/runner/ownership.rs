@@ -1,6 +1,6 @@
 //! Who owns which partition, among one stage's consumers.
 //!
-//! Every third of `lease_ttl_ms` each consumer announces itself in the
+//! Every second (or third of `lease_ttl_ms`, if less) each consumer announces itself in the
 //! group's member set (`shared/lua/members.lua`: live members and their
 //! expiry, by Redis's clock), reads every partition's owner key
 //! (`{botline:pK}:owner:<group>`, a consumer name under a lease), renews the
@@ -104,7 +104,9 @@ impl Ownership {
         }
         let mut held = BTreeSet::new();
         let mut releasing = BTreeSet::new();
-        let mut tick = tokio::time::interval(self.lease / 3);
+        // At most a second apart: a consumer that joins gets its share
+        // within a few ticks of the others'.
+        let mut tick = tokio::time::interval((self.lease / 3).min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

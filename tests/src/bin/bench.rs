@@ -223,6 +223,10 @@ async fn main() {
     }
     pipeline.wait_ready(Duration::from_secs(60)).await;
     let streams = streams_of(&overlay);
+    // Scaled stages share their partitions before the clock starts.
+    pipeline
+        .wait_balanced(streams.partitions(), Duration::from_secs(60))
+        .await;
     let client = redis.client();
 
     eprintln!(
