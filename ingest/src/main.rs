@@ -25,6 +25,16 @@ async fn main() -> anyhow::Result<()> {
     botline_shared::redis_conn::check_at_start(&ingest.client)
         .await
         .context("ingest: bad environment")?;
+    // The previous (single-stream) layout's unfinished entries would never
+    // be handled: `botline migrate` first. Redis not answering yet is only
+    // logged, as above.
+    match botline_shared::ops::refuse_old_layout(&ingest.pool, ingest.streams.prefix()).await {
+        Err(error @ botline_shared::Error::Config { .. }) => {
+            return Err(error).context("ingest: the previous layout is not migrated")
+        }
+        Err(error) => tracing::warn!(message = "could not look for the previous layout", %error),
+        Ok(()) => {}
+    }
     let shutdown = telemetry::shutdown_on_signal();
     let health =
         telemetry::health_router(telemetry.health, ingest.pool.clone(), telemetry.prometheus);

@@ -454,7 +454,9 @@ async fn a_stopped_consumer_gives_its_partitions_up_and_the_other_handles_its_pe
     slow.delay = Duration::from_millis(100);
     slow.max_run = 1;
     slow.max_in_flight = 1;
-    let a = start(&redis, FAST, slow);
+    // On SIGTERM an owner finishes what it read, within the shutdown
+    // deadline: a short one leaves the rest pending for the next owner.
+    let a = start(&redis, &format!("{FAST}shutdown_deadline_ms = 250\n"), slow);
     wait_for("a handled two", Duration::from_secs(10), || {
         log.count() >= 2
     })

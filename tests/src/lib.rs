@@ -364,7 +364,8 @@ impl Pipeline {
                     owned.push(process.metric(&series).await.unwrap_or(0.0));
                 }
                 let total: f64 = owned.iter().sum();
-                let everyone = running.len() > partitions as usize || owned.iter().all(|n| *n > 0.0);
+                let everyone =
+                    running.len() > partitions as usize || owned.iter().all(|n| *n > 0.0);
                 if total == f64::from(partitions) && everyone {
                     break;
                 }
@@ -551,6 +552,64 @@ pub fn assert_each_answered_once(sink: &sink::Sink, expected: usize) {
         sink.received().iter().all(|r| r.signature_ok),
         "every request is signed"
     );
+}
+
+/// Wait for every reply of `chats` chats (`chat-<n>`) of `per_chat`
+/// messages each (message `m` of chat `n` said `text(n, m)`) answered by
+/// the LLM stand-in that echoes its context ([`llm::SlowLlm::echoing`]),
+/// then check each chat's replies came in order, each written with every
+/// earlier turn of its chat in context, and none twice.
+pub async fn assert_echoed_in_order(
+    sink: &sink::Sink,
+    chats: usize,
+    per_chat: usize,
+    text: fn(usize, usize) -> String,
+) {
+    let expected = chats * per_chat;
+    wait_for("every reply", Duration::from_secs(120), || {
+        sink.count() >= expected
+    })
+    .await;
+    // A moment for any reply that should not exist (a double) to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut replies: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for reply in sink.received() {
+        replies.entry(reply.chat).or_default().push(reply.text);
+    }
+    assert_eq!(replies.len(), chats);
+    for (chat, replies) in &replies {
+        let n: usize = chat.trim_start_matches("chat-").parse().unwrap();
+        let expected: Vec<String> = (0..per_chat)
+            .map(|m| format!("{} | {m}", text(n, m)))
+            .collect();
+        assert_eq!(
+            replies, &expected,
+            "{chat}: replies in arrival order, each with every earlier turn in context"
+        );
+    }
+    assert_eq!(sink.count(), expected, "no reply doubled");
+}
+
+/// `kill -9` each stage in turn (classify, respond, egress, ingest) while
+/// `count` messages are being answered, one after each sixth of the
+/// replies, starting it again 300 ms later (messages keep coming meanwhile).
+pub async fn kill_nine_each_stage(pipeline: &mut Pipeline, sink: &sink::Sink, count: usize) {
+    for (round, stage) in ["classify", "respond", "egress", "ingest"]
+        .into_iter()
+        .enumerate()
+    {
+        let progress = (round + 1) * count / 6;
+        wait_for(
+            "progress before the next kill",
+            Duration::from_secs(60),
+            || sink.count() >= progress,
+        )
+        .await;
+        let process = pipeline.stage(stage);
+        process.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        process.start_again();
+    }
 }
 
 #[cfg(test)]

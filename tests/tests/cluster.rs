@@ -5,7 +5,9 @@
 
 use botline_shared::testing::{partitioned, wait_for, RedisCluster};
 use botline_tests::sink::Sink;
-use botline_tests::{assert_each_answered_once, send_all, ApiClient, Pipeline, WEBHOOK_SECRET};
+use botline_tests::{
+    assert_each_answered_once, kill_nine_each_stage, send_all, ApiClient, Pipeline, WEBHOOK_SECRET,
+};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -16,8 +18,15 @@ const FAST: &str = "[runner]\nblock_ms = 200\nlease_ttl_ms = 3000\n";
 /// ids (ULIDs, time first) rise.
 fn assert_in_order_per_chat(sink: &Sink, chats: &str) {
     let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
-    for reply in sink.received().into_iter().filter(|r| r.chat.starts_with(chats)) {
-        per_chat.entry(reply.chat).or_default().push(reply.in_reply_to);
+    for reply in sink
+        .received()
+        .into_iter()
+        .filter(|r| r.chat.starts_with(chats))
+    {
+        per_chat
+            .entry(reply.chat)
+            .or_default()
+            .push(reply.in_reply_to);
     }
     for (chat, answered) in per_chat {
         let mut sorted = answered.clone();
@@ -40,20 +49,7 @@ async fn on_a_cluster_every_message_is_answered_once_in_order_through_kill_nine_
         let client = client.clone();
         async move { send_all(&client, "c", COUNT, 12, Duration::from_millis(15)).await }
     });
-    for (round, stage) in ["classify", "respond", "egress", "ingest"]
-        .into_iter()
-        .enumerate()
-    {
-        let progress = (round + 1) * COUNT / 6;
-        wait_for("progress before the next kill", Duration::from_secs(60), || {
-            sink.count() >= progress
-        })
-        .await;
-        let process = pipeline.stage(stage);
-        process.kill9();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        process.start_again();
-    }
+    kill_nine_each_stage(&mut pipeline, &sink, COUNT).await;
     sender.await.unwrap();
     wait_for("every reply", Duration::from_secs(90), || {
         sink.replies_per_message().len() == COUNT
@@ -132,9 +128,11 @@ async fn a_master_failover_mid_stream_is_survived_and_its_cost_measured() {
     // After the failover: every message answered once, in order per chat.
     let before: BTreeSet<String> = answered.keys().cloned().collect();
     send_all(&client, "g", AFTER, 6, Duration::from_millis(10)).await;
-    wait_for("every reply after the failover", Duration::from_secs(60), || {
-        sink.replies_per_message().len() >= before.len() + AFTER
-    })
+    wait_for(
+        "every reply after the failover",
+        Duration::from_secs(60),
+        || sink.replies_per_message().len() >= before.len() + AFTER,
+    )
     .await;
     let after: Vec<(String, usize)> = sink
         .replies_per_message()

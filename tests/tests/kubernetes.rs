@@ -262,7 +262,9 @@ fn scaled_objects_scale_real_deployments_on_real_streams_and_groups() {
             "{target}: never scaled to 0"
         );
         assert!(
-            object["spec"]["maxReplicaCount"].as_u64().unwrap_or(u64::MAX)
+            object["spec"]["maxReplicaCount"]
+                .as_u64()
+                .unwrap_or(u64::MAX)
                 <= u64::from(streams.partitions()),
             "{target}: more replicas than partitions would only stand by"
         );

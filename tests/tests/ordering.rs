@@ -7,12 +7,11 @@
 //! behind the chat's earlier ones, so it is answered after them. Each
 //! partition has exactly one owner per stage.
 
-use botline_shared::testing::{wait_for, RedisServer};
+use botline_shared::testing::RedisServer;
 use botline_tests::llm::SlowLlm;
 use botline_tests::sink::Sink;
-use botline_tests::{ApiClient, Pipeline, WEBHOOK_SECRET};
+use botline_tests::{assert_echoed_in_order, ApiClient, Pipeline, WEBHOOK_SECRET};
 use futures_util::stream::{self, StreamExt};
-use std::collections::HashMap;
 use std::time::Duration;
 
 const CHATS: usize = 24;
@@ -67,30 +66,7 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
             }
         })
         .await;
-    let expected = CHATS * PER_CHAT;
-    wait_for("every reply", Duration::from_secs(120), || {
-        sink.count() >= expected
-    })
-    .await;
-    // A moment for any reply that should not exist (a double) to show up.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
-    for reply in sink.received() {
-        per_chat.entry(reply.chat).or_default().push(reply.text);
-    }
-    assert_eq!(per_chat.len(), CHATS);
-    for (chat, replies) in &per_chat {
-        let n: usize = chat.trim_start_matches("chat-").parse().unwrap();
-        let expected: Vec<String> = (0..PER_CHAT)
-            .map(|m| format!("{} | {m}", text(n, m)))
-            .collect();
-        assert_eq!(
-            replies, &expected,
-            "{chat}: replies in arrival order, each with every earlier turn in context"
-        );
-    }
-    assert_eq!(sink.count(), expected, "no reply doubled");
+    assert_echoed_in_order(&sink, CHATS, PER_CHAT, text).await;
 
     // The consumers did share the work (the test would prove nothing with one).
     let logs = pipeline.logs();

@@ -10,7 +10,9 @@ use botline_shared::testing::{
     RedisServer,
 };
 use botline_tests::sink::Sink;
-use botline_tests::{assert_each_answered_once, send_all, ApiClient, Pipeline, WEBHOOK_SECRET};
+use botline_tests::{
+    assert_each_answered_once, kill_nine_each_stage, send_all, ApiClient, Pipeline, WEBHOOK_SECRET,
+};
 use redis::Commands;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -122,23 +124,7 @@ async fn kill_nine_of_each_stage_loses_nothing_and_doubles_nothing() {
         let client = client.clone();
         async move { send_all(&client, "k", COUNT, 8, Duration::from_millis(15)).await }
     });
-    for (round, stage) in ["classify", "respond", "egress", "ingest"]
-        .into_iter()
-        .enumerate()
-    {
-        let progress = (round + 1) * COUNT / 6;
-        wait_for(
-            "progress before the next kill",
-            Duration::from_secs(60),
-            || sink.count() >= progress,
-        )
-        .await;
-        let process = pipeline.stage(stage);
-        process.kill9();
-        // Messages keep coming while the stage is down.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        process.start_again();
-    }
+    kill_nine_each_stage(&mut pipeline, &sink, COUNT).await;
     sender.await.unwrap();
     wait_for("every reply", Duration::from_secs(90), || {
         sink.replies_per_message().len() == COUNT
@@ -215,13 +201,7 @@ async fn a_stopped_consumer_s_entries_are_taken_over_and_not_forwarded_twice() {
     // out): it must not forward what it held.
     pipeline.stage("classify").resume();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while pipeline
-        .stage("classify")
-        .metric(LOST)
-        .await
-        .unwrap_or(0.0)
-        == 0.0
-    {
+    while pipeline.stage("classify").metric(LOST).await.unwrap_or(0.0) == 0.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the resumed consumer never noticed it lost its partitions"

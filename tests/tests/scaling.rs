@@ -9,9 +9,8 @@
 use botline_shared::testing::{wait_for, RedisServer};
 use botline_tests::llm::SlowLlm;
 use botline_tests::sink::Sink;
-use botline_tests::{ApiClient, Pipeline, WEBHOOK_SECRET};
+use botline_tests::{assert_echoed_in_order, ApiClient, Pipeline, WEBHOOK_SECRET};
 use futures_util::stream::{self, StreamExt};
-use std::collections::HashMap;
 use std::time::Duration;
 
 const CHATS: usize = 40;
@@ -83,12 +82,17 @@ async fn respond_and_egress_scale_one_three_one_while_chats_keep_their_order() {
         }
     });
     let expected = CHATS * PER_CHAT;
-    wait_for("a first part of the replies", Duration::from_secs(60), || {
-        sink.count() >= expected / 6
-    })
+    wait_for(
+        "a first part of the replies",
+        Duration::from_secs(60),
+        || sink.count() >= expected / 6,
+    )
     .await;
     // One to three consumers of each, while messages flow.
-    assert!(!sender.is_finished(), "the messages stopped before the scale-up");
+    assert!(
+        !sender.is_finished(),
+        "the messages stopped before the scale-up"
+    );
     let mut added = Vec::new();
     for _ in 0..2 {
         added.push(pipeline.add("respond"));
@@ -119,9 +123,11 @@ async fn respond_and_egress_scale_one_three_one_while_chats_keep_their_order() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let progress = sink.count();
-    wait_for("progress with three of each", Duration::from_secs(60), || {
-        sink.count() >= progress + expected / 6
-    })
+    wait_for(
+        "progress with three of each",
+        Duration::from_secs(60),
+        || sink.count() >= progress + expected / 6,
+    )
     .await;
     // Back to one of each, still while messages flow.
     assert!(
@@ -133,29 +139,7 @@ async fn respond_and_egress_scale_one_three_one_while_chats_keep_their_order() {
         assert!(status.success(), "a stopped consumer exited with {status}");
     }
     sender.await.unwrap();
-    wait_for("every reply", Duration::from_secs(120), || {
-        sink.count() >= expected
-    })
-    .await;
-    // A moment for any reply that should not exist (a double) to show up.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
-    for reply in sink.received() {
-        per_chat.entry(reply.chat).or_default().push(reply.text);
-    }
-    assert_eq!(per_chat.len(), CHATS);
-    for (chat, replies) in &per_chat {
-        let n: usize = chat.trim_start_matches("chat-").parse().unwrap();
-        let expected: Vec<String> = (0..PER_CHAT)
-            .map(|m| format!("{} | {m}", text(n, m)))
-            .collect();
-        assert_eq!(
-            replies, &expected,
-            "{chat}: replies in order, each with every earlier turn in context"
-        );
-    }
-    assert_eq!(sink.count(), expected, "no reply doubled");
+    assert_echoed_in_order(&sink, CHATS, PER_CHAT, text).await;
     // The one left of each owns every partition again.
     for stage in ["respond", "egress"] {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -88,6 +88,16 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Move what the previous release's single-stream layout ({botline}:in, q:*, out:*,
+    /// contexts) still owes into the partitions. Stop the old stages first (README "Upgrading").
+    Migrate {
+        /// Count what would move; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The old BOTLINE_PREFIX as it was, braces included (default: {BOTLINE_PREFIX}).
+        #[arg(long, value_name = "PREFIX")]
+        old_prefix: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -257,6 +267,14 @@ async fn run(command: Command, ops: &Ops, process: &ProcessConfig) -> Result<(),
             };
             let lines = ops.trim(retention_ms, dry_run).await?;
             print!("{}", ops::trim_table(&lines, dry_run));
+            Ok(())
+        }
+        Command::Migrate {
+            dry_run,
+            old_prefix,
+        } => {
+            let report = ops.migrate(dry_run, old_prefix.as_deref()).await?;
+            print!("{}", ops::migrate_table(&report));
             Ok(())
         }
     }

@@ -10,12 +10,16 @@
 //! parses arguments and prints.
 
 mod dead;
+mod migrate;
 mod peek;
 mod replay;
 mod status;
 mod trim;
 
 pub use dead::{dead_table, DeadEntry, RequeueOutcome, RequeueReport};
+pub use migrate::{
+    migrate_table, old_layout_left, old_tag, refuse_old_layout, MigrateReport, OldStreamReport,
+};
 pub use peek::{decode_entry, Kind, PeekRange};
 pub use replay::{ReplayReport, ReplayRequest};
 pub use status::{ConsumerStatus, GroupStatus, Status, StreamStatus};

@@ -171,7 +171,10 @@ pub async fn run<S: Stage>(
     let mut deadline: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() && deadline.is_none() {
-            info!(message = "stopping: finishing the messages read, then giving the partitions up", stage = group);
+            info!(
+                message = "stopping: finishing the messages read, then giving the partitions up",
+                stage = group
+            );
             deadline = Some(Instant::now() + plumbing.runner.shutdown_deadline());
             for owned in dispatcher.owned.values_mut() {
                 owned.draining = true;
@@ -299,7 +302,8 @@ impl<S: Stage> Dispatcher<'_, S> {
             }
             let deliveries = read.deliveries.get(&entry.id).copied().unwrap_or(1);
             let fields = entry.fields.unwrap_or_default();
-            let decoded = codec::decode::<S::In>(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+            let decoded =
+                codec::decode::<S::In>(fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
             match decoded {
                 Ok(record) => {
                     let chat = self.stage.chat(&record);
@@ -321,12 +325,25 @@ impl<S: Stage> Dispatcher<'_, S> {
                         },
                         fields,
                     });
-                    if !was_waiting && !state.in_stage && state.unacknowledged == 0 && state.retry_at.is_none() {
+                    if !was_waiting
+                        && !state.in_stage
+                        && state.unacknowledged == 0
+                        && state.retry_at.is_none()
+                    {
                         owned.ready[priority_index(priority)].push_back(chat);
                     }
                 }
                 Err(error) => {
-                    let letter = dead_letter(self.plumbing, self.group, read.partition, &entry.stream, &entry.id, &fields, error.to_string(), deliveries);
+                    let letter = dead_letter(
+                        self.plumbing,
+                        self.group,
+                        read.partition,
+                        &entry.stream,
+                        &entry.id,
+                        &fields,
+                        error.to_string(),
+                        deliveries,
+                    );
                     owned.finished.push(Finished {
                         stream: entry.stream,
                         entry_id: entry.id,
@@ -364,7 +381,9 @@ impl<S: Stage> Dispatcher<'_, S> {
                 if room == 0 {
                     break;
                 }
-                let Some(owned) = self.owned.get_mut(p) else { continue };
+                let Some(owned) = self.owned.get_mut(p) else {
+                    continue;
+                };
                 if owned.releasing {
                     continue;
                 }
@@ -372,13 +391,17 @@ impl<S: Stage> Dispatcher<'_, S> {
                 let mut runs: Vec<(String, usize)> = Vec::new();
                 let mut picked = pick(&mut owned.ready, &weights, room).into_iter();
                 for chat in picked.by_ref() {
-                    let Some(state) = owned.chats.get_mut(&chat) else { continue };
+                    let Some(state) = owned.chats.get_mut(&chat) else {
+                        continue;
+                    };
                     // A chat is in the ready queues at most once, and only
                     // when none of its messages is out; checked again here.
                     if state.in_stage || state.unacknowledged > 0 || state.retry_at.is_some() {
                         continue;
                     }
-                    let Some(head) = state.queue.front() else { continue };
+                    let Some(head) = state.queue.front() else {
+                        continue;
+                    };
                     if head.envelope.deliveries > max_deliveries {
                         let head = state.queue.pop_front().expect("a head");
                         state.unacknowledged += 1;
@@ -387,7 +410,16 @@ impl<S: Stage> Dispatcher<'_, S> {
                             head.envelope.deliveries
                         );
                         warn!(message = "entry sent to dead", stage = self.group, id = %head.envelope.entry_id, %reason);
-                        let letter = dead_letter(self.plumbing, self.group, *p, &head.envelope.stream, &head.envelope.entry_id, &head.fields, reason, head.envelope.deliveries);
+                        let letter = dead_letter(
+                            self.plumbing,
+                            self.group,
+                            *p,
+                            &head.envelope.stream,
+                            &head.envelope.entry_id,
+                            &head.fields,
+                            reason,
+                            head.envelope.deliveries,
+                        );
                         owned.finished.push(Finished {
                             stream: head.envelope.stream,
                             entry_id: head.envelope.entry_id,
@@ -408,7 +440,8 @@ impl<S: Stage> Dispatcher<'_, S> {
                 // Chats picked but not reached keep their place, first in line.
                 let unreached: Vec<String> = picked.collect();
                 for chat in unreached.into_iter().rev() {
-                    if let Some(head) = owned.chats.get(&chat).and_then(|state| state.queue.front()) {
+                    if let Some(head) = owned.chats.get(&chat).and_then(|state| state.queue.front())
+                    {
                         let index = priority_index(self.stage.priority(&head.envelope.record));
                         owned.ready[index].push_front(chat);
                     }
@@ -425,7 +458,13 @@ impl<S: Stage> Dispatcher<'_, S> {
         }
     }
 
-    fn spawn_batch(&self, partition: Partition, epoch: u64, batch: Vec<Held<S::In>>, runs: Vec<(String, usize)>) {
+    fn spawn_batch(
+        &self,
+        partition: Partition,
+        epoch: u64,
+        batch: Vec<Held<S::In>>,
+        runs: Vec<(String, usize)>,
+    ) {
         let stage = self.stage.clone();
         let events = self.events.clone();
         let group = self.group;
@@ -435,9 +474,12 @@ impl<S: Stage> Dispatcher<'_, S> {
         };
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            metrics::histogram!("botline_stage_batch_size", "stage" => group).record(batch.len() as f64);
-            let (envelopes, fields): (Vec<Envelope<S::In>>, Vec<Fields>) =
-                batch.into_iter().map(|held| (held.envelope, held.fields)).unzip();
+            metrics::histogram!("botline_stage_batch_size", "stage" => group)
+                .record(batch.len() as f64);
+            let (envelopes, fields): (Vec<Envelope<S::In>>, Vec<Fields>) = batch
+                .into_iter()
+                .map(|held| (held.envelope, held.fields))
+                .unzip();
             let prepared = stage.prepare(&fence, &envelopes).await;
             let mut start = 0;
             let mut slices = Vec::new();
@@ -470,35 +512,57 @@ impl<S: Stage> Dispatcher<'_, S> {
                     .into_iter()
                     .enumerate()
                     .map(|(i, outcome)| {
-                        let (envelope, fields) = envelopes[from + i].take().expect("one outcome per message");
+                        let (envelope, fields) =
+                            envelopes[from + i].take().expect("one outcome per message");
                         (Held { envelope, fields }, outcome)
                     })
                     .collect();
-                let _ = events.send(Event::Handled { partition, epoch, chat, results });
+                let _ = events.send(Event::Handled {
+                    partition,
+                    epoch,
+                    chat,
+                    results,
+                });
             }
         });
     }
 
     fn event(&mut self, event: Event<S::In>) {
         match event {
-            Event::Handled { partition, epoch, chat, results } => {
+            Event::Handled {
+                partition,
+                epoch,
+                chat,
+                results,
+            } => {
                 self.in_stage -= results.len();
                 self.handled(partition, epoch, chat, results);
             }
-            Event::Acked { partition, epoch, finished, result } => {
-                self.acked(partition, epoch, finished, result)
-            }
+            Event::Acked {
+                partition,
+                epoch,
+                finished,
+                result,
+            } => self.acked(partition, epoch, finished, result),
         }
     }
 
-    fn handled(&mut self, p: Partition, epoch: u64, chat: String, results: Vec<(Held<S::In>, Outcome)>) {
+    fn handled(
+        &mut self,
+        p: Partition,
+        epoch: u64,
+        chat: String,
+        results: Vec<(Held<S::In>, Outcome)>,
+    ) {
         let Some(owned) = self.owned.get_mut(&p).filter(|owned| owned.epoch == epoch) else {
             return;
         };
         owned.in_stage -= results.len();
         let plumbing = self.plumbing;
         let group = self.group;
-        let Some(state) = owned.chats.get_mut(&chat) else { return };
+        let Some(state) = owned.chats.get_mut(&chat) else {
+            return;
+        };
         state.in_stage = false;
         let mut again: Vec<Held<S::In>> = Vec::new();
         for (mut held, outcome) in results {
@@ -522,7 +586,16 @@ impl<S: Stage> Dispatcher<'_, S> {
                 Outcome::Dead(reason) => {
                     warn!(message = "entry sent to dead", stage = group, stream = %held.envelope.stream, id = %held.envelope.entry_id, %reason, deliveries = held.envelope.deliveries);
                     state.unacknowledged += 1;
-                    let letter = dead_letter(plumbing, group, p, &held.envelope.stream, &held.envelope.entry_id, &held.fields, reason, held.envelope.deliveries);
+                    let letter = dead_letter(
+                        plumbing,
+                        group,
+                        p,
+                        &held.envelope.stream,
+                        &held.envelope.entry_id,
+                        &held.fields,
+                        reason,
+                        held.envelope.deliveries,
+                    );
                     owned.finished.push(Finished {
                         stream: held.envelope.stream,
                         entry_id: held.envelope.entry_id,
@@ -550,7 +623,9 @@ impl<S: Stage> Dispatcher<'_, S> {
 
     /// Put `chat` among the ready ones if its turn has come.
     fn maybe_ready(stage: &S, owned: &mut Owned<S::In>, chat: &str) {
-        let Some(state) = owned.chats.get(chat) else { return };
+        let Some(state) = owned.chats.get(chat) else {
+            return;
+        };
         if state.in_stage || state.unacknowledged > 0 || state.retry_at.is_some() {
             return;
         }
@@ -621,7 +696,12 @@ impl<S: Stage> Dispatcher<'_, S> {
             let (partition, epoch) = (*p, owned.epoch);
             tokio::spawn(async move {
                 let result = call.run(&mut connection).await;
-                let _ = events.send(Event::Acked { partition, epoch, finished, result });
+                let _ = events.send(Event::Acked {
+                    partition,
+                    epoch,
+                    finished,
+                    result,
+                });
             });
         }
         for p in given_up {
@@ -630,7 +710,13 @@ impl<S: Stage> Dispatcher<'_, S> {
         }
     }
 
-    fn acked(&mut self, p: Partition, epoch: u64, finished: Vec<Finished>, result: Result<Acked, Error>) {
+    fn acked(
+        &mut self,
+        p: Partition,
+        epoch: u64,
+        finished: Vec<Finished>,
+        result: Result<Acked, Error>,
+    ) {
         let Some(owned) = self.owned.get_mut(&p).filter(|owned| owned.epoch == epoch) else {
             return;
         };
@@ -639,7 +725,9 @@ impl<S: Stage> Dispatcher<'_, S> {
             Ok(Acked::Entries(acked)) => {
                 let mut tally: HashMap<&'static str, usize> = HashMap::new();
                 for (entry, acked) in finished.iter().zip(acked) {
-                    *tally.entry(if acked { entry.kind } else { "stale" }).or_default() += 1;
+                    *tally
+                        .entry(if acked { entry.kind } else { "stale" })
+                        .or_default() += 1;
                 }
                 for (kind, n) in tally {
                     count(self.group, kind, n);
@@ -660,7 +748,11 @@ impl<S: Stage> Dispatcher<'_, S> {
                 }
             }
             Ok(Acked::Lost) => {
-                warn!(message = "partition lost before its acknowledgement: nothing was written", stage = self.group, partition = p);
+                warn!(
+                    message = "partition lost before its acknowledgement: nothing was written",
+                    stage = self.group,
+                    partition = p
+                );
                 if let Some(owned) = self.owned.remove(&p) {
                     owned.stop_reading.cancel();
                 }
@@ -752,7 +844,11 @@ mod tests {
         let check = |mut ready: [VecDeque<String>; 3], room: usize, expected: &[&str]| {
             assert_eq!(pick(&mut ready, &[8, 3, 1], room), expected);
         };
-        check(queues(3, 3, 3), 4, &["u0", "u1", "u2", "n0", "n1", "b0"][..4]);
+        check(
+            queues(3, 3, 3),
+            4,
+            &["u0", "u1", "u2", "n0", "n1", "b0"][..4],
+        );
         check(queues(0, 5, 1), 3, &["n0", "b0", "n1"]);
         check(queues(1, 0, 5), 3, &["u0", "b0", "b1"]);
         check(queues(0, 0, 0), 3, &[]);

@@ -278,6 +278,8 @@ pub async fn run<S: Stage>(
 /// and a process started with another stops, naming the setting: chats
 /// would hash elsewhere and lose their order and context.
 async fn check_partitions(plumbing: &Plumbing) -> Result<(), Error> {
+    // Entries the previous (single-stream) layout still owes would never be handled.
+    crate::ops::refuse_old_layout(&plumbing.pool, plumbing.streams.prefix()).await?;
     let key = format!("{{{}}}:partitions", plumbing.streams.prefix());
     let partitions = plumbing.streams.partitions();
     let mut connection = plumbing.pool.get().await?;

@@ -143,7 +143,11 @@ impl Ownership {
 
     async fn announce(&self, staying: bool) -> Result<Vec<String>, Error> {
         let mut connection = self.pool.get().await?;
-        let ttl = if staying { self.lease.as_millis() as u64 } else { 0 };
+        let ttl = if staying {
+            self.lease.as_millis() as u64
+        } else {
+            0
+        };
         Ok(scripts::MEMBERS
             .key(self.streams.members(self.group))
             .arg(&self.consumer)
@@ -174,14 +178,19 @@ impl Ownership {
             .collect();
         // Each in its own partition's slot; all at once over one connection.
         let multiplexed = connection.shared();
-        let renewed: Vec<i64> = futures_util::future::try_join_all(renewals.iter().map(|renewal| {
-            let mut connection = multiplexed.clone();
-            async move { renewal.invoke_async(&mut connection).await }
-        }))
-        .await?;
+        let renewed: Vec<i64> =
+            futures_util::future::try_join_all(renewals.iter().map(|renewal| {
+                let mut connection = multiplexed.clone();
+                async move { renewal.invoke_async(&mut connection).await }
+            }))
+            .await?;
         for (p, renewed) in held.clone().into_iter().zip(renewed) {
             if renewed == 0 {
-                warn!(message = "partition lost: its lease ran out", stage = self.group, partition = p);
+                warn!(
+                    message = "partition lost: its lease ran out",
+                    stage = self.group,
+                    partition = p
+                );
                 held.remove(&p);
                 releasing.remove(&p);
                 metrics::counter!("botline_stage_partitions_lost_total", "stage" => self.group)
@@ -211,7 +220,12 @@ impl Ownership {
         }
         let (take, release) = assignment(&self.consumer, &members, &owners, held, releasing);
         for p in release {
-            info!(message = "giving a partition up", stage = self.group, partition = p, members = members.len());
+            info!(
+                message = "giving a partition up",
+                stage = self.group,
+                partition = p,
+                members = members.len()
+            );
             releasing.insert(p);
             let _ = self.changes.send(Change::Release(p));
         }
@@ -225,7 +239,12 @@ impl Ownership {
                 .query_async(&mut connection)
                 .await?;
             if taken.is_some() {
-                info!(message = "partition taken", stage = self.group, partition = p, members = members.len());
+                info!(
+                    message = "partition taken",
+                    stage = self.group,
+                    partition = p,
+                    members = members.len()
+                );
                 metrics::counter!("botline_stage_partitions_taken_total", "stage" => self.group)
                     .increment(1);
                 held.insert(p);
@@ -248,7 +267,11 @@ impl Ownership {
         }
         .await;
         match given {
-            Ok(_) => info!(message = "partition given up", stage = self.group, partition = p),
+            Ok(_) => info!(
+                message = "partition given up",
+                stage = self.group,
+                partition = p
+            ),
             Err(error) => {
                 warn!(message = "could not give a partition up; its lease runs out by itself", partition = p, %error)
             }
@@ -271,7 +294,14 @@ mod tests {
     }
 
     /// `spec`: each partition's owner (a letter) or `.` for free.
-    fn check(me: &str, members: &str, spec: &str, releasing: &[Partition], take: &[Partition], release: &[Partition]) {
+    fn check(
+        me: &str,
+        members: &str,
+        spec: &str,
+        releasing: &[Partition],
+        take: &[Partition],
+        release: &[Partition],
+    ) {
         let members: Vec<String> = members.chars().map(String::from).collect();
         let owners = owners(spec);
         let held: BTreeSet<Partition> = owners
@@ -281,7 +311,11 @@ mod tests {
             .map(|(p, _)| p as Partition)
             .collect();
         let got = assignment(me, &members, &owners, &held, &set(releasing));
-        assert_eq!(got, (take.to_vec(), release.to_vec()), "{me} of {members:?} over {spec}");
+        assert_eq!(
+            got,
+            (take.to_vec(), release.to_vec()),
+            "{me} of {members:?} over {spec}"
+        );
     }
 
     #[test]

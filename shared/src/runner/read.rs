@@ -83,7 +83,8 @@ impl Reader {
                     return Ok(());
                 }
             };
-            self.window.add_permits(permits - entries.len().min(permits));
+            self.window
+                .add_permits(permits - entries.len().min(permits));
             if !entries.is_empty() && !self.hand_over(entries, HashMap::new(), false) {
                 return Ok(());
             }
@@ -201,14 +202,9 @@ impl Reader {
                     permits = window.acquire_many(permits as u32) => permits.expect("the window is never closed").forget(),
                     _ = self.stop.cancelled() => return Ok(()),
                 }
-                let deliveries = delivery_counts(
-                    &mut connection,
-                    input,
-                    self.group,
-                    &self.consumer,
-                    &claimed,
-                )
-                .await?;
+                let deliveries =
+                    delivery_counts(&mut connection, input, self.group, &self.consumer, &claimed)
+                        .await?;
                 info!(message = "took over pending entries", stage = self.group, stream = %input, count = claimed.len());
                 if !self.hand_over(claimed, deliveries, true) {
                     return Ok(());

@@ -5,7 +5,9 @@
 //! Chaos (the default): redis-server with AOF (`appendfsync everysec`), two
 //! replicas of classify, respond and egress, and one fault after another,
 //! each for `--phase-secs`, then `--settle-secs` without it: `kill -9` of
-//! random stage processes, SIGTERM of each process, `kill -9` of Redis and
+//! random stage processes, SIGTERM of each process, `kill -9` of an owner
+//! of respond's and then of egress's partitions while they move to a third
+//! replica just added (which then goes again), `kill -9` of Redis and
 //! a restart from its AOF, Redis frozen (SIGSTOP) past the blocking read,
 //! the sink answering 500, 429 with `Retry-After`, and not at all, a poison
 //! entry in each stream, Redis out of memory. Then every accepted message
@@ -29,7 +31,7 @@ use botline_shared::message::{ClassifiedMessage, DeadLetter, Reply, UnifiedMessa
 use botline_shared::streams::{Streams, DEFAULT_PARTITIONS, DEFAULT_PREFIX};
 use botline_shared::testing::{add_entry, RedisServer};
 use botline_tests::sink::{Answer, Received, Sink};
-use botline_tests::{token, Pipeline, StageProcess, WEBHOOK_SECRET};
+use botline_tests::{metric_value, token, Pipeline, StageProcess, WEBHOOK_SECRET};
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
@@ -404,6 +406,7 @@ enum Fault {
     Baseline,
     KillNine,
     Terminate,
+    RebalanceKill,
     RedisKill,
     RedisFreeze,
     Sink500,
@@ -413,10 +416,11 @@ enum Fault {
     RedisOom,
 }
 
-const FAULTS: [Fault; 10] = [
+const FAULTS: [Fault; 11] = [
     Fault::Baseline,
     Fault::KillNine,
     Fault::Terminate,
+    Fault::RebalanceKill,
     Fault::RedisKill,
     Fault::RedisFreeze,
     Fault::Sink500,
@@ -432,6 +436,7 @@ impl Fault {
             Fault::Baseline => "none (baseline)",
             Fault::KillNine => "kill -9 of random stage processes",
             Fault::Terminate => "SIGTERM of each stage process",
+            Fault::RebalanceKill => "kill -9 of an owner mid-rebalance (respond, egress)",
             Fault::RedisKill => "kill -9 of Redis, restart from AOF",
             Fault::RedisFreeze => "Redis frozen (SIGSTOP)",
             Fault::Sink500 => "sink answers 500",
@@ -547,6 +552,14 @@ impl Chaos<'_> {
                 }
                 tokio::time::sleep_until(until.into()).await;
             }
+            Fault::RebalanceKill => {
+                for stage in ["respond", "egress"] {
+                    self.kill_mid_rebalance(stage, phase).await;
+                }
+                phase.fault_end = Instant::now();
+                tokio::time::sleep_until(until.into()).await;
+                return;
+            }
             Fault::RedisKill => {
                 tokio::time::sleep(length / 3).await;
                 self.redis.kill9();
@@ -630,6 +643,273 @@ impl Chaos<'_> {
         }
         phase.fault_end = Instant::now();
     }
+}
+
+impl Chaos<'_> {
+    /// One more replica of `stage` (which runs two or more), and while the
+    /// partitions move to it, `kill -9` of the old owner that owns the most
+    /// (the one with the most still to give up); its partitions pass on
+    /// when its lease runs out. Then it is started again, and the added
+    /// replica is stopped with SIGTERM: the stage ends as it began. What
+    /// was killed when, and the shares seen, go in the notes.
+    async fn kill_mid_rebalance(&mut self, stage: &'static str, phase: &mut Phase) {
+        let partitions = self.streams.partitions();
+        let even = |owned: &[u32]| balanced(owned, partitions);
+        let old: Vec<usize> = self
+            .pipeline
+            .processes
+            .iter()
+            .enumerate()
+            .filter(|(_, process)| process.stage == stage && process.is_running())
+            .map(|(index, _)| index)
+            .collect();
+        if old.len() < 2 {
+            phase
+                .failures
+                .push(format!("{stage}: {} replicas running, not two", old.len()));
+            return;
+        }
+        let (before, settled) = self.wait_shares(stage, &old, SHARES_WITHIN, even).await;
+        if settled.is_none() {
+            phase.failures.push(format!(
+                "{stage}: not balanced before the rebalance: {}",
+                self.shares_text(&old, &before)
+            ));
+        }
+        let owned_before = owned_of(&before);
+        let logs_before: Vec<(usize, usize)> = old
+            .iter()
+            .map(|index| releases_logged(&self.pipeline.processes[*index]))
+            .collect();
+        let added_at = Instant::now();
+        let added = self.pipeline.add(stage);
+        let added_name = label(&self.pipeline.processes[added], added);
+        let mut all = old.clone();
+        all.push(added);
+        // Moving: the new replica owns some, or an old owner has given some
+        // up (they may be free for a moment), and the shares are not even.
+        let mut seen = None;
+        while added_at.elapsed() < SHARES_WITHIN {
+            let shares = self.shares(stage, &all).await;
+            let owned = owned_of(&shares);
+            let moved =
+                owned[old.len()] > 0 || owned.iter().zip(&owned_before).any(|(now, was)| now < was);
+            if shares[..old.len()].iter().all(Option::is_some) && moved {
+                seen = Some((shares, added_at.elapsed()));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let Some((shares, after)) = seen else {
+            phase.failures.push(format!(
+                "{stage}: no partition moved within {} s of adding {added_name}",
+                SHARES_WITHIN.as_secs()
+            ));
+            let _ = tokio::task::block_in_place(|| {
+                self.pipeline.processes[added].terminate(Duration::from_secs(30))
+            });
+            self.pipeline.processes.remove(added);
+            return;
+        };
+        let owned = owned_of(&shares);
+        let moving = !even(&owned);
+        let victim = (0..old.len())
+            .max_by_key(|i| (owned[*i], std::cmp::Reverse(*i)))
+            .map(|i| old[i])
+            .expect("two old owners");
+        let victim_name = label(&self.pipeline.processes[victim], victim);
+        let (giving, given) = releases_logged(&self.pipeline.processes[victim]);
+        let (giving_before, given_before) =
+            logs_before[old.iter().position(|i| *i == victim).expect("old")];
+        self.pipeline.processes[victim].kill9();
+        let killed_at = Instant::now();
+        phase.notes.push(format!(
+            "{stage}: added {added_name}; {} ms later the shares were {}{} → kill -9 of {victim_name} \
+             (since the add it had logged {} \"giving a partition up\", {} \"partition given up\")",
+            after.as_millis(),
+            self.shares_text(&all, &shares),
+            if moving { "" } else { " (already even: the move was over between two looks)" },
+            giving - giving_before,
+            given - given_before,
+        ));
+        let survivors: Vec<usize> = all.iter().copied().filter(|i| *i != victim).collect();
+        let (shares, took) = self
+            .wait_shares(stage, &survivors, TAKEOVER_WITHIN, even)
+            .await;
+        match took {
+            Some(_) => phase.notes.push(format!(
+                "{stage}: {} ms after the kill: {}",
+                killed_at.elapsed().as_millis(),
+                self.shares_text(&survivors, &shares)
+            )),
+            None => phase.failures.push(format!(
+                "{stage}: {victim_name}'s partitions not taken over within {} s of its kill: {}",
+                TAKEOVER_WITHIN.as_secs(),
+                self.shares_text(&survivors, &shares)
+            )),
+        }
+        self.pipeline.processes[victim].start_again();
+        let restarted = Instant::now();
+        self.pipeline.wait_ready(Duration::from_secs(60)).await;
+        let (shares, took) = self.wait_shares(stage, &all, SHARES_WITHIN, even).await;
+        match took {
+            Some(_) => phase.notes.push(format!(
+                "{stage}: {victim_name} started again {} ms after its kill; {} ms later: {}",
+                restarted.duration_since(killed_at).as_millis(),
+                restarted.elapsed().as_millis(),
+                self.shares_text(&all, &shares)
+            )),
+            None => phase.failures.push(format!(
+                "{stage}: not balanced within {} s of starting {victim_name} again: {}",
+                SHARES_WITHIN.as_secs(),
+                self.shares_text(&all, &shares)
+            )),
+        }
+        // The added replica goes as the Terminate phase's do: exit 0, and
+        // what it read finished (entries whose chat waits for a retry stay
+        // pending for the next owner; noted, not checked).
+        let pid = self.pipeline.processes[added].pid();
+        let consumer = reads(stage, &self.streams).and_then(|(group, streams)| {
+            consumer_of(self.redis, &self.streams, group, pid)
+                .map(|consumer| (group, streams, consumer))
+        });
+        let terminated = Instant::now();
+        let status = tokio::task::block_in_place(|| {
+            self.pipeline.processes[added].terminate(Duration::from_secs(30))
+        });
+        let took = terminated.elapsed();
+        let pending: usize = consumer
+            .as_ref()
+            .map(|(group, streams, consumer)| {
+                streams
+                    .iter()
+                    .map(|stream| pending_of(self.redis, stream, group, consumer))
+                    .sum()
+            })
+            .unwrap_or(0);
+        if !status.success() {
+            phase
+                .failures
+                .push(format!("{added_name} exited with {status}"));
+        }
+        self.pipeline.processes.remove(added);
+        let (shares, balanced) = self.wait_shares(stage, &old, SHARES_WITHIN, even).await;
+        phase.notes.push(format!(
+            "{stage}: {added_name} SIGTERM: {status} after {} ms, {pending} pending{}; {} ms later: {}",
+            took.as_millis(),
+            consumer
+                .as_ref()
+                .map(|(_, _, c)| format!(" ({c})"))
+                .unwrap_or_default(),
+            terminated.elapsed().as_millis(),
+            self.shares_text(&old, &shares)
+        ));
+        if balanced.is_none() {
+            phase.failures.push(format!(
+                "{stage}: not balanced within {} s of stopping {added_name}",
+                SHARES_WITHIN.as_secs()
+            ));
+        }
+    }
+
+    /// `botline_stage_partitions_owned` and
+    /// `botline_stage_partitions_taken_total` of each of `indices` (all of
+    /// `stage`), asked at once; `None` for one that does not answer.
+    async fn shares(&self, stage: &str, indices: &[usize]) -> Vec<Option<(u32, u64)>> {
+        let owned = format!("botline_stage_partitions_owned{{stage=\"{stage}\"}}");
+        let taken = format!("botline_stage_partitions_taken_total{{stage=\"{stage}\"}}");
+        let texts = futures_util::future::join_all(indices.iter().map(|index| {
+            let process = &self.pipeline.processes[*index];
+            async move {
+                match process.is_running() {
+                    true => process.metrics().await,
+                    false => String::new(),
+                }
+            }
+        }))
+        .await;
+        texts
+            .iter()
+            .map(|text| {
+                let owned = metric_value(text, &owned)?;
+                let taken = metric_value(text, &taken)?;
+                Some((owned as u32, taken as u64))
+            })
+            .collect()
+    }
+
+    /// Look at the shares of `indices` every 20 ms until every one answers
+    /// and `done` holds of the partitions they own, or `within` passes:
+    /// the last shares seen, and how long it took if `done` held.
+    async fn wait_shares(
+        &self,
+        stage: &str,
+        indices: &[usize],
+        within: Duration,
+        done: impl Fn(&[u32]) -> bool,
+    ) -> (Vec<Option<(u32, u64)>>, Option<Duration>) {
+        let started = Instant::now();
+        loop {
+            let shares = self.shares(stage, indices).await;
+            if shares.iter().all(Option::is_some) && done(&owned_of(&shares)) {
+                return (shares, Some(started.elapsed()));
+            }
+            if started.elapsed() > within {
+                return (shares, None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// "respond#2 6 owned (10 taken), …": what each of `indices` reported.
+    fn shares_text(&self, indices: &[usize], shares: &[Option<(u32, u64)>]) -> String {
+        indices
+            .iter()
+            .zip(shares)
+            .map(|(index, share)| {
+                let name = label(&self.pipeline.processes[*index], *index);
+                match share {
+                    Some((owned, taken)) => format!("{name} {owned} owned ({taken} taken)"),
+                    None => format!("{name} not answering"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// How long a stage's shares may take to even out after a change (a join
+/// takes a few ownership ticks, a second apart at most).
+const SHARES_WITHIN: Duration = Duration::from_secs(30);
+
+/// How long a killed owner's partitions may take to pass on: its lease
+/// (`lease_ttl_ms`, 6 s by default) and member entry run out, then a tick.
+const TAKEOVER_WITHIN: Duration = Duration::from_secs(40);
+
+/// The partitions owned, per process (0 for one that did not answer).
+fn owned_of(shares: &[Option<(u32, u64)>]) -> Vec<u32> {
+    shares
+        .iter()
+        .map(|share| share.map_or(0, |(owned, _)| owned))
+        .collect()
+}
+
+/// All `partitions` owned, and no consumer owning two more than another.
+fn balanced(owned: &[u32], partitions: u32) -> bool {
+    let (Some(min), Some(max)) = (owned.iter().min(), owned.iter().max()) else {
+        return false;
+    };
+    owned.iter().sum::<u32>() == partitions && max - min <= 1
+}
+
+/// How many times `process`'s log says "giving a partition up" (a release
+/// begun) and "partition given up" (one finished), over all its runs.
+fn releases_logged(process: &StageProcess) -> (usize, usize) {
+    let log = process.log();
+    (
+        log.matches("giving a partition up").count(),
+        log.matches("partition given up").count(),
+    )
 }
 
 // ---------------------------------------------------------------- the count
