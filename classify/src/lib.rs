@@ -347,7 +347,6 @@ impl ClassifyStage {
             full_read,
         })
     }
-
 }
 
 impl Stage for ClassifyStage {

@@ -257,7 +257,9 @@ mod tests {
         assert_eq!(outcome(&second), "delivered Some(\"id-one\") deleting 3");
         assert_eq!(*platform.sent.lock().unwrap(), ["one", "two", "three"]);
         // Another replica sees the same records (they live in Redis).
-        let p = plumbing.streams.partition_of(&reply.platform, &reply.chat.id);
+        let p = plumbing
+            .streams
+            .partition_of(&reply.platform, &reply.chat.id);
         let recorded = parts
             .recorded(&[
                 plumbing.streams.sent_part(p, "r1", 0),

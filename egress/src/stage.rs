@@ -114,7 +114,10 @@ impl EgressStage {
         for envelope in batch {
             invocation
                 .key(self.streams.sent(envelope.partition, &envelope.record.id))
-                .key(self.streams.sending(envelope.partition, &envelope.record.id));
+                .key(
+                    self.streams
+                        .sending(envelope.partition, &envelope.record.id),
+                );
         }
         invocation
             .arg(&fence.consumer)
@@ -155,7 +158,10 @@ impl EgressStage {
         let released: Result<i64, Error> = async {
             let mut invocation = RELEASE_LOCKS.prepare_invoke();
             for envelope in replies {
-                invocation.key(self.streams.sending(envelope.partition, &envelope.record.id));
+                invocation.key(
+                    self.streams
+                        .sending(envelope.partition, &envelope.record.id),
+                );
             }
             invocation.arg(&self.lock_token);
             let mut connection = self.commands.clone();
@@ -291,9 +297,21 @@ impl Stage for EgressStage {
         format!("{}:{}", reply.platform, reply.chat.id)
     }
 
-    /// A reply is acknowledged (`sent:` written) as soon as it is out.
-    fn max_run(&self) -> usize {
-        1
+    /// A reply sent through a platform's API is acknowledged (`sent:`
+    /// written) as soon as it is out, before the chat's next one goes; one
+    /// delivered inside Redis (the web chat) is written by the
+    /// acknowledgement itself, so a chat's queued replies go together.
+    fn max_run(&self, head: &Reply) -> usize {
+        let in_redis = self
+            .senders
+            .iter()
+            .find(|sender| sender.platform() == head.platform)
+            .is_some_and(|sender| sender.delivers_within_redis());
+        if in_redis {
+            usize::MAX
+        } else {
+            1
+        }
     }
 
     fn max_in_flight(&self) -> usize {
@@ -316,9 +334,9 @@ impl Stage for EgressStage {
         for envelope in run {
             let lock = locks.get(&envelope.record.id).unwrap_or(&Lock::Held);
             let outcome = match outcomes.last() {
-                Some(Outcome::Retry(_)) => Outcome::Retry(
-                    "an earlier reply to this chat is not delivered yet".into(),
-                ),
+                Some(Outcome::Retry(_)) => {
+                    Outcome::Retry("an earlier reply to this chat is not delivered yet".into())
+                }
                 _ => self.deliver_one(envelope, lock).await,
             };
             if matches!(lock, Lock::Taken)

@@ -92,14 +92,13 @@ impl Inbox {
             .iter()
             .map(|(p, indexes)| self.script(*p, indexes.iter().map(|i| &submissions[*i])))
             .collect();
-        let replies: Vec<Vec<Value>> = futures_util::future::try_join_all(
-            invocations.iter().map(|invocation| {
+        let replies: Vec<Vec<Value>> =
+            futures_util::future::try_join_all(invocations.iter().map(|invocation| {
                 let mut connection = connection.clone();
                 async move { invocation.invoke_async(&mut connection).await }
-            }),
-        )
-        .await
-        .map_err(|error| redis_error(error.into()))?;
+            }))
+            .await
+            .map_err(|error| redis_error(error.into()))?;
         let mut admissions = vec![Admission::Duplicate; submissions.len()];
         for ((_, indexes), reply) in by_partition.iter().zip(replies) {
             for (index, value) in indexes.iter().zip(reply) {

@@ -213,7 +213,11 @@ pub async fn run(
     let state = AppState::new(&ingest, shutdown.clone());
     tokio::spawn(backlog::watch_backlog(
         ingest.pool.clone(),
-        ingest.streams.all().map(|p| ingest.streams.inbound(p)).collect(),
+        ingest
+            .streams
+            .all()
+            .map(|p| ingest.streams.inbound(p))
+            .collect(),
         state.backlog.clone(),
         ingest.settings.backlog_poll(),
         shutdown.clone(),

@@ -17,9 +17,7 @@ use backend::{Draft, ReplyBackend, ReplyRequest};
 use botline_shared::codec;
 use botline_shared::config::{Env, ProcessEnv, Settings};
 use botline_shared::keywords::Audit;
-use botline_shared::message::{
-    ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn,
-};
+use botline_shared::message::{ChatKind, ClassifiedMessage, Priority, Reply, Role, Turn};
 use botline_shared::now_ms;
 use botline_shared::redis_conn::{self, Pool};
 use botline_shared::runner::{self, Envelope, Fence, Outcome, Plumbing, Stage, Write};
@@ -509,7 +507,7 @@ impl Stage for RespondStage {
 
     /// A generated answer takes seconds: a chat's next message should not
     /// wait in the same batch for it, so one message per chat at a time.
-    fn max_run(&self) -> usize {
+    fn max_run(&self, _head: &ClassifiedMessage) -> usize {
         if self.generates() {
             1
         } else {
@@ -521,7 +519,11 @@ impl Stage for RespondStage {
         self.max_in_flight
     }
 
-    async fn prepare(&self, _fence: &Fence, batch: &[Envelope<ClassifiedMessage>]) -> Self::Prepared {
+    async fn prepare(
+        &self,
+        _fence: &Fence,
+        batch: &[Envelope<ClassifiedMessage>],
+    ) -> Self::Prepared {
         let mut keys: Vec<String> = batch
             .iter()
             .map(|envelope| {

@@ -132,7 +132,10 @@ impl ProcessConfig {
     pub fn streams(&self, settings: &Settings) -> Result<Streams, Error> {
         let stream_settings: StreamSettings = settings.section("streams")?;
         stream_settings.validate()?;
-        Ok(Streams::new(self.prefix.clone(), stream_settings.partitions))
+        Ok(Streams::new(
+            self.prefix.clone(),
+            stream_settings.partitions,
+        ))
     }
 
     /// The behaviour settings: defaults with `BOTLINE_CONFIG` laid over them.

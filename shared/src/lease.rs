@@ -24,7 +24,6 @@ end
 return false
 "#;
 
-
 #[derive(Debug, Clone)]
 pub struct ConsumerLease {
     key: Option<String>,

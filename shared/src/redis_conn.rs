@@ -150,12 +150,12 @@ impl Redis {
             },
             ..Default::default()
         };
-        let pool_error = |error: &dyn std::fmt::Display| Error::config("BOTLINE_REDIS_URL", error.to_string());
+        let pool_error =
+            |error: &dyn std::fmt::Display| Error::config("BOTLINE_REDIS_URL", error.to_string());
         match self.cluster_client(COMMAND_TIMEOUT) {
             None => {
-                let manager =
-                    deadpool_redis::Manager::new(self.node.get_connection_info().clone())
-                        .map_err(|error| pool_error(&error))?;
+                let manager = deadpool_redis::Manager::new(self.node.get_connection_info().clone())
+                    .map_err(|error| pool_error(&error))?;
                 deadpool_redis::Pool::builder(manager)
                     .config(config)
                     .runtime(deadpool_redis::Runtime::Tokio1)
@@ -184,10 +184,9 @@ impl Redis {
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(3);
-        Ok(Connection::Managed(ConnectionManager::new_lazy_with_config(
-            self.node.clone(),
-            config,
-        )?))
+        Ok(Connection::Managed(
+            ConnectionManager::new_lazy_with_config(self.node.clone(), config)?,
+        ))
     }
 
     /// A connection of its own for `XREADGROUP … BLOCK block`.
@@ -339,7 +338,9 @@ impl ConnectionLike for Connection {
             }
             Connection::Lazy(lazy) => Box::pin(async move {
                 let mut connection = lazy.get().await?;
-                connection.req_packed_commands(pipeline, offset, count).await
+                connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
             }),
         }
     }

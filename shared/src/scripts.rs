@@ -12,7 +12,23 @@ macro_rules! lua {
     };
 }
 
-lua!(ACK, "ack.lua", "A batch's acknowledgements with their writes, fenced by the partition's owner.");
-lua!(LEASE, "lease.lua", "Renews or releases a lease still held by its holder.");
-lua!(MEMBERS, "members.lua", "Announces a consumer in its stage and lists the live ones.");
-lua!(RETIRE, "retire.lua", "Removes a consumer from a group if nothing is pending for it.");
+lua!(
+    ACK,
+    "ack.lua",
+    "A batch's acknowledgements with their writes, fenced by the partition's owner."
+);
+lua!(
+    LEASE,
+    "lease.lua",
+    "Renews or releases a lease still held by its holder."
+);
+lua!(
+    MEMBERS,
+    "members.lua",
+    "Announces a consumer in its stage and lists the live ones."
+);
+lua!(
+    RETIRE,
+    "retire.lua",
+    "Removes a consumer from a group if nothing is pending for it."
+);

@@ -218,7 +218,7 @@ impl Streams {
 }
 
 /// The default number of partitions (see `[streams] partitions`).
-pub const DEFAULT_PARTITIONS: u32 = 16;
+pub const DEFAULT_PARTITIONS: u32 = 48;
 
 impl Default for Streams {
     fn default() -> Self {
@@ -237,19 +237,34 @@ mod tests {
         assert_eq!(streams.queue(0), "{botline:p0}:q");
         assert_eq!(streams.outbound(3, "web"), "{botline:p3}:out:web");
         let p = streams.partition_of("web", "c1");
-        assert_eq!(streams.context("web", "c1"), format!("{{botline:p{p}}}:ctx:web:c1"));
+        assert_eq!(
+            streams.context("web", "c1"),
+            format!("{{botline:p{p}}}:ctx:web:c1")
+        );
         assert_eq!(streams.transcript("c1"), format!("{{botline:p{p}}}:web:c1"));
-        assert_eq!(streams.rate_limit("telegram:chat:1"), "{botline}:rl:telegram:chat:1");
+        assert_eq!(
+            streams.rate_limit("telegram:chat:1"),
+            "{botline}:rl:telegram:chat:1"
+        );
         assert_eq!(Streams::new("t1", 4).dead(2), "{t1:p2}:dead");
     }
 
     #[test]
     fn short_names_and_partitions_for_labels() {
         let streams = Streams::default();
-        assert_eq!(streams.short("{botline:p12}:out:slack"), ("out:slack", Some(12)));
-        assert_eq!(streams.short("{botline}:members:egress"), ("members:egress", None));
+        assert_eq!(
+            streams.short("{botline:p12}:out:slack"),
+            ("out:slack", Some(12))
+        );
+        assert_eq!(
+            streams.short("{botline}:members:egress"),
+            ("members:egress", None)
+        );
         assert_eq!(streams.short("other:key"), ("other:key", None));
-        assert_eq!(streams.short("{botlinex:p1}:in"), ("{botlinex:p1}:in", None));
+        assert_eq!(
+            streams.short("{botlinex:p1}:in"),
+            ("{botlinex:p1}:in", None)
+        );
     }
 
     /// The hash is part of the contract: these values must never change

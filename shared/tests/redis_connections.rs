@@ -91,7 +91,10 @@ async fn every_connection_works(env: &[(String, String)]) {
 async fn every_connection_works_on_a_cluster() {
     let cluster = botline_shared::testing::RedisCluster::start();
     let env = cluster.env();
-    assert!(env[0].1.starts_with("redis+cluster://127.0.0.1:"), "{env:?}");
+    assert!(
+        env[0].1.starts_with("redis+cluster://127.0.0.1:"),
+        "{env:?}"
+    );
     let process = process(&env);
     assert!(redis_conn::Redis::connect(&process).unwrap().is_cluster());
     every_connection_works(&env).await;

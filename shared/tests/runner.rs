@@ -22,7 +22,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const GROUP: &str = "toy";
-const FAST: &str = "[runner]\nlease_ttl_ms = 1500\nblock_ms = 200\nretry_ms = 100\n";
+/// Short leases, and 16 partitions (which splits 8/8 and 6/5/5).
+const FAST: &str =
+    "[streams]\npartitions = 16\n[runner]\nlease_ttl_ms = 1500\nblock_ms = 200\nretry_ms = 100\n";
 
 /// What the toy stages saw, shared by every consumer of a test.
 #[derive(Clone, Default)]
@@ -93,7 +95,7 @@ impl Stage for Toy {
         record.chat.id.clone()
     }
 
-    fn max_run(&self) -> usize {
+    fn max_run(&self, _head: &UnifiedMessage) -> usize {
         self.max_run
     }
 

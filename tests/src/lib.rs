@@ -347,8 +347,8 @@ impl Pipeline {
 
     /// Every process's log, for a failing test.
     /// Wait until the running consumers of each stage share its
-    /// `partitions` (as they report them), each owning some when there are
-    /// no more of them than partitions: a scaled stage is balanced.
+    /// `partitions` (as they report them) evenly, within one of each other:
+    /// a scaled stage is balanced.
     pub async fn wait_balanced(&self, partitions: u32, within: Duration) {
         let deadline = Instant::now() + within;
         for stage in ["classify", "respond", "egress"] {
@@ -364,9 +364,13 @@ impl Pipeline {
                     owned.push(process.metric(&series).await.unwrap_or(0.0));
                 }
                 let total: f64 = owned.iter().sum();
-                let everyone =
-                    running.len() > partitions as usize || owned.iter().all(|n| *n > 0.0);
-                if total == f64::from(partitions) && everyone {
+                // Shares within one of each other (with more consumers than
+                // partitions, the extras own none).
+                let (least, most) = owned
+                    .iter()
+                    .fold((f64::MAX, 0.0_f64), |(l, m), n| (l.min(*n), m.max(*n)));
+                let even = running.len() > partitions as usize || most - least <= 1.0;
+                if total == f64::from(partitions) && even {
                     break;
                 }
                 assert!(

@@ -7,6 +7,7 @@
 //! behind the chat's earlier ones, so it is answered after them. Each
 //! partition has exactly one owner per stage.
 
+use botline_shared::streams::DEFAULT_PARTITIONS;
 use botline_shared::testing::RedisServer;
 use botline_tests::llm::SlowLlm;
 use botline_tests::sink::Sink;
@@ -44,7 +45,9 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
     }
     pipeline.wait_ready(Duration::from_secs(60)).await;
     // The consumers share the partitions before the messages come.
-    pipeline.wait_balanced(16, Duration::from_secs(30)).await;
+    pipeline
+        .wait_balanced(DEFAULT_PARTITIONS, Duration::from_secs(30))
+        .await;
     let client = ApiClient::new(&pipeline.base_url());
 
     // Each chat's messages one after another, the chats all at once.
@@ -99,11 +102,11 @@ async fn replies_keep_each_chat_s_order_with_three_respond_and_three_egress_cons
                     .await
                     .unwrap_or(0.0);
             }
-            if owned == 16.0 {
+            if owned == f64::from(DEFAULT_PARTITIONS) {
                 break;
             }
             assert!(
-                owned < 16.0 && std::time::Instant::now() < deadline,
+                owned < f64::from(DEFAULT_PARTITIONS) && std::time::Instant::now() < deadline,
                 "{stage}: {owned} partitions owned, not one owner each\n{logs}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -6,6 +6,7 @@
 //! chat's earlier turns: partitions moved between owners without two of
 //! them ever handling one chat at once.
 
+use botline_shared::streams::DEFAULT_PARTITIONS;
 use botline_shared::testing::{wait_for, RedisServer};
 use botline_tests::llm::SlowLlm;
 use botline_tests::sink::Sink;
@@ -143,7 +144,7 @@ async fn respond_and_egress_scale_one_three_one_while_chats_keep_their_order() {
     // The one left of each owns every partition again.
     for stage in ["respond", "egress"] {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while owned(&pipeline, stage).await != 16.0 {
+        while owned(&pipeline, stage).await != f64::from(DEFAULT_PARTITIONS) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{stage}: the last consumer does not own every partition\n{}",

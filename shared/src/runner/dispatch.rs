@@ -371,7 +371,6 @@ impl<S: Stage> Dispatcher<'_, S> {
         self.turn = self.turn.wrapping_add(1);
         let batch_size = self.plumbing.runner.batch_size;
         let weights = self.stage.weights();
-        let max_run = self.stage.max_run().max(1);
         let max_deliveries = self.plumbing.runner.max_deliveries;
         let mut progress = true;
         while progress && self.in_stage < self.max_in_flight {
@@ -429,6 +428,7 @@ impl<S: Stage> Dispatcher<'_, S> {
                         });
                         continue;
                     }
+                    let max_run = self.stage.max_run(&head.envelope.record).max(1);
                     let take = state.queue.len().min(max_run).min(room - batch.len());
                     state.in_stage = true;
                     runs.push((chat, take));

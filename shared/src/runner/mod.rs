@@ -145,9 +145,10 @@ pub trait Stage: Send + Sync + 'static {
         [1, 1, 1]
     }
 
-    /// How many of one chat's messages may be in one batch (handled by
-    /// [`Stage::handle_chat`] one after another before any is acknowledged).
-    fn max_run(&self) -> usize {
+    /// How many of one chat's messages, `head` first, may be in one batch
+    /// (handled by [`Stage::handle_chat`] one after another before any is
+    /// acknowledged).
+    fn max_run(&self, _head: &Self::In) -> usize {
         usize::MAX
     }
 
@@ -289,7 +290,10 @@ async fn check_partitions(plumbing: &Plumbing) -> Result<(), Error> {
         .arg("NX")
         .query_async(&mut connection)
         .await?;
-    let recorded: Option<u32> = redis::cmd("GET").arg(&key).query_async(&mut connection).await?;
+    let recorded: Option<u32> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await?;
     match recorded {
         Some(recorded) if recorded != partitions => Err(Error::config(
             "streams.partitions",

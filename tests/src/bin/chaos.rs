@@ -553,9 +553,10 @@ impl Chaos<'_> {
                 tokio::time::sleep_until(until.into()).await;
             }
             Fault::RebalanceKill => {
-                for stage in ["respond", "egress"] {
-                    self.kill_mid_rebalance(stage, phase).await;
-                }
+                // Respond's owner is killed before it gives anything up,
+                // egress's right after it gave some up.
+                self.kill_mid_rebalance("respond", false, phase).await;
+                self.kill_mid_rebalance("egress", true, phase).await;
                 phase.fault_end = Instant::now();
                 tokio::time::sleep_until(until.into()).await;
                 return;
@@ -647,12 +648,18 @@ impl Chaos<'_> {
 
 impl Chaos<'_> {
     /// One more replica of `stage` (which runs two or more), and while the
-    /// partitions move to it, `kill -9` of the old owner that owns the most
-    /// (the one with the most still to give up); its partitions pass on
-    /// when its lease runs out. Then it is started again, and the added
+    /// partitions move to it, `kill -9` of an old owner: with `kill_giver`
+    /// the one that has just given partitions up (it keeps the rest), else
+    /// the one that owns the most (the most still to give up); its
+    /// partitions pass on when its lease runs out. Then it is started again, and the added
     /// replica is stopped with SIGTERM: the stage ends as it began. What
     /// was killed when, and the shares seen, go in the notes.
-    async fn kill_mid_rebalance(&mut self, stage: &'static str, phase: &mut Phase) {
+    async fn kill_mid_rebalance(
+        &mut self,
+        stage: &'static str,
+        kill_giver: bool,
+        phase: &mut Phase,
+    ) {
         let partitions = self.streams.partitions();
         let even = |owned: &[u32]| balanced(owned, partitions);
         let old: Vec<usize> = self
@@ -713,22 +720,34 @@ impl Chaos<'_> {
         };
         let owned = owned_of(&shares);
         let moving = !even(&owned);
-        let victim = (0..old.len())
-            .max_by_key(|i| (owned[*i], std::cmp::Reverse(*i)))
-            .map(|i| old[i])
-            .expect("two old owners");
+        let gave = |i: usize| owned_before[i].saturating_sub(owned[i]);
+        // Which of the old owners (its place in `old`).
+        let at = match (0..old.len())
+            .filter(|i| gave(*i) > 0)
+            .max_by_key(|i| gave(*i))
+        {
+            Some(i) if kill_giver => i,
+            _ => (0..old.len())
+                .max_by_key(|i| (owned[*i], std::cmp::Reverse(*i)))
+                .expect("two old owners"),
+        };
+        let victim = old[at];
         let victim_name = label(&self.pipeline.processes[victim], victim);
         let (giving, given) = releases_logged(&self.pipeline.processes[victim]);
-        let (giving_before, given_before) =
-            logs_before[old.iter().position(|i| *i == victim).expect("old")];
+        let (giving_before, given_before) = logs_before[at];
         self.pipeline.processes[victim].kill9();
         let killed_at = Instant::now();
         phase.notes.push(format!(
-            "{stage}: added {added_name}; {} ms later the shares were {}{} → kill -9 of {victim_name} \
-             (since the add it had logged {} \"giving a partition up\", {} \"partition given up\")",
+            "{stage}: added {added_name}; {} ms later the shares were {}{} → kill -9 of {victim_name}, \
+             {} owned ({}; since the add it had logged {} \"giving a partition up\", {} \"partition given up\")",
             after.as_millis(),
             self.shares_text(&all, &shares),
             if moving { "" } else { " (already even: the move was over between two looks)" },
+            owned[at],
+            match gave(at) {
+                0 => "nothing given up yet".to_string(),
+                n => format!("{n} just given up"),
+            },
             giving - giving_before,
             given - given_before,
         ));
