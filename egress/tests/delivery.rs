@@ -425,7 +425,7 @@ async fn a_reply_already_sent_is_not_sent_again() {
     // A reply whose sent key is there before egress reads it (sent by an
     // earlier run whose acknowledgement was lost).
     let redis = RedisServer::start();
-    let streams = Streams::new(PREFIX, 16);
+    let streams = Streams::new(PREFIX, botline_shared::streams::DEFAULT_PARTITIONS);
     let early = reply("r-early", "webhook", "c1", "one");
     let p = streams.partition_of("webhook", "c1");
     let egress = Egress::start_on(redis, &webhook(&url), |mut connection| {
@@ -583,7 +583,7 @@ async fn without_a_webhook_url_its_replies_go_to_dead_saying_so() {
 async fn each_chat_keeps_its_order_while_chats_go_at_once() {
     let (sink, url) = Sink::start(|_| ok(), 15).await;
     let redis = RedisServer::start();
-    let streams = Streams::new(PREFIX, 16);
+    let streams = Streams::new(PREFIX, botline_shared::streams::DEFAULT_PARTITIONS);
     let replies: Vec<Reply> = (0..50)
         .map(|n| {
             reply(

@@ -226,7 +226,7 @@ impl Pool {
     pub async fn get(&self) -> Result<Pooled, Error> {
         Ok(match self {
             Pool::Node(pool) => Pooled::Node(pool.get().await?),
-            Pool::Cluster { shared, .. } => Pooled::Cluster(shared.get().await?),
+            Pool::Cluster { shared, .. } => Pooled::Cluster(Connection::Lazy(shared.clone())),
         })
     }
 }
@@ -234,7 +234,7 @@ impl Pool {
 /// A connection out of a [`Pool`] (back in it when dropped).
 pub enum Pooled {
     Node(deadpool_redis::Connection),
-    Cluster(ClusterConnection),
+    Cluster(Connection),
 }
 
 impl Pooled {
@@ -242,7 +242,7 @@ impl Pooled {
     pub fn shared(&self) -> Connection {
         match self {
             Pooled::Node(connection) => Connection::Node((**connection).clone()),
-            Pooled::Cluster(connection) => Connection::Cluster(connection.clone()),
+            Pooled::Cluster(connection) => connection.clone(),
         }
     }
 }
@@ -276,11 +276,13 @@ impl ConnectionLike for Pooled {
 }
 
 /// A cluster connection made on first use (as a [`ConnectionManager`] is),
-/// so a binary starts while Redis is still coming up.
+/// so a binary starts while Redis is still coming up, and made again from
+/// the cluster's nodes after a command on it timed out or lost its
+/// connection: after a failover, a fresh one learns the new masters at once.
 #[derive(Clone)]
 pub struct LazyCluster {
     client: std::sync::Arc<ClusterClient>,
-    connection: std::sync::Arc<tokio::sync::OnceCell<ClusterConnection>>,
+    connection: std::sync::Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
 }
 
 impl LazyCluster {
@@ -292,10 +294,23 @@ impl LazyCluster {
     }
 
     async fn get(&self) -> redis::RedisResult<ClusterConnection> {
-        self.connection
-            .get_or_try_init(|| self.client.get_async_connection())
-            .await
-            .cloned()
+        let mut connection = self.connection.lock().await;
+        if let Some(connection) = connection.as_ref() {
+            return Ok(connection.clone());
+        }
+        let made = self.client.get_async_connection().await?;
+        *connection = Some(made.clone());
+        Ok(made)
+    }
+
+    /// Forget the connection if `result` says it is broken.
+    async fn check<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(error) = &result {
+            if error.is_timeout() || error.is_io_error() || error.is_connection_dropped() {
+                *self.connection.lock().await = None;
+            }
+        }
+        result
     }
 }
 
@@ -309,6 +324,18 @@ pub enum Connection {
     Lazy(LazyCluster),
 }
 
+impl Connection {
+    /// The cluster connection underneath, for commands routed to a node of
+    /// one's choosing (`SCAN` of the node holding a slot); `None` for one server.
+    pub async fn cluster(&self) -> Result<Option<ClusterConnection>, Error> {
+        Ok(match self {
+            Connection::Cluster(connection) => Some(connection.clone()),
+            Connection::Lazy(lazy) => Some(lazy.get().await?),
+            Connection::Node(_) | Connection::Managed(_) => None,
+        })
+    }
+}
+
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -317,7 +344,8 @@ impl ConnectionLike for Connection {
             Connection::Cluster(connection) => connection.req_packed_command(cmd),
             Connection::Lazy(lazy) => Box::pin(async move {
                 let mut connection = lazy.get().await?;
-                connection.req_packed_command(cmd).await
+                let answer = connection.req_packed_command(cmd).await;
+                lazy.check(answer).await
             }),
         }
     }
@@ -338,9 +366,10 @@ impl ConnectionLike for Connection {
             }
             Connection::Lazy(lazy) => Box::pin(async move {
                 let mut connection = lazy.get().await?;
-                connection
+                let answers = connection
                     .req_packed_commands(pipeline, offset, count)
-                    .await
+                    .await;
+                lazy.check(answers).await
             }),
         }
     }
@@ -494,7 +523,7 @@ pub async fn detached_connection(pool: &Pool, block: Duration) -> Result<Connect
                 connection.set_response_timeout(block + COMMAND_TIMEOUT);
                 Ok(Connection::Node(connection))
             }
-            Pooled::Cluster(connection) => Ok(Connection::Cluster(connection)),
+            Pooled::Cluster(connection) => Ok(connection),
         },
         Pool::Cluster { redis, .. } => redis.blocking(block).await,
     }

@@ -21,7 +21,30 @@ use redis::Connection;
 use serde_json::Value as Json;
 use std::process::Command;
 
+/// These tests lay their entries out over 16 partitions (chats c0, c1, c2
+/// in partitions 0, 3 and 6), whatever the default.
+const PARTITIONS: u32 = 16;
+
+fn streams() -> Streams {
+    Streams::new(botline_shared::streams::DEFAULT_PREFIX, PARTITIONS)
+}
+
+/// The deployment's recorded partition count, which the CLI follows.
+/// (Nothing when no Redis answers there: a test of that.)
+fn record_partitions(redis_url: &str, prefix: &str) {
+    let Ok(mut connection) = redis::Client::open(redis_url).and_then(|c| c.get_connection()) else {
+        return;
+    };
+    let _: () = redis::cmd("SET")
+        .arg(format!("{{{prefix}}}:partitions"))
+        .arg(PARTITIONS)
+        .arg("NX")
+        .query(&mut connection)
+        .unwrap();
+}
+
 fn ops(redis: &RedisServer, prefix: &str) -> Ops {
+    record_partitions(&redis.url(), prefix);
     let process = ProcessConfig::from_env(
         &[
             ("BOTLINE_REDIS_URL", redis.url().as_str()),
@@ -30,7 +53,10 @@ fn ops(redis: &RedisServer, prefix: &str) -> Ops {
         "127.0.0.1:0",
     )
     .unwrap();
-    Ops::connect(&process).unwrap()
+    Ops::new(
+        botline_shared::redis_conn::pool(&process, 2).unwrap(),
+        Streams::new(prefix, PARTITIONS),
+    )
 }
 
 fn cmd(connection: &mut Connection, args: &[&str]) -> redis::Value {
@@ -144,7 +170,7 @@ fn letter(stage: &str, stream: &str, fields: Fields) -> DeadLetter {
 
 /// A chat's partition (of the default 16).
 fn partition(chat: &str) -> u32 {
-    Streams::default().partition_of("web", chat)
+    streams().partition_of("web", chat)
 }
 
 // ---------------------------------------------------------------- status
@@ -237,7 +263,7 @@ fn status_fixture(connection: &mut Connection, streams: &Streams) {
 async fn status_sums_each_stream_over_its_partitions() {
     let redis = RedisServer::start();
     let ops = ops(&redis, "botline");
-    let streams = Streams::default();
+    let streams = streams();
     let mut connection = redis.connection();
     status_fixture(&mut connection, &streams);
 
@@ -282,7 +308,11 @@ async fn status_sums_each_stream_over_its_partitions() {
     // Each partition's own numbers, under full key names.
     for stream in &status.streams {
         let keys: Vec<String> = stream.partitions.iter().map(|p| p.stream.clone()).collect();
-        assert_eq!(keys, partitioned(&stream.stream));
+        let every: Vec<String> = streams
+            .all()
+            .map(|p| format!("{{botline:p{p}}}:{}", stream.stream))
+            .collect();
+        assert_eq!(keys, every);
         for (p, partition) in stream.partitions.iter().enumerate() {
             assert_eq!(partition.partition, Some(p as u32));
             assert_eq!(
@@ -379,7 +409,7 @@ async fn status_sums_each_stream_over_its_partitions() {
     let json = status.json(true);
     assert_eq!(
         json[0]["partitions"].as_array().unwrap().len(),
-        Streams::default().partitions() as usize
+        PARTITIONS as usize
     );
     assert_eq!(json[0]["partitions"][1]["stream"], "{botline:p1}:in");
     assert_eq!(json[0]["partitions"][1]["partition"], 1);
@@ -392,7 +422,7 @@ async fn status_sums_each_stream_over_its_partitions() {
 fn the_binary_shows_a_row_per_stream_or_per_partition() {
     let redis = RedisServer::start();
     let mut connection = redis.connection();
-    status_fixture(&mut connection, &Streams::default());
+    status_fixture(&mut connection, &streams());
     let url = redis.url();
 
     let (code, table, stderr) = botline(&url, &["status", "--consumers"]);
@@ -435,7 +465,7 @@ fn the_binary_shows_a_row_per_stream_or_per_partition() {
     assert_eq!(json[0]["partitions"][0]["length"], 5);
     assert_eq!(
         json[5]["partitions"].as_array().unwrap().len(),
-        Streams::default().partitions() as usize
+        PARTITIONS as usize
     );
 }
 
@@ -445,7 +475,7 @@ fn the_binary_shows_a_row_per_stream_or_per_partition() {
 async fn peek_decodes_every_kind_and_shows_garbage_as_it_is() {
     let redis = RedisServer::start();
     let ops = ops(&redis, "botline");
-    let streams = Streams::default();
+    let streams = streams();
     let mut connection = redis.connection();
     let now = botline_shared::now_ms();
     let (c1, c2) = (partition("c1"), partition("c2"));
@@ -613,7 +643,7 @@ async fn peek_decodes_every_kind_and_shows_garbage_as_it_is() {
 async fn peek_merges_the_partitions_in_entry_id_order() {
     let redis = RedisServer::start();
     let ops = ops(&redis, "botline");
-    let streams = Streams::default();
+    let streams = streams();
     let mut connection = redis.connection();
     for (p, ms) in [(5, 100), (5, 300), (5, 500), (2, 200), (2, 400), (11, 250)] {
         let fields = codec::encode(&sample_message(ms, "x"));
@@ -762,7 +792,7 @@ async fn replay_copies_a_range_marked_as_replay_and_leaves_groups_alone() {
     for (index, (from, to, chat, expected)) in cases.iter().enumerate() {
         let prefix = format!("case{index}");
         let ops = ops(&redis, &prefix);
-        let streams = Streams::new(prefix.clone(), 16);
+        let streams = Streams::new(prefix.clone(), PARTITIONS);
         let ids = replay_fixture(&mut connection, &streams);
         // The chats' partitions (the others stay empty).
         let keys: Vec<String> = (0..3)
@@ -880,7 +910,7 @@ async fn replay_copies_a_range_marked_as_replay_and_leaves_groups_alone() {
 async fn replay_of_queues_and_replies_into_another_stream() {
     let redis = RedisServer::start();
     let ops = ops(&redis, "botline");
-    let streams = Streams::default();
+    let streams = streams();
     let mut connection = redis.connection();
     let queue = |chat: &str| streams.queue(partition(chat));
     for n in 0..3 {
@@ -1011,7 +1041,7 @@ async fn replay_of_queues_and_replies_into_another_stream() {
 async fn requeue_puts_back_exactly_the_original_fields_once() {
     let redis = RedisServer::start();
     let ops = ops(&redis, "botline");
-    let streams = Streams::default();
+    let streams = streams();
     let mut connection = redis.connection();
     let c1 = partition("c1");
     let mut original = codec::encode(&sample_message(1, "again"));
@@ -1167,7 +1197,7 @@ async fn requeue_puts_back_exactly_the_original_fields_once() {
 async fn list_and_requeue_all_by_stage() {
     let redis = RedisServer::start();
     let ops = ops(&redis, "botline");
-    let streams = Streams::default();
+    let streams = streams();
     let mut connection = redis.connection();
     // Over three partitions (the chats'), in time order m0, r0, m1, r1, …
     for n in 0..4 {
@@ -1265,7 +1295,7 @@ async fn list_and_requeue_all_by_stage() {
 async fn purge_counts_first_then_deletes_by_age() {
     let redis = RedisServer::start();
     let ops = ops(&redis, "botline");
-    let streams = Streams::default();
+    let streams = streams();
     let mut connection = redis.connection();
     let two_hours_ago = botline_shared::now_ms() - 2 * 3_600_000;
     // Each in its chat's partition: three old ones, two new ones.
@@ -1308,7 +1338,7 @@ async fn purge_counts_first_then_deletes_by_age() {
 async fn trim_keeps_what_groups_need_and_the_retention_window() {
     let redis = RedisServer::start();
     let ops = ops(&redis, "botline");
-    let streams = Streams::default();
+    let streams = streams();
     let mut connection = redis.connection();
     let inbound = streams.inbound(3);
     // Enough entries for several stream nodes: `XTRIM MINID ~` removes whole nodes only.
@@ -1407,6 +1437,9 @@ async fn trim_keeps_what_groups_need_and_the_retention_window() {
 // ---------------------------------------------------------------- the binary
 
 fn botline(redis_url: &str, args: &[&str]) -> (i32, String, String) {
+    if redis_url.starts_with("redis://") {
+        record_partitions(redis_url, "botline");
+    }
     let output = Command::new(env!("CARGO_BIN_EXE_botline"))
         .args(args)
         .env("BOTLINE_REDIS_URL", redis_url)
@@ -1428,7 +1461,7 @@ fn the_binary_exits_0_1_or_2_and_names_the_argument() {
     let mut connection = redis.connection();
     add_entry(
         &mut connection,
-        &Streams::default().inbound(partition("c1")),
+        &streams().inbound(partition("c1")),
         &codec::encode(&sample_message(1, "hi")),
     );
     let nowhere = format!("redis://127.0.0.1:{}", botline_shared::testing::free_port());

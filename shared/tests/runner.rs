@@ -22,9 +22,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const GROUP: &str = "toy";
-/// Short leases, and 16 partitions (which splits 8/8 and 6/5/5).
-const FAST: &str =
-    "[streams]\npartitions = 16\n[runner]\nlease_ttl_ms = 1500\nblock_ms = 200\nretry_ms = 100\n";
+/// Short leases (and the default 48 partitions: 24/24, 16/16/16).
+const FAST: &str = "[runner]\nlease_ttl_ms = 1500\nblock_ms = 200\nretry_ms = 100\n";
 
 /// What the toy stages saw, shared by every consumer of a test.
 #[derive(Clone, Default)]
@@ -372,9 +371,9 @@ async fn consumers_split_the_partitions_and_a_newcomer_gets_a_share_without_two_
     let log = Log::default();
     let a = start(&redis, FAST, Toy::new("a", &log));
     let b = start(&redis, FAST, Toy::new("b", &log));
-    wait_for("an 8/8 split", Duration::from_secs(10), || {
+    wait_for("a 24/24 split", Duration::from_secs(10), || {
         let owners = owners(&mut connection);
-        owned_by(&owners, "a") == 8 && owned_by(&owners, "b") == 8
+        owned_by(&owners, "a") == 24 && owned_by(&owners, "b") == 24
     })
     .await;
     // Traffic on every chat while a third consumer joins.
@@ -385,7 +384,7 @@ async fn consumers_split_the_partitions_and_a_newcomer_gets_a_share_without_two_
     while !split {
         assert!(
             std::time::Instant::now() < deadline,
-            "no 6/5/5 split: {:?}",
+            "no 16/16/16 split: {:?}",
             owners(&mut connection)
         );
         for _ in 0..10 {
@@ -393,9 +392,9 @@ async fn consumers_split_the_partitions_and_a_newcomer_gets_a_share_without_two_
             n += 1;
         }
         let owners = owners(&mut connection);
-        split = owned_by(&owners, "a") == 6
-            && owned_by(&owners, "b") == 5
-            && owned_by(&owners, "c") == 5;
+        split = owned_by(&owners, "a") == 16
+            && owned_by(&owners, "b") == 16
+            && owned_by(&owners, "c") == 16;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     wait_for("every message handled", Duration::from_secs(20), || {
@@ -489,7 +488,7 @@ async fn a_stopped_consumer_gives_its_partitions_up_and_the_other_handles_its_pe
     }
     let b = start(&redis, FAST, Toy::new("b", &log));
     wait_for("b took the partitions", Duration::from_secs(10), || {
-        owned_by(&owners(&mut connection), "b") == 16
+        owned_by(&owners(&mut connection), "b") == 48
     })
     .await;
     wait_for("every message out", Duration::from_secs(20), || {
@@ -527,7 +526,7 @@ async fn a_consumer_that_lost_its_partition_writes_nothing() {
     gate.store(false, Ordering::SeqCst);
     let a = start(&redis, FAST, stage);
     wait_for("a owns every partition", Duration::from_secs(10), || {
-        owned_by(&owners(&mut connection), "a") == 16
+        owned_by(&owners(&mut connection), "a") == 48
     })
     .await;
     add(&mut connection, 1, "fine");

@@ -321,9 +321,13 @@ async fn scan_keys(
             command.arg("TYPE").arg(kind);
         }
         let (next, found): (u64, Vec<String>) = match connection {
-            Pooled::Cluster(cluster) => {
+            Pooled::Cluster(shared) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 let route = Route::with_key(pattern, SlotAddr::Master);
+                let mut cluster = shared
+                    .cluster()
+                    .await?
+                    .ok_or_else(|| Error::Garbage("no cluster connection".into()))?;
                 let reply = cluster
                     .route_command(
                         command,

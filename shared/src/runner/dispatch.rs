@@ -146,6 +146,7 @@ pub async fn run<S: Stage>(
             group,
             consumer: consumer.to_string(),
             lease: plumbing.runner.lease_ttl(),
+            block: plumbing.runner.block(),
             health: plumbing.health.clone(),
             changes: changes_tx,
             released: released_rx,

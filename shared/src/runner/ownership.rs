@@ -21,9 +21,10 @@ use crate::scripts;
 use crate::streams::{Partition, Streams};
 use crate::telemetry::Health;
 use crate::Error;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -85,6 +86,9 @@ pub struct Ownership {
     pub group: &'static str,
     pub consumer: String,
     pub lease: Duration,
+    /// How long a read of a partition may block: a partition is dropped
+    /// early enough that a read still under way ends before its lease does.
+    pub block: Duration,
     pub health: Health,
     pub changes: mpsc::UnboundedSender<Change>,
     /// Partitions the dispatcher has finished with, to be given up.
@@ -104,6 +108,9 @@ impl Ownership {
         }
         let mut held = BTreeSet::new();
         let mut releasing = BTreeSet::new();
+        // When each held partition's lease was last renewed (the renewal's
+        // sending: Redis's expiry is later than this plus the lease).
+        let mut renewed: HashMap<Partition, Instant> = HashMap::new();
         // At most a second apart: a consumer that joins gets its share
         // within a few ticks of the others'.
         let mut tick = tokio::time::interval((self.lease / 3).min(Duration::from_secs(1)));
@@ -120,13 +127,14 @@ impl Ownership {
                         .set(held.len() as f64);
                 }
                 _ = tick.tick() => {
-                    match self.step(&mut held, &mut releasing).await {
+                    match self.step(&mut held, &mut releasing, &mut renewed).await {
                         Ok(()) => self.health.set(self.group, true),
                         Err(error) => {
                             warn!(message = "could not keep partition ownership", stage = self.group, %error);
                             self.health.set(self.group, false);
                         }
                     }
+                    self.drop_unrenewed(&mut held, &mut releasing, &mut renewed);
                     metrics::gauge!("botline_stage_partitions_owned", "stage" => self.group)
                         .set(held.len() as f64);
                 }
@@ -156,10 +164,43 @@ impl Ownership {
             .await?)
     }
 
+    /// A partition whose lease could not be renewed for most of its length
+    /// is dropped here, before Redis lets it go: its reader stops while the
+    /// lease still holds, so nothing is read into this consumer's pending
+    /// list after a new owner has taken that list over.
+    fn drop_unrenewed(
+        &self,
+        held: &mut BTreeSet<Partition>,
+        releasing: &mut BTreeSet<Partition>,
+        renewed: &mut HashMap<Partition, Instant>,
+    ) {
+        let horizon = self.lease.saturating_sub(self.block + self.lease / 6);
+        let now = Instant::now();
+        for p in held.clone() {
+            let fresh = renewed
+                .get(&p)
+                .is_some_and(|at| now.duration_since(*at) < horizon);
+            if !fresh {
+                warn!(
+                    message = "partition dropped: its lease could not be renewed in time",
+                    stage = self.group,
+                    partition = p
+                );
+                held.remove(&p);
+                releasing.remove(&p);
+                renewed.remove(&p);
+                metrics::counter!("botline_stage_partitions_lost_total", "stage" => self.group)
+                    .increment(1);
+                let _ = self.changes.send(Change::Lost(p));
+            }
+        }
+    }
+
     async fn step(
         &self,
         held: &mut BTreeSet<Partition>,
         releasing: &mut BTreeSet<Partition>,
+        renewed: &mut HashMap<Partition, Instant>,
     ) -> Result<(), Error> {
         let members = self.announce(true).await?;
         let mut connection = self.pool.get().await?;
@@ -178,14 +219,17 @@ impl Ownership {
             .collect();
         // Each in its own partition's slot; all at once over one connection.
         let multiplexed = connection.shared();
-        let renewed: Vec<i64> =
+        let sent = Instant::now();
+        let answers: Vec<i64> =
             futures_util::future::try_join_all(renewals.iter().map(|renewal| {
                 let mut connection = multiplexed.clone();
                 async move { renewal.invoke_async(&mut connection).await }
             }))
             .await?;
-        for (p, renewed) in held.clone().into_iter().zip(renewed) {
-            if renewed == 0 {
+        for (p, answer) in held.clone().into_iter().zip(answers) {
+            if answer == 1 {
+                renewed.insert(p, sent);
+            } else {
                 warn!(
                     message = "partition lost: its lease ran out",
                     stage = self.group,
@@ -214,8 +258,19 @@ impl Ownership {
         // A key with our name that we do not know of: an earlier run of this
         // consumer (same name, same pending entries) held it. Take it back.
         for (p, owner) in self.streams.all().zip(&owners) {
-            if owner.as_deref() == Some(self.consumer.as_str()) && held.insert(p) {
-                let _ = self.changes.send(Change::Gained(p));
+            if owner.as_deref() == Some(self.consumer.as_str()) && !held.contains(&p) {
+                let sent = Instant::now();
+                let mut renewal = scripts::LEASE.prepare_invoke();
+                renewal
+                    .key(self.streams.owner(p, self.group))
+                    .arg(&self.consumer)
+                    .arg(ttl);
+                let mut connection = multiplexed.clone();
+                if renewal.invoke_async::<i64>(&mut connection).await? == 1 {
+                    held.insert(p);
+                    renewed.insert(p, sent);
+                    let _ = self.changes.send(Change::Gained(p));
+                }
             }
         }
         let (take, release) = assignment(&self.consumer, &members, &owners, held, releasing);
@@ -230,6 +285,7 @@ impl Ownership {
             let _ = self.changes.send(Change::Release(p));
         }
         for p in take {
+            let sent = Instant::now();
             let taken: Option<String> = redis::cmd("SET")
                 .arg(self.streams.owner(p, self.group))
                 .arg(&self.consumer)
@@ -248,6 +304,7 @@ impl Ownership {
                 metrics::counter!("botline_stage_partitions_taken_total", "stage" => self.group)
                     .increment(1);
                 held.insert(p);
+                renewed.insert(p, sent);
                 let _ = self.changes.send(Change::Gained(p));
             }
         }
