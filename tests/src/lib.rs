@@ -616,6 +616,20 @@ pub async fn kill_nine_each_stage(pipeline: &mut Pipeline, sink: &sink::Sink, co
     }
 }
 
+/// The key layout the stages use with `overlay`: its `[streams] partitions`
+/// (the default otherwise) under `BOTLINE_PREFIX` (inherited by the stages).
+pub fn streams_of(overlay: &str) -> botline_shared::streams::Streams {
+    let partitions = overlay
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|settings| settings.get("streams")?.get("partitions")?.as_integer())
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or(botline_shared::streams::DEFAULT_PARTITIONS);
+    let prefix = std::env::var("BOTLINE_PREFIX")
+        .unwrap_or_else(|_| botline_shared::streams::DEFAULT_PREFIX.into());
+    botline_shared::streams::Streams::new(prefix, partitions)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -40,8 +40,6 @@ use std::future::Future;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub use ownership::assignment;
-
 /// A decoded input entry.
 #[derive(Debug, Clone)]
 pub struct Envelope<T> {

@@ -21,11 +21,11 @@
 use botline_ingest::inbox::{Inbox, Submission};
 use botline_shared::codec;
 use botline_shared::message::Receipt;
-use botline_shared::streams::{Streams, DEFAULT_PARTITIONS, DEFAULT_PREFIX};
+use botline_shared::streams::Streams;
 use botline_shared::testing::{sample_message, RedisServer};
 use botline_tests::llm::SlowLlm;
 use botline_tests::sink::Sink;
-use botline_tests::{token, Pipeline, WEBHOOK_SECRET};
+use botline_tests::{streams_of, token, Pipeline, WEBHOOK_SECRET};
 use futures_util::stream::{self, StreamExt};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -130,19 +130,6 @@ async fn pace(started: Instant, index: usize, rate: Option<f64>) {
         let slot = started + Duration::from_secs_f64(index as f64 / rate);
         tokio::time::sleep_until(slot.into()).await;
     }
-}
-
-/// The key layout the stages use with `overlay`: its `[streams] partitions`
-/// (the default otherwise) under `BOTLINE_PREFIX` (inherited by the stages).
-fn streams_of(overlay: &str) -> Streams {
-    let partitions = overlay
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|settings| settings.get("streams")?.get("partitions")?.as_integer())
-        .and_then(|p| u32::try_from(p).ok())
-        .unwrap_or(DEFAULT_PARTITIONS);
-    let prefix = std::env::var("BOTLINE_PREFIX").unwrap_or_else(|_| DEFAULT_PREFIX.into());
-    Streams::new(prefix, partitions)
 }
 
 /// Every receipt in every partition's `delivered`, in entry id order per

@@ -28,10 +28,10 @@
 
 use botline_shared::codec;
 use botline_shared::message::{ClassifiedMessage, DeadLetter, Reply, UnifiedMessage};
-use botline_shared::streams::{Streams, DEFAULT_PARTITIONS, DEFAULT_PREFIX};
+use botline_shared::streams::Streams;
 use botline_shared::testing::{add_entry, RedisServer};
 use botline_tests::sink::{Answer, Received, Sink};
-use botline_tests::{metric_value, token, Pipeline, StageProcess, WEBHOOK_SECRET};
+use botline_tests::{metric_value, streams_of, token, Pipeline, StageProcess, WEBHOOK_SECRET};
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
@@ -295,19 +295,6 @@ async fn start(
     pipeline.wait_ready(Duration::from_secs(120)).await;
     let streams = streams_of(&overlay);
     (redis, sink, pipeline, streams)
-}
-
-/// The key layout the stages use with `overlay`: its `[streams] partitions`
-/// (the default otherwise) under `BOTLINE_PREFIX` (inherited by the stages).
-fn streams_of(overlay: &str) -> Streams {
-    let partitions = overlay
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|settings| settings.get("streams")?.get("partitions")?.as_integer())
-        .and_then(|p| u32::try_from(p).ok())
-        .unwrap_or(DEFAULT_PARTITIONS);
-    let prefix = std::env::var("BOTLINE_PREFIX").unwrap_or_else(|_| DEFAULT_PREFIX.into());
-    Streams::new(prefix, partitions)
 }
 
 /// Every entry of `key`, as read.
